@@ -1,0 +1,160 @@
+"""The `dlp-lora` command line. Each subcommand explains itself with --help.
+
+User errors (:class:`DLPLoRAError`) print one line, ``error: ...``, and exit with status 2.
+Commands with ``--json`` print a JSON object as their last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import DLPLoRAError
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------- model
+
+def cmd_model_info(args) -> None:
+    from .backbone import load_backbone
+
+    t0 = time.time()
+    model, tok, info = load_backbone(args.model)
+    load_s = time.time() - t0
+    out = info.to_dict() | {"load_seconds": round(load_s, 2)}
+    if args.smoke:
+        from .tasks import chat_prompt
+        import torch
+
+        prompt = chat_prompt(tok, "Name a primary colour.")
+        ids = tok(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            gen = model.generate(**ids, max_new_tokens=args.smoke, do_sample=False, pad_token_id=tok.pad_token_id)
+        out["smoke_completion"] = tok.decode(gen[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+    if args.json:
+        _print_json(out)
+    else:
+        for k, v in out.items():
+            print(f"{k:>18}: {v}")
+
+
+# ---------------------------------------------------------------- data
+
+def cmd_data_prepare(args) -> None:
+    from .tasks import format_summary, prepare
+
+    tokenizer = None
+    if not args.no_stats:
+        from .backbone import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+    summary = prepare(args.tasks, args.out, extra_data=args.extra_data, tokenizer=tokenizer)
+    print(format_summary(summary))
+    print(f"wrote {len(summary)} tasks to {os.path.abspath(args.out)}")
+    if args.json:
+        _print_json(summary)
+
+
+def cmd_data_list(args) -> None:
+    from .tasks import TASKS
+
+    for t in TASKS.values():
+        print(f"{t.name:42} {t.short:12} {t.kind:4} {t.source:9} {','.join(t.metrics)}")
+
+
+# ---------------------------------------------------------------- demo
+
+def cmd_demo(args) -> None:
+    """For now: prepare a small mixed suite and smoke-test the backbone (later issues grow this)."""
+    from .backbone import load_backbone
+    from .tasks import chat_prompt, format_summary, prepare
+    import torch
+
+    out = os.path.abspath(args.out)
+    t0 = time.time()
+    model, tok, info = load_backbone(args.model)
+    print(f"backbone: {info.name} ({info.params / 1e6:.1f}M params, {info.architecture}) from {info.path} "
+          f"in {time.time() - t0:.1f}s")
+    summary = prepare(args.tasks, os.path.join(out, "data"), extra_data=args.extra_data, tokenizer=tok)
+    print(format_summary(summary))
+    prompt = chat_prompt(tok, "What is the capital of France?")
+    ids = tok(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        gen = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+    print("smoke check:", repr(tok.decode(gen[0, ids.input_ids.shape[1]:], skip_special_tokens=True)))
+    print(f"done in {time.time() - t0:.1f}s; data in {out}/data")
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dlp-lora", description=(
+        "Serve a base model with a library of LoRA adapters; a small plugin routes each prompt to a "
+        "weighted mix of adapters (DLP-LoRA)."))
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    model_help = "base model: a local Hugging Face directory or hub id (default: embedded SmolLM2-135M-Instruct)"
+
+    # model
+    m = sub.add_parser("model", help="inspect the backbone").add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    mi = m.add_parser("info", help="load the backbone (caching the embedded one) and print its facts",
+                      description="Load the backbone and print its path, architecture, size and fingerprint. "
+                                  "The first run converts the embedded GGUF to a safetensors cache.")
+    mi.add_argument("--model", help=model_help)
+    mi.add_argument("--smoke", type=int, default=0, metavar="N", help="also generate N tokens as a smoke check")
+    mi.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    mi.set_defaults(func=cmd_model_info)
+
+    # data
+    d = sub.add_parser("data", help="the 26-task suite").add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    dp = d.add_parser("prepare", help="write deterministic train/test splits of the tasks",
+                      description="Write OUT/<task>/train.jsonl and test.jsonl (900/100, or 9:1 of a smaller source) "
+                                  "and print a summary. BIG-bench tasks are fetched once from PyPI; the 6 other tasks "
+                                  "are read from --extra-data.")
+    dp.add_argument("--tasks", default="all", help="'all', 'mcq', 'qa' or comma-separated task names (default: all)")
+    dp.add_argument("--extra-data", help="directory with gsm8k.jsonl, cnn_dailymail.jsonl, alpaca.jsonl, "
+                                         "news_commentary_{de,es,it}.jsonl (default: $DLP_LORA_EXTRA_DATA)")
+    dp.add_argument("--out", default="data", help="output directory (default: ./data)")
+    dp.add_argument("--model", help="tokenizer for the prompt-length statistics; " + model_help)
+    dp.add_argument("--no-stats", action="store_true", help="skip the prompt-length statistics (no tokenizer load)")
+    dp.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    dp.set_defaults(func=cmd_data_prepare)
+    dl = d.add_parser("list", help="list the task registry")
+    dl.set_defaults(func=cmd_data_list)
+
+    # demo
+    dm = sub.add_parser("demo", help="the main job on embedded defaults",
+                        description="Prepare a small mixed task suite and run the backbone on it.")
+    dm.add_argument("--tasks", default="winowhy,epistemic_reasoning,object_counting,linguistics_puzzles")
+    dm.add_argument("--extra-data", help="directory of the non-BIG-bench tasks (optional)")
+    dm.add_argument("--out", default=os.path.join("runs", "demo"))
+    dm.add_argument("--model", help=model_help)
+    dm.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        # a group without a subcommand: show its help
+        parser.parse_args((argv or sys.argv[1:]) + ["--help"])
+        return 2
+    try:
+        args.func(args)
+    except DLPLoRAError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Where dlp-lora keeps its cache (models, BIG-bench files)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """`$DLP_LORA_CACHE`, default `~/.cache/dlp-lora`. Created on first use."""
+    root = Path(os.environ.get("DLP_LORA_CACHE") or Path.home() / ".cache" / "dlp-lora").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def extra_data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The directory of the non-BIG-bench tasks: the argument, else `$DLP_LORA_EXTRA_DATA`, else None."""
+    value = explicit if explicit else os.environ.get("DLP_LORA_EXTRA_DATA")
+    return Path(value).expanduser() if value else None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

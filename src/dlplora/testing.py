@@ -1,0 +1,88 @@
+"""Tiny random-weight models for tests and dry runs (no download).
+
+:func:`tiny_model_dir` writes a Llama (or Qwen2) model of a few hundred thousand parameters with a
+word-level tokenizer and a ChatML chat template into a directory that ``from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on a small fixed text, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["The quick brown fox jumps over the lazy dog. Translate the following German text into English.",
+              "Solve the following math problem step by step. What is 12 plus 7? The answer is 19.",
+              "choice: correct incorrect valid invalid True False Neither yes no same different"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2,
+                   context: int = 512) -> Path:
+    """Write a tiny random model + tokenizer to `path` (idempotent) and return it."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    tok = tiny_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  tie_word_embeddings=True)
+    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def tiny_examples(task: str, n: int, kind: str = "mcq", seed: int = 0) -> list[dict]:
+    """Synthetic prepared examples in the format of :mod:`dlplora.tasks` (for unit tests)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if kind == "mcq":
+            choices = ["yes", "no"]
+            ans = int((a + b) % 2 == 1)
+            rows.append({"id": f"{task}-{i}", "task": task, "input": f"Is {a} plus {b} even?", "target": choices[ans],
+                         "choices": choices, "answer_index": ans, "aliases": [], "task_prefix": f"{task} quiz.\n",
+                         "input_prefix": "\nQ: ", "output_prefix": "\nA: ", "subtask": task})
+        else:
+            rows.append({"id": f"{task}-{i}", "task": task, "input": f"Add {a} and {b}.", "target": f"The answer is {a + b}.",
+                         "choices": None, "answer_index": None, "aliases": [], "task_prefix": f"{task} sums.\n",
+                         "input_prefix": "", "output_prefix": "", "subtask": task})
+    return rows
+
+
+def write_prepared(data_dir: str | Path, task: str, train: list[dict], test: list[dict]) -> Path:
+    data_dir = Path(data_dir)
+    for split, rows in (("train", train), ("test", test)):
+        p = data_dir / task / f"{split}.jsonl"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data_dir
