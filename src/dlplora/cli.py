@@ -135,7 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default=os.path.join("runs", "demo"))
     dm.add_argument("--model", help=model_help)
     dm.set_defaults(func=cmd_demo)
+
+    # Subcommands owned by other modules: each `cli_<area>.py` has `register(sub, model_help)`.
+    import importlib
+
+    for area in _CLI_AREAS:
+        try:
+            mod = importlib.import_module(f".cli_{area}", __package__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.cli_{area}":
+                raise
+            continue
+        mod.register(sub, model_help)
     return p
+
+
+_CLI_AREAS = ("library", "plugin", "engine", "bench", "evaluation", "server")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,9 +118,10 @@ def get_task(name: str) -> TaskSpec:
     raise DLPLoRAError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or their short names, e.g. WinoWhy)")
 
 
-def parse_tasks(value: str | Iterable[str] | None) -> list[str]:
+def parse_tasks(value: str | Iterable[str] | None, data_dir: str | os.PathLike | None = None) -> list[str]:
     """'all', 'mcq', 'qa', or a comma-separated list of full or short names -> full names, in registry order
-    for the groups and in the given order otherwise."""
+    for the groups and in the given order otherwise. With `data_dir`, a name outside the registry is
+    accepted when prepared data exists for it there (a custom task in the same format)."""
     if value is None:
         return list(TASKS)
     items = value.split(",") if isinstance(value, str) else list(value)
@@ -130,6 +131,9 @@ def parse_tasks(value: str | Iterable[str] | None) -> list[str]:
     out: list[str] = []
     for item in items:
         group = {"all": list(TASKS), "mcq": MCQ_TASKS, "qa": QA_TASKS}.get(item.lower())
+        if not group and data_dir is not None and prepared_path(data_dir, item, "train").is_file() \
+                and item.lower() not in _BY_SHORT and item not in TASKS:
+            group = [item]
         for name in group or [get_task(item).name]:
             if name not in out:
                 out.append(name)
@@ -342,10 +346,11 @@ def prepared_path(out_dir: str | os.PathLike, name: str, split: str) -> Path:
 
 def load_split(data_dir: str | os.PathLike, name: str, split: str) -> list[dict]:
     """Read a prepared split written by :func:`prepare`."""
-    spec = get_task(name)
-    path = prepared_path(data_dir, spec.name, split)
+    if not prepared_path(data_dir, name, split).is_file():
+        name = get_task(name).name
+    path = prepared_path(data_dir, name, split)
     if not path.is_file():
-        raise DLPLoRAError(f"no prepared {split} data for task {spec.name} at {path}; run `dlp-lora data prepare --tasks {spec.name} --out {data_dir}`")
+        raise DLPLoRAError(f"no prepared {split} data for task {name} at {path}; run `dlp-lora data prepare --tasks {name} --out {data_dir}`")
     return read_jsonl(path)
 
 

@@ -1,0 +1,38 @@
+"""CLI: `bench train`, `bench fusion` (speed ratios measured side by side in one run)."""
+
+from __future__ import annotations
+
+import json
+
+
+def cmd_bench_train(args) -> None:
+    from .training import bench_train
+
+    result = bench_train(args.model, task=args.task, batch_size=args.batch_size, repeats=args.repeats,
+                         max_len=args.max_len, bf16={"auto": None, "on": True, "off": False}[args.bf16])
+    if args.json:
+        print(json.dumps(result))
+
+
+def register(sub, model_help: str) -> None:
+    b = sub.add_parser("bench", help="speed benchmarks (ratios measured side by side)").add_subparsers(
+        dest="subcommand", metavar="SUBCOMMAND")
+    t = b.add_parser("train", help="our LoRA training step vs a naive PEFT fp32 loop, same batch",
+                     description="Tokens/s of our training step (bf16 autocast, logits on answer tokens only) vs the "
+                                 "naive PEFT loop (fp32, full logits, labels=), interleaved on the same batch.")
+    t.add_argument("--model", help=model_help)
+    t.add_argument("--task", default="winowhy", help="task whose first examples form the batch")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--max-len", type=int, default=256)
+    t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast for our step (auto: only where the CPU has native bf16)")
+    t.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    t.set_defaults(func=cmd_bench_train)
+    try:
+        from . import bench_fusion
+    except ImportError:
+        return
+    f = b.add_parser("fusion", help="fused multi-LoRA inference vs single PEFT LoRA, side by side")
+    bench_fusion.add_arguments(f)
+    f.set_defaults(func=bench_fusion.run)

@@ -1,0 +1,107 @@
+"""CLI: `train-loras`, `library add`, `library list`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+def cmd_train_loras(args) -> None:
+    from .errors import DLPLoRAError
+    from .library import train_library
+    from .tasks import load_split, parse_tasks, prepare
+    from .training import TrainConfig, parse_targets
+
+    names = parse_tasks(args.tasks, args.data)
+    data = args.data
+    if data is None:
+        data = os.path.join(args.out, "data")
+        print(f"no --data given: preparing the tasks into {data}")
+        prepare(names, data, extra_data=args.extra_data)
+    cfg = TrainConfig(rank=args.rank, alpha=args.alpha, targets=parse_targets(args.targets), lr=args.lr,
+                      batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
+    if args.epochs is not None:
+        if args.epochs <= 0:
+            raise DLPLoRAError(f"--epochs must be positive, got {args.epochs}")
+        n = min(len(load_split(data, t, "train")) for t in names)
+        cfg.steps = max(1, math.ceil(args.epochs * n / cfg.batch_size))
+    if args.steps is not None:
+        cfg.steps = args.steps
+    lib = train_library(names, data, args.out, model=args.model, cfg=cfg, force=args.force,
+                        eval_limit=args.eval_limit, ray_address=args.ray_address)
+    flagged = [n for n in names if lib.manifest["adapters"].get(n, {}).get("beats_base") is False]
+    print(f"library: {os.path.abspath(args.out)} ({len(lib.names)} adapters)")
+    if flagged:
+        print(f"adapters that do not beat the base model on their own task: {', '.join(flagged)}")
+    if args.json:
+        print(json.dumps({"library": os.path.abspath(args.out), "adapters": {n: lib.manifest["adapters"][n] for n in names},
+                          "flagged": flagged}))
+
+
+def cmd_library_add(args) -> None:
+    from .library import add_adapter
+
+    entry = add_adapter(args.library, args.name, args.path, model=args.model, force=args.force)
+    print(f"added {args.name} to {args.library}: rank {entry['rank']}, targets {','.join(entry['targets'])}")
+    if args.json:
+        print(json.dumps(entry))
+
+
+def cmd_library_list(args) -> None:
+    from .library import Library
+
+    lib = Library.open(args.library)
+    if args.json:
+        print(json.dumps(lib.manifest))
+        return
+    base = lib.base_model
+    print(f"base model: {base.get('name')} ({base.get('fingerprint')})")
+    for name in lib.names:
+        e = lib.entry(name)
+        sc = e.get("score")
+        extra = f"  {sc['metric']} {sc['adapter']:.1f} (base {sc['base']:.1f})" if sc else ""
+        print(f"  {name:42} r={e.get('rank')} {','.join(e.get('targets', []))}{extra}")
+
+
+def register(sub, model_help: str) -> None:
+    t = sub.add_parser("train-loras", help="train one LoRA adapter per task into a library",
+                       description="Train one PEFT LoRA per task on its training split (loss on answer tokens only, "
+                                   "bf16 autocast, length-bucketed batches), score it against the base model on the "
+                                   "task's test split, and record everything in LIB/library.json. Finished adapters "
+                                   "are skipped unless --force.")
+    t.add_argument("--tasks", default="all", help="'all', 'mcq', 'qa' or comma-separated task names")
+    t.add_argument("--out", required=True, help="library directory")
+    t.add_argument("--data", help="prepared data (output of `dlp-lora data prepare`); default: prepare into OUT/data")
+    t.add_argument("--extra-data", help="directory of the non-BIG-bench tasks, used when --data is not given")
+    t.add_argument("--model", help=model_help)
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--alpha", type=float, default=16.0)
+    t.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or all-linear")
+    t.add_argument("--steps", type=int, help="optimizer steps per adapter (default 30: fits 26 adapters in 90 min on 2 cores)")
+    t.add_argument("--epochs", type=float, help="passes over the training split instead of --steps")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--max-len", type=int, default=256, help="max tokens per training example (prompt is cut from the left)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-limit", type=int, default=100, help="test examples to score each adapter vs base on (0: skip)")
+    t.add_argument("--force", action="store_true", help="retrain adapters that already exist")
+    t.add_argument("--ray-address", help="run each adapter as a Ray task on this cluster ('auto' or HOST:PORT)")
+    t.add_argument("--json", action="store_true", help="print the manifest entries as JSON on the last line")
+    t.set_defaults(func=cmd_train_loras)
+
+    lib = sub.add_parser("library", help="inspect or extend an adapter library").add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    a = lib.add_parser("add", help="add a PEFT LoRA trained elsewhere",
+                       description="Validate a PEFT LoRA directory against the library's base model (targets, "
+                                   "shapes, rank) and copy it into the library. Creates the library if needed.")
+    a.add_argument("name")
+    a.add_argument("path")
+    a.add_argument("--library", required=True)
+    a.add_argument("--model", help="base model of a new library; " + model_help)
+    a.add_argument("--force", action="store_true", help="replace an adapter of the same name")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_library_add)
+    ls = lib.add_parser("list", help="list the adapters of a library")
+    ls.add_argument("--library", required=True)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_library_list)

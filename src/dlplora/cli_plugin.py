@@ -1,0 +1,146 @@
+"""`dlp-lora train-plugin` and `dlp-lora route`: train the DLP router and ask it where prompts go."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from .errors import DLPLoRAError
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, ensure_ascii=False))
+
+
+def cmd_train_plugin(args) -> None:
+    from .plugin import train_plugin_from_data
+
+    lib = None
+    if args.library:
+        from .library import Library
+
+        lib = Library.open(args.library)
+        names = lib.names
+        if not names:
+            raise DLPLoRAError(f"the library {args.library} has no adapters; add some with `dlp-lora train-loras` first")
+        if args.tasks:
+            raise DLPLoRAError("give either --library (route to its adapters) or --tasks, not both")
+        data = args.data or lib.manifest.get("data_dir")
+        if not data:
+            raise DLPLoRAError(f"no training prompts: pass --data PREPARED_DIR (the library {args.library} "
+                               "records no data_dir)")
+        out = args.out or str(lib.plugin_dir())
+    else:
+        if not args.data or not args.tasks:
+            raise DLPLoRAError("give --library LIB (its adapter names are the labels), or --data DIR with --tasks "
+                               "(e.g. --tasks all)")
+        from .tasks import parse_tasks
+
+        names = parse_tasks(args.tasks)
+        data = args.data
+        out = args.out or os.path.join(data, "plugin")
+    if not os.path.isdir(data):
+        raise DLPLoRAError(f"prepared data directory {data} does not exist; run `dlp-lora data prepare --out {data}`")
+    log = None if args.json else print
+    plugin, report = train_plugin_from_data(data, names, epochs=args.epochs, seed=args.seed, log=log,
+                                            augment=not args.no_augment)
+    path = plugin.save(out)
+    t0 = time.perf_counter()
+    from .plugin import Plugin
+
+    Plugin.load(out, expected_labels=names)
+    report["load_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+    report["out"] = str(path)
+    width = max(len(n) for n in names)
+    print(f"{'task':{width}}  held-out acc  no-prefix  history")
+    for n in names:
+        print(f"{n:{width}}  {report['per_task'][n]:12.3f}  {report['no_prefix_per_task'][n]:9.3f}  "
+              f"{report['history_per_task'][n]:7.3f}")
+    print(f"mean held-out accuracy {report['accuracy']:.4f} over {report['tasks']} tasks "
+          f"(micro {report['micro_accuracy']:.4f}); no task prefix {report['no_prefix_accuracy']:.4f}; "
+          f"previous turn prepended {report['history_accuracy']:.4f}")
+    if report["confusions"]:
+        print("top confusions (gold -> predicted: count): " +
+              "; ".join(f"{c['gold']} -> {c['pred']}: {c['count']}" for c in report["confusions"]))
+    else:
+        print("no confusions on the held-out prompts")
+    print(f"{report['params']:,} parameters, trained on {report['train_examples']} prompts in "
+          f"{report['train_seconds']:.1f}s; saved to {path} (loads in {report['load_ms']} ms)")
+    if args.json:
+        _print_json(report)
+
+
+def cmd_route(args) -> None:
+    from .plugin import Plugin
+
+    expected = None
+    if args.library:
+        from .library import Library
+
+        lib = Library.open(args.library)
+        expected = lib.names
+        plugin_dir = args.plugin or str(lib.plugin_dir())
+    elif args.plugin:
+        plugin_dir = args.plugin
+    else:
+        raise DLPLoRAError("give --library LIB (uses LIB/plugin) or --plugin DIR")
+    prompts = list(args.prompts)
+    if args.stdin:
+        prompts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise DLPLoRAError("no prompts to route: give them as arguments (or with --stdin, one per line)")
+    plugin = Plugin.load(plugin_dir, expected_labels=expected)
+    t0 = time.perf_counter()
+    routings = plugin.route(prompts, p=args.p, top_k=args.top_k, weighting=args.weighting, floor=args.floor)
+    ms = (time.perf_counter() - t0) * 1000
+    out = []
+    for prompt, r in zip(prompts, routings):
+        short = " ".join(prompt.split())
+        short = short if len(short) <= 70 else short[:67] + "..."
+        if r.names:
+            sel = ", ".join(f"{n} {w:.3f} (p={q:.3f})" for n, w, q in zip(r.names, r.weights, r.probs))
+        else:
+            sel = "(base model: best probability below the floor)"
+        print(f"{short!r} -> {sel}")
+        out.append({"prompt": prompt, "adapters": r.names, "weights": r.weights, "probs": r.probs})
+    if args.json:
+        _print_json({"routings": out, "p": args.p if args.top_k is None else None, "top_k": args.top_k,
+                     "weighting": args.weighting, "floor": args.floor, "plugin": str(plugin_dir),
+                     "route_ms": round(ms, 3)})
+
+
+def register(sub, model_help: str) -> None:
+    tp = sub.add_parser("train-plugin", help="train the DLP router (hashed n-grams + 4-layer MLP, ~5M params)",
+                        description="Train the router on prepared training prompts labelled by task and save it "
+                                    "(plugin.json + model.safetensors). Labels are the library's adapter names "
+                                    "(--library) or the given --tasks. Prints per-task held-out accuracy on the test "
+                                    "prompts, also with the task prefix removed and with a previous turn of another "
+                                    "task prepended, and the top confusions.")
+    tp.add_argument("--library", help="adapter library: labels = its adapter names, default --out LIB/plugin")
+    tp.add_argument("--data", help="prepared data directory (from `dlp-lora data prepare`; with --library the "
+                                   "default is the library's data_dir)")
+    tp.add_argument("--tasks", help="without --library: 'all', 'mcq', 'qa' or comma-separated task names")
+    tp.add_argument("--out", help="output directory (default: LIB/plugin, or DATA/plugin without --library)")
+    tp.add_argument("--epochs", type=int, default=2, help="training epochs (default: 2)")
+    tp.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    tp.add_argument("--no-augment", action="store_true",
+                    help="train on the clean prompts only (no prefix-dropped or history-prepended copies)")
+    tp.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
+    tp.set_defaults(func=cmd_train_plugin)
+
+    rp = sub.add_parser("route", help="show which adapters the plugin picks for prompts",
+                        description="Route prompts with a trained plugin: top-p (default) or top-k selection and "
+                                    "the fusion weights of the chosen adapters.")
+    rp.add_argument("prompts", nargs="*", help="prompts to route")
+    rp.add_argument("--library", help="adapter library (plugin from LIB/plugin, labels checked against it)")
+    rp.add_argument("--plugin", help="plugin directory (default: LIB/plugin)")
+    rp.add_argument("--p", type=float, default=0.6, help="top-p threshold in (0, 1] (default: 0.6)")
+    rp.add_argument("--top-k", type=int, help="keep the k most probable adapters instead of top-p")
+    rp.add_argument("--weighting", default="softmax", help="softmax (paper eq. 5, default) or renorm")
+    rp.add_argument("--floor", type=float, default=0.0,
+                    help="route to the base model when the best probability is below this (default: 0, off)")
+    rp.add_argument("--stdin", action="store_true", help="also read prompts from stdin, one per line")
+    rp.add_argument("--json", action="store_true", help="print the routings as JSON on the last line")
+    rp.set_defaults(func=cmd_route)

@@ -1,0 +1,414 @@
+"""Fused multi-LoRA layers: many PEFT LoRA adapters applied at once, with a per-row weighted set.
+
+Every linear layer that some adapter of the library targets is wrapped in a
+:class:`FusedLoRALinear` that holds, for the N adapters,
+
+* ``A``: ``[N, r_max, in]`` and ``B``: ``[N, out, r_max]`` (ranks below ``r_max`` are zero-padded;
+  an adapter that does not target this layer has zero ``A``/``B`` here),
+* ``scale``: ``[N]``, PEFT's ``alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``).
+
+A routing gives each batch row up to ``k`` adapters: ``indices [b, k]`` and ``weights [b, k]``
+(padding has weight 0; a row with no adapter runs the base model). The layer computes::
+
+    y = W x + sum_k w_k s_k B_k (A_k x)
+
+The routing is set once per generation (:meth:`LoRAFusion.set_routing`); at that moment every layer
+gathers its selected adapters into ``A_sel [b, k*r, in]`` and ``B_sel [b, out, k*r]`` with
+``w_k * s_k`` folded into ``B_sel``. Each forward pass is then two batched matmuls, with no Python loop
+over adapters or rows. Modes:
+
+``unmerged``  per-row sets, two ``bmm`` per layer (any batch).
+``shared``    every row uses the same set: one ``[k*r, in]`` / ``[out, k*r]`` pair, plain matmuls.
+``merged``    every row uses the same set: the fused delta is added to the weights for the whole
+              generation; the original weights are saved and copied back by :meth:`clear`.
+``auto``      merged when all rows share one set (batch of one included), else unmerged.
+
+Adapters are read straight from the PEFT files (``adapter_config.json`` and
+``adapter_model.safetensors``) and checked against the model's layers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import DLPLoRAError
+
+MODES = ("auto", "unmerged", "shared", "merged")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+# ---------------------------------------------------------------- reading PEFT adapters
+
+@dataclass
+class AdapterWeights:
+    """One PEFT LoRA adapter as plain tensors: ``layers[module] = (A [r, in], B [out, r], scale)``."""
+
+    name: str
+    path: str
+    rank: int
+    alpha: float
+    use_rslora: bool
+    targets: list[str]
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+
+
+def _pattern_value(patterns: Mapping[str, float] | None, module: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern lookup (a regex matched at the end of the module name)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def load_peft_adapter(path: str | os.PathLike, name: str | None = None) -> AdapterWeights:
+    """Read a PEFT LoRA directory into an :class:`AdapterWeights` (CPU, fp32)."""
+    path = Path(path)
+    name = name or path.name
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise DLPLoRAError(f"adapter {name!r}: {cfg_path} is missing, so {path} is not a PEFT adapter directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DLPLoRAError(f"adapter {name!r}: {cfg_path} is corrupt: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise DLPLoRAError(f"adapter {name!r}: {cfg_path} is not a JSON object")
+    ptype = str(cfg.get("peft_type", "LORA")).upper()
+    if ptype != "LORA":
+        raise DLPLoRAError(f"adapter {name!r}: peft_type {ptype} is not supported (only LoRA)")
+    if cfg.get("use_dora"):
+        raise DLPLoRAError(f"adapter {name!r}: DoRA adapters are not supported by the fused engine")
+    if cfg.get("fan_in_fan_out"):
+        raise DLPLoRAError(f"adapter {name!r}: fan_in_fan_out adapters (Conv1D models) are not supported")
+    weights_file = path / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise DLPLoRAError(f"adapter {name!r}: {weights_file} is missing (save adapters with safe_serialization)")
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights_file), device="cpu")
+    except Exception as exc:  # truncated or garbage file
+        raise DLPLoRAError(f"adapter {name!r}: could not read {weights_file}: {exc}") from exc
+
+    rank = int(cfg.get("r", 8))
+    alpha = float(cfg.get("lora_alpha", rank))
+    rslora = bool(cfg.get("use_rslora", False))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            if "lora_embedding" in key or "magnitude" in key:
+                raise DLPLoRAError(f"adapter {name!r}: tensor {key} (embedding LoRA / DoRA) is not supported")
+            continue  # e.g. modules_to_save copies: not part of the low-rank delta
+        pairs.setdefault(m["module"], {})[m["ab"]] = t
+    if not pairs:
+        raise DLPLoRAError(f"adapter {name!r}: {weights_file} holds no lora_A/lora_B tensors")
+    layers = {}
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise DLPLoRAError(f"adapter {name!r}: layer {module} has only lora_{''.join(ab)} (file incomplete?)")
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise DLPLoRAError(f"adapter {name!r}: layer {module}: lora_A {tuple(a.shape)} and lora_B "
+                               f"{tuple(b.shape)} do not form a low-rank pair")
+        r = a.shape[0]
+        lalpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha))
+        scale = lalpha / math.sqrt(r) if rslora else lalpha / r
+        layers[module] = (a.float(), b.float(), scale)
+    targets = sorted({m.rsplit(".", 1)[-1] for m in layers})
+    return AdapterWeights(name=name, path=str(path), rank=rank, alpha=alpha, use_rslora=rslora,
+                          targets=targets, layers=layers)
+
+
+def random_adapter(model: nn.Module, name: str, rank: int = 8, alpha: float = 16.0,
+                   targets: Sequence[str] = ("q_proj", "v_proj"), seed: int = 0, std: float = 0.02) -> AdapterWeights:
+    """An adapter with random A and B of the right shapes for `model` (benchmarks, tests)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for mod_name, mod in model.named_modules():
+        leaf = mod_name.rsplit(".", 1)[-1]
+        base = mod.base if isinstance(mod, FusedLoRALinear) else mod
+        if leaf in targets and isinstance(base, nn.Linear):
+            a = torch.randn(rank, base.in_features, generator=g) * std
+            b = torch.randn(base.out_features, rank, generator=g) * std
+            layers[mod_name] = (a, b, alpha / rank)
+    return AdapterWeights(name=name, path="", rank=rank, alpha=alpha, use_rslora=False,
+                          targets=sorted(set(targets)), layers=layers)
+
+
+# ---------------------------------------------------------------- routing
+
+class RoutingState:
+    """The routing shared by all fused layers of one model (set once per generation)."""
+
+    def __init__(self):
+        self.mode: str | None = None  # None = base model
+        self.batch = 0
+        self.version = 0
+
+    def __repr__(self):
+        return f"RoutingState(mode={self.mode}, batch={self.batch})"
+
+
+class FusedLoRALinear(nn.Module):
+    """A linear layer plus N LoRA adapters, applied with per-row weighted sets (see module doc)."""
+
+    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                 state: RoutingState, name: str = ""):
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.register_buffer("A", A, persistent=False)  # [N, r, in]
+        self.register_buffer("B", B, persistent=False)  # [N, out, r]
+        self.register_buffer("scale", scale, persistent=False)  # [N]
+        self.state = state
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self._A_sel = self._B_sel = None  # A_sel^T, B_sel^T: [b, in, kr], [b, kr, out] (unmerged) or [in, kr], [kr, out]
+        self._saved_weight = None  # the original weight while merged
+
+    @property
+    def weight(self):  # so code that inspects `.weight` of a projection keeps working
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    # -------------------------------------------------- routing set-up (once per generation)
+    def _select(self, indices: torch.Tensor, weights: torch.Tensor):
+        """Gather the chosen adapters: A_sel [b, k*r, in], B_sel [b, out, k*r] with w*s folded into B."""
+        b, k = indices.shape
+        r = self.A.shape[1]
+        a_sel = self.A[indices].reshape(b, k * r, self.in_features)
+        coef = (weights.to(self.scale.dtype) * self.scale[indices]).to(self.B.dtype)  # [b, k]
+        b_sel = self.B[indices] * coef[:, :, None, None]  # [b, k, out, r]
+        b_sel = b_sel.permute(0, 2, 1, 3).reshape(b, self.out_features, k * r)
+        return a_sel, b_sel
+
+    def route(self, indices: torch.Tensor, weights: torch.Tensor, mode: str) -> None:
+        """Prepare the layer for a routing. The selected factors are stored transposed and contiguous
+        (A_sel^T [b, in, k*r], B_sel^T [b, k*r, out]): the layout batched matmuls read fastest."""
+        self.restore()
+        self._A_sel = self._B_sel = None
+        if mode == "unmerged":
+            a_sel, b_sel = self._select(indices, weights)
+            self._A_sel = a_sel.transpose(1, 2).contiguous()
+            self._B_sel = b_sel.transpose(1, 2).contiguous()
+        elif mode in ("shared", "merged"):
+            a_sel, b_sel = self._select(indices[:1], weights[:1])
+            a_sel, b_sel = a_sel[0], b_sel[0]
+            if mode == "shared":
+                self._A_sel, self._B_sel = a_sel.T.contiguous(), b_sel.T.contiguous()
+            else:
+                w = self.base.weight
+                self._saved_weight = w.detach().clone()
+                with torch.no_grad():
+                    w.add_((b_sel.float() @ a_sel.float()).to(w.dtype))
+
+    def restore(self) -> None:
+        """Undo a merge: copy the saved original weight back (bit-exact)."""
+        if self._saved_weight is not None:
+            with torch.no_grad():
+                self.base.weight.copy_(self._saved_weight)
+            self._saved_weight = None
+
+    def clear(self) -> None:
+        self.restore()
+        self._A_sel = self._B_sel = None
+
+    # -------------------------------------------------- forward (hot path)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        mode = self.state.mode
+        if mode is None or mode == "merged":
+            return y
+        a_t, b_t = self._A_sel, self._B_sel  # transposed: [.., in, kr], [.., kr, out]
+        xa = x.to(a_t.dtype)
+        if mode == "shared":
+            return y + ((xa @ a_t) @ b_t).to(y.dtype)
+        # unmerged: one routing row per batch row
+        shape = x.shape
+        b = shape[0]
+        if b != a_t.shape[0]:
+            raise DLPLoRAError(f"fused layer {self.name}: the routing is for {a_t.shape[0]} rows but the "
+                               f"input has {b}")
+        x3 = xa.reshape(b, -1, self.in_features)
+        delta = torch.bmm(torch.bmm(x3, a_t), b_t)
+        return y + delta.reshape(*shape[:-1], self.out_features).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, adapters={self.A.shape[0]}, r_max={self.A.shape[1]}"
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
+
+
+# ---------------------------------------------------------------- the fusion of a library into a model
+
+class LoRAFusion:
+    """N adapters fused into `model` (modified in place: targeted linears become FusedLoRALinear).
+
+    >>> fusion = LoRAFusion(model, [load_peft_adapter(d, n) for n, d in dirs.items()])
+    >>> with fusion.routing([{"a": 1.0}, {"a": 0.3, "b": 0.7}, {}]):
+    ...     logits = model(input_ids).logits
+    """
+
+    def __init__(self, model: nn.Module, adapters: Sequence[AdapterWeights]):
+        if not adapters:
+            raise DLPLoRAError("no adapters to fuse")
+        names = [a.name for a in adapters]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise DLPLoRAError(f"duplicate adapter names: {', '.join(sorted(dup))}")
+        self.model = model
+        self.names = names
+        self._index = {n: i for i, n in enumerate(names)}
+        self.state = RoutingState()
+        self.layers: dict[str, FusedLoRALinear] = {}
+        self.mode: str | None = None
+
+        modules = dict(model.named_modules())
+        by_layer: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
+        for i, ad in enumerate(adapters):
+            for mod_name, (a, b, s) in ad.layers.items():
+                mod = modules.get(mod_name)
+                if mod is None:
+                    raise DLPLoRAError(f"adapter {ad.name!r} targets module {mod_name}, which the model lacks "
+                                       f"(was it trained on another base model?)")
+                base = mod.base if isinstance(mod, FusedLoRALinear) else mod
+                if not isinstance(base, nn.Linear):
+                    raise DLPLoRAError(f"adapter {ad.name!r} targets {mod_name}, a {type(base).__name__}; "
+                                       f"only linear layers are supported")
+                if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                    raise DLPLoRAError(
+                        f"adapter {ad.name!r}, layer {mod_name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
+                        f"do not fit the model's layer ({base.out_features} x {base.in_features}); expected "
+                        f"lora_A [r, {base.in_features}] and lora_B [{base.out_features}, r]")
+                by_layer.setdefault(mod_name, []).append((i, a, b, s))
+        if any(isinstance(m, FusedLoRALinear) for m in modules.values()):
+            raise DLPLoRAError("this model already has fused LoRA layers; call unfuse() on the old fusion first")
+
+        n = len(adapters)
+        for mod_name, entries in by_layer.items():
+            base = modules[mod_name]
+            w = base.weight
+            r_max = max(a.shape[0] for _, a, _, _ in entries)
+            A = torch.zeros(n, r_max, base.in_features, dtype=w.dtype, device=w.device)
+            B = torch.zeros(n, base.out_features, r_max, dtype=w.dtype, device=w.device)
+            scale = torch.zeros(n, dtype=torch.float32, device=w.device)
+            for i, a, b, s in entries:
+                r = a.shape[0]
+                A[i, :r] = a.to(A)
+                B[i, :, :r] = b.to(B)
+                scale[i] = s
+            fused = FusedLoRALinear(base, A, B, scale, self.state, mod_name)
+            _set_module(model, mod_name, fused)
+            self.layers[mod_name] = fused
+
+    @classmethod
+    def from_dirs(cls, model: nn.Module, dirs: Mapping[str, str | os.PathLike]) -> "LoRAFusion":
+        return cls(model, [load_peft_adapter(d, n) for n, d in dirs.items()])
+
+    # -------------------------------------------------- routing
+    def index(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise DLPLoRAError(f"unknown adapter {name!r}; loaded: {', '.join(self.names)}") from None
+
+    def encode(self, sets: Sequence[Mapping[str, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row {name: weight} dicts -> padded (indices [b, k], weights [b, k])."""
+        k = max([len(s) for s in sets] + [1])
+        idx = torch.zeros(len(sets), k, dtype=torch.long)
+        wts = torch.zeros(len(sets), k, dtype=torch.float32)
+        for row, s in enumerate(sets):
+            for j, (name, w) in enumerate(s.items()):
+                idx[row, j] = self.index(name)
+                wts[row, j] = float(w)
+        return idx, wts
+
+    def set_routing(self, indices, weights=None, mode: str = "auto") -> str | None:
+        """Set the per-row routing for the following forward passes; returns the mode used
+        (None = no adapter anywhere, plain base model).
+
+        `indices` is an int tensor [b, k] with `weights` [b, k], or a list of {name: weight} dicts
+        (then `weights` is omitted)."""
+        if mode not in MODES:
+            raise DLPLoRAError(f"unknown fusion mode {mode!r}; choose one of {', '.join(MODES)}")
+        if weights is None:
+            indices, weights = self.encode(indices)
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        if indices.dim() == 1:
+            indices, weights = indices[None], weights[None] if weights.dim() == 1 else weights
+        if indices.shape != weights.shape or indices.dim() != 2:
+            raise DLPLoRAError(f"routing weights {tuple(weights.shape)} do not match indices {tuple(indices.shape)}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= len(self.names)):
+            raise DLPLoRAError(f"routing index out of range 0..{len(self.names) - 1}")
+        if not torch.isfinite(weights).all() or (weights < 0).any():
+            raise DLPLoRAError("routing weights must be finite and non-negative")
+        # canonical form: zero-weight slots point at adapter 0 (so identical sets compare equal)
+        indices = torch.where(weights > 0, indices, torch.zeros_like(indices))
+        self.clear()
+        if not (weights > 0).any():
+            return None
+        same = bool((indices == indices[:1]).all() and (weights == weights[:1]).all())
+        if mode == "auto":
+            mode = "merged" if same else "unmerged"
+        elif mode in ("shared", "merged") and not same:
+            raise DLPLoRAError(f"fusion mode {mode!r} needs every row to use the same adapter set; "
+                               f"use 'unmerged' or 'auto' for a mixed batch")
+        # drop columns that are zero in every row
+        keep = (weights > 0).any(0)
+        indices, weights = indices[:, keep], weights[:, keep]
+        dev = next(iter(self.layers.values())).A.device
+        indices, weights = indices.to(dev), weights.to(dev)
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.route(indices, weights, mode)
+        self.state.mode = mode
+        self.state.batch = indices.shape[0]
+        self.state.version += 1
+        self.mode = mode
+        return mode
+
+    def clear(self) -> None:
+        """Back to the base model; merged weights are restored exactly."""
+        for layer in self.layers.values():
+            layer.clear()
+        self.state.mode = None
+        self.state.batch = 0
+        self.mode = None
+
+    @contextmanager
+    def routing(self, indices, weights=None, mode: str = "auto"):
+        try:
+            yield self.set_routing(indices, weights, mode)
+        finally:
+            self.clear()
+
+    def unfuse(self) -> nn.Module:
+        """Put the plain linear layers back and return the model."""
+        self.clear()
+        for name, layer in self.layers.items():
+            _set_module(self.model, name, layer.base)
+        self.layers = {}
+        return self.model
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.names)

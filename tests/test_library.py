@@ -1,0 +1,156 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlplora.errors import DLPLoRAError
+from dlplora.library import Library, add_adapter, train_library, validate_adapter
+from dlplora.training import TrainConfig, bucketed_batches, collate, encode_example, naive_loss, target_only_loss
+
+CFG = dict(steps=3, batch_size=4, max_len=64, rank=4, alpha=8)
+
+
+def test_target_only_loss_equals_full_logits_loss(tiny_model, tiny_data):
+    from dlplora.backbone import load_backbone
+    from dlplora.tasks import load_split
+
+    model, tok, _ = load_backbone(str(tiny_model))
+    rows = load_split(tiny_data, "sums", "train")[:4]
+    batch = collate([encode_example(tok, r, 64, 32) for r in rows], tok.pad_token_id)
+    with torch.no_grad():
+        a = target_only_loss(model, *batch, bf16=False)
+        b = naive_loss(model, *batch)
+    assert torch.allclose(a, b, atol=1e-5)
+    # only answer tokens (+ end of turn) are targets
+    ids, start = encode_example(tok, rows[0], 64, 32)
+    assert tok.decode(ids[start:]).startswith(rows[0]["target"]) and ids[-1] == tok.eos_token_id
+
+
+def test_bucketing_groups_similar_lengths():
+    import random
+
+    lengths = [5, 100, 6, 101, 7, 102, 8, 103]
+    batches = bucketed_batches(lengths, 4, random.Random(0))
+    spans = sorted(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+    assert spans == [3, 3] and sorted(i for b in batches for i in b) == list(range(8))
+
+
+def test_train_library_manifest_resume_and_peft_load(tiny_model, tiny_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lib_dir = tmp_path / "lib"
+    logs = []
+    # quiz/sums are custom tasks: accepted because prepared data exists for them
+    train_library("quiz,sums", tiny_data, lib_dir, model=str(tiny_model), cfg=TrainConfig(**CFG), eval_limit=4,
+                  log=logs.append)
+    m = json.loads((lib_dir / "library.json").read_text())
+    assert set(m["adapters"]) == {"quiz", "sums"}
+    e = m["adapters"]["quiz"]
+    for key in ("task", "path", "base_model", "rank", "targets", "n_train", "steps", "final_loss", "wall_seconds"):
+        assert key in e
+    assert e["rank"] == 4 and e["targets"] == ["q_proj", "v_proj"] and e["steps"] == 3
+    assert e["score"]["metric"] == "accuracy" and "beats_base" in e
+    assert m["adapters"]["sums"]["score"]["metric"] == "rougeL"
+    assert m["base_model"]["fingerprint"]
+    # resumable: a second run skips both
+    logs.clear()
+    train_library("quiz,sums", tiny_data, lib_dir, model=str(tiny_model), cfg=TrainConfig(**CFG), eval_limit=0,
+                  log=logs.append)
+    assert sum("skip" in l for l in logs) == 2
+    # a standard PEFT adapter directory
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    peft_model = PeftModel.from_pretrained(base, lib_dir / "adapters" / "sums")
+    assert any("lora_A" in n for n, _ in peft_model.named_parameters())
+    # no temp dirs left behind
+    assert not [p for p in (lib_dir / "adapters").iterdir() if p.name.startswith(".")]
+
+
+def test_bad_training_input(tiny_model, tiny_data, tmp_path):
+    with pytest.raises(DLPLoRAError, match="--rank must be a positive"):
+        train_library("winowhy", tiny_data, tmp_path / "l", model=str(tiny_model), cfg=TrainConfig(rank=0))
+    with pytest.raises(DLPLoRAError, match="unknown task"):
+        train_library("nope", tiny_data, tmp_path / "l", model=str(tiny_model), cfg=TrainConfig())
+    with pytest.raises(DLPLoRAError, match="no prepared train data for task winowhy"):
+        train_library("winowhy", tiny_data, tmp_path / "l", model=str(tiny_model), cfg=TrainConfig())
+
+
+def _peft_adapter(model_dir, out, r=4, targets=("q_proj", "v_proj"), seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
+    pm.save_pretrained(out)
+    return Path(out)
+
+
+def test_library_add_validates_and_creates(tiny_model, tmp_path):
+    good = _peft_adapter(tiny_model, tmp_path / "good")
+    lib_dir = tmp_path / "lib"
+    entry = add_adapter(lib_dir, "mine", good, model=str(tiny_model))
+    assert entry["rank"] == 4 and entry["targets"] == ["q_proj", "v_proj"]
+    assert Library.open(lib_dir).names == ["mine"]
+    with pytest.raises(DLPLoRAError, match="already has an adapter named 'mine'"):
+        add_adapter(lib_dir, "mine", good)
+    # an adapter for another base model (different hidden size): shape mismatch named
+    from dlplora.testing import tiny_model_dir
+
+    other = tiny_model_dir(tmp_path / "other", hidden=32)
+    wrong = _peft_adapter(other, tmp_path / "wrong")
+    with pytest.raises(DLPLoRAError, match="shape mismatch at model.layers.0.self_attn.q_proj"):
+        add_adapter(lib_dir, "wrong", wrong)
+    # rank in config disagrees with tensors
+    cfg = json.loads((good / "adapter_config.json").read_text())
+    bad_rank = tmp_path / "badrank"
+    bad_rank.mkdir()
+    (bad_rank / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+    (bad_rank / "adapter_config.json").write_text(json.dumps(dict(cfg, r=8)))
+    with pytest.raises(DLPLoRAError, match="the rank is 8"):
+        add_adapter(lib_dir, "badrank", bad_rank)
+    # corrupt weights
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text(json.dumps(cfg))
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(DLPLoRAError, match="unreadable or corrupt"):
+        add_adapter(lib_dir, "corrupt", corrupt)
+    with pytest.raises(DLPLoRAError, match="adapter_config.json is missing"):
+        add_adapter(lib_dir, "x", tmp_path)
+    assert Library.open(lib_dir).names == ["mine"]  # nothing bad got in
+
+
+def test_library_for_another_base_is_refused(tiny_model, tmp_path):
+    from dlplora.testing import tiny_model_dir
+
+    lib_dir = tmp_path / "lib"
+    add_adapter(lib_dir, "a", _peft_adapter(tiny_model, tmp_path / "a"), model=str(tiny_model))
+    other = tiny_model_dir(tmp_path / "other", seed=5)
+    with pytest.raises(DLPLoRAError, match="was built for base model"):
+        add_adapter(lib_dir, "b", _peft_adapter(other, tmp_path / "b"), model=str(other))
+
+
+def test_unknown_target_module(tiny_model, tiny_data, tmp_path):
+    from dlplora.training import check_targets, parse_targets
+    from dlplora.backbone import load_backbone
+
+    model, _, _ = load_backbone(str(tiny_model))
+    with pytest.raises(DLPLoRAError, match="target module.*c_attn"):
+        check_targets(model, parse_targets("q_proj,c_attn"))
+    assert "gate_proj" in parse_targets("all-linear")
+    check_targets(model, parse_targets("all-linear"))
+
+
+def test_cli_library_add_creates_library(tiny_model, tmp_path):
+    good = _peft_adapter(tiny_model, tmp_path / "good")
+    res = subprocess.run([sys.executable, "-m", "dlplora.cli", "library", "add", "mine", str(good), "--library",
+                          str(tmp_path / "lib"), "--model", str(tiny_model), "--json"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["rank"] == 4
+    res = subprocess.run([sys.executable, "-m", "dlplora.cli", "library", "add", "other", str(tmp_path / "nope"),
+                          "--library", str(tmp_path / "lib")], capture_output=True, text=True)
+    assert res.returncode == 2 and "no such adapter directory" in res.stderr
