@@ -226,7 +226,9 @@ def train_library(tasks, data_dir: str | os.PathLike, out: str | os.PathLike, mo
     if ray_address and todo:
         import ray
 
-        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
+        host = ray_address.rsplit(":", 1)[0]
+        local = {"_node_ip_address": host} if host in ("127.0.0.1", "localhost") else {}
+        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False, **local)
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         remote = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)(_ray_train_task)
         futures = {remote.remote(str(info.path), n, str(Path(data_dir).resolve()), cfg.to_dict(), str(root.resolve()),
