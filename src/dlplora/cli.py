@@ -71,24 +71,10 @@ def cmd_data_list(args) -> None:
 # ---------------------------------------------------------------- demo
 
 def cmd_demo(args) -> None:
-    """For now: prepare a small mixed suite and smoke-test the backbone (later issues grow this)."""
-    from .backbone import load_backbone
-    from .tasks import chat_prompt, format_summary, prepare
-    import torch
+    from .demo import run_demo
 
-    out = os.path.abspath(args.out)
-    t0 = time.time()
-    model, tok, info = load_backbone(args.model)
-    print(f"backbone: {info.name} ({info.params / 1e6:.1f}M params, {info.architecture}) from {info.path} "
-          f"in {time.time() - t0:.1f}s")
-    summary = prepare(args.tasks, os.path.join(out, "data"), extra_data=args.extra_data, tokenizer=tok)
-    print(format_summary(summary))
-    prompt = chat_prompt(tok, "What is the capital of France?")
-    ids = tok(prompt, return_tensors="pt")
-    with torch.inference_mode():
-        gen = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
-    print("smoke check:", repr(tok.decode(gen[0, ids.input_ids.shape[1]:], skip_special_tokens=True)))
-    print(f"done in {time.time() - t0:.1f}s; data in {out}/data")
+    run_demo(args.out, model=args.model, extra_data=args.extra_data, tasks=args.tasks.split(","), steps=args.steps,
+             n_eval=args.n_eval)
 
 
 # ---------------------------------------------------------------- parser
@@ -129,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # demo
     dm = sub.add_parser("demo", help="the main job on embedded defaults",
-                        description="Prepare a small mixed task suite and run the backbone on it.")
-    dm.add_argument("--tasks", default="winowhy,epistemic_reasoning,object_counting,linguistics_puzzles")
+                        description="Prepare 4 tasks, train their adapters and the router plugin, compare base / "
+                                    "single LoRA / DLP-LoRA on a composite stream, and run a 3-turn mixed-task chat.")
+    dm.add_argument("--tasks", default="winowhy,epistemic_reasoning,object_counting,strategyqa")
+    dm.add_argument("--steps", type=int, default=12, help="training steps per adapter (default 12)")
+    dm.add_argument("--n-eval", type=int, default=20, help="test prompts per task in the composite evaluation")
     dm.add_argument("--extra-data", help="directory of the non-BIG-bench tasks (optional)")
     dm.add_argument("--out", default=os.path.join("runs", "demo"))
     dm.add_argument("--model", help=model_help)

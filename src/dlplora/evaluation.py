@@ -186,3 +186,79 @@ def score_task(model, tokenizer, task: str, examples: list[dict], batch_size: in
         result["main"], result["metric"] = result["rougeL"], "rougeL"
     result["examples"] = [{"prediction": p, "target": r} for p, r in list(zip(preds, refs))[:3]]
     return result
+
+
+# ---------------------------------------------------------------- methods on the fused engine
+
+def _set_key(s: dict) -> tuple:
+    return tuple(sorted((n, round(float(w), 6)) for n, w in s.items()))
+
+
+def score_with_sets(engine, task: str, examples: list[dict], sets: list[dict], batch_size: int = 8) -> dict:
+    """Score examples of one task on the fused engine, example i with adapter set sets[i] ({} = base).
+    Multiple choice: examples sharing a set are scored together with that set merged into the weights.
+    Generative: one batched generation with a per-row set."""
+    from collections import defaultdict
+
+    tok = engine.tokenizer
+    if examples and examples[0].get("choices"):
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, s in enumerate(sets):
+            groups[_set_key(s)].append(i)
+        correct = [False] * len(examples)
+        for key, idx in groups.items():
+            with engine.apply([dict(key)]):
+                lps = choice_logprobs(engine.model, tok, [examples[i] for i in idx], batch_size=batch_size * 2)
+            for i, lp in zip(idx, lps):
+                correct[i] = max(range(len(lp)), key=lp.__getitem__) == examples[i]["answer_index"]
+        acc = 100 * sum(correct) / max(1, len(correct))
+        return {"n": len(examples), "accuracy": acc, "main": acc, "metric": "accuracy"}
+    prompts = [user_message(ex) for ex in examples]
+    out = engine.generate(prompts, adapters=list(sets), max_new_tokens=task_max_new_tokens(task))
+    preds = [o["text"].strip() for o in out]
+    refs = [ex["target"] for ex in examples]
+    spec = TASKS.get(task)
+    if spec is not None and spec.metrics == ("exact_match",):
+        em = 100 * sum(exact_match(p, [ex["target"], *ex.get("aliases", [])]) for p, ex in zip(preds, examples)) / max(1, len(examples))
+        return {"n": len(examples), "exact_match": em, "main": em, "metric": "exact_match"}
+    result = {"n": len(examples), **rouge_scores(preds, refs), "bleu": bleu_score(preds, refs), "metric": "rougeL"}
+    if task == "gsm8k":
+        result["answer_accuracy"] = 100 * gsm8k_accuracy(preds, refs)
+    result["main"] = result["rougeL"]
+    return result
+
+
+def evaluate_composite(engine, examples_by_task: dict[str, list[dict]], methods=("base", "lora", "dlp"),
+                       seed: int = 0, log=print) -> dict:
+    """The composite setting: all test prompts shuffled into one stream. `dlp` sees only the prompt text
+    (never the task label) and routes it with the plugin; `lora` is the oracle adapter of the true task;
+    `base` uses no adapter. Per method: per-task metrics, the mean of the main metrics and wall time."""
+    import random
+    import time
+
+    stream = [(t, ex) for t, exs in examples_by_task.items() for ex in exs]
+    random.Random(seed).shuffle(stream)
+    results: dict = {}
+    for method in methods:
+        t0 = time.perf_counter()
+        if method == "base":
+            sets = [{} for _ in stream]
+        elif method == "lora":
+            sets = [{t: 1.0} for t, _ in stream]
+        elif method == "dlp":
+            sets = engine.route([user_message(ex) for _, ex in stream])  # the text alone: no label
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        per_task = {}
+        for task in examples_by_task:
+            idx = [i for i, (t, _) in enumerate(stream) if t == task]
+            per_task[task] = score_with_sets(engine, task, [stream[i][1] for i in idx], [sets[i] for i in idx])
+        entry = {"tasks": per_task, "mean": sum(r["main"] for r in per_task.values()) / max(1, len(per_task)),
+                 "seconds": time.perf_counter() - t0}
+        if method == "dlp":
+            top = [max(s, key=s.get) if s else None for s in sets]
+            entry["router_accuracy"] = 100 * sum(tp == t for tp, (t, _) in zip(top, stream)) / max(1, len(stream))
+            entry["mean_adapters"] = sum(len(s) for s in sets) / max(1, len(sets))
+        results[method] = entry
+        log(f"  {method:>5}: mean {entry['mean']:.1f} in {entry['seconds']:.1f}s")
+    return results

@@ -724,12 +724,11 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
     their test splits. Returns (plugin, report) with accuracy (mean over tasks of held-out top-1),
     per_task, confusions, params, tasks, train_seconds and, with `robustness`, the no-prefix and
     history-prepended accuracies."""
-    from .tasks import get_task, parse_tasks
+    from .tasks import parse_tasks
 
-    names = parse_tasks(tasks) if isinstance(tasks, str) else list(tasks)
+    names = parse_tasks(tasks, data_dir) if isinstance(tasks, str) else list(tasks)
     _check_labels(names)
-    for n in names:  # every label must be a task with prepared data
-        get_task(n)
+    parse_tasks(names, data_dir)  # every label must be a known task or have prepared data
     train_rows = load_task_rows(data_dir, names, "train")
     test_rows = load_task_rows(data_dir, names, "test")
     t0 = time.perf_counter()

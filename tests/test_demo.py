@@ -1,0 +1,26 @@
+"""The demo pipeline (README's first command) on a tiny random model with a tiny budget."""
+
+import json
+
+from dlplora.demo import run_demo
+
+
+def test_demo_pipeline_runs_end_to_end(tiny_model, tiny_data, tmp_path):
+    logs = []
+    report = run_demo(tmp_path / "demo", model=str(tiny_model), tasks=("quiz", "sums"), data_dir=tiny_data, steps=2,
+                      max_len=64, n_eval=4, conversation=["Is 3 plus 4 even?", "Add 2 and 5."], log=logs.append)
+    text = "\n".join(map(str, logs))
+    for method in ("base", "lora", "dlp"):
+        assert set(report["results"][method]["tasks"]) == {"quiz", "sums"}
+        assert report["results"][method]["seconds"] > 0
+    assert 0 <= report["results"]["dlp"]["router_accuracy"] <= 100
+    assert len(report["case_study"]) == 2 and all("routing" in t for t in report["case_study"])
+    assert "DLP-LoRA / single-LoRA time" in text and "turn 2 user" in text and "dlp-lora serve --library" in text
+    saved = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert saved["tasks"] == ["quiz", "sums"]
+    # a second run reuses adapters and plugin
+    logs.clear()
+    run_demo(tmp_path / "demo", model=str(tiny_model), tasks=("quiz", "sums"), data_dir=tiny_data, steps=2, max_len=64,
+             n_eval=4, conversation=["Add 1 and 1."], log=logs.append)
+    text = "\n".join(map(str, logs))
+    assert "skip quiz" in text and "reusing the plugin" in text
