@@ -100,7 +100,9 @@ def test_single_adapter_generation_matches_peft_generate(engine, lib):
     prompt = "Translate the following German text"
     res = engine.generate([prompt], adapters={"alpha": 1.0}, max_new_tokens=12)[0]
     assert res["routing"] == {"adapters": [{"name": "alpha", "weight": 1.0}], "source": "explicit"}
-    assert res["mode"] == "merged" and 0 < res["tokens"] <= 12
+    assert res["mode"] == "shared" and 0 < res["tokens"] <= 12  # short: no merge
+    longer = engine.generate([prompt], adapters={"alpha": 1.0}, max_new_tokens=40)[0]
+    assert longer["mode"] == "merged" and longer["text"].startswith(res["text"])
     tok = engine.tokenizer
     ids = tok(chat_prompt(tok, prompt), add_special_tokens=False, return_tensors="pt")
     pm = _peft(lib, "alpha")
@@ -125,7 +127,7 @@ def test_mixed_batch_equals_rows_alone_and_modes_agree(engine):
         forced = engine.generate([p], adapters=s, max_new_tokens=10, mode="unmerged")[0]
         assert forced["text"] == r["text"]
     same = engine.generate(prompts[:2], adapters=sets[1], max_new_tokens=10, mode="shared")
-    merged = engine.generate(prompts[:2], adapters=sets[1], max_new_tokens=10)
+    merged = engine.generate(prompts[:2], adapters=sets[1], max_new_tokens=10, mode="merged")
     assert merged[0]["mode"] == "merged" and [r["text"] for r in same] == [r["text"] for r in merged]
     assert all(torch.equal(v, before[k]) for k, v in engine.model.state_dict().items())
 
@@ -305,7 +307,7 @@ def test_bench_fusion_runs_on_a_tiny_model(lib, capsys):
     assert last == json.loads(json.dumps(res))
     for key in ("dlp_vs_single_lora", "mixed_batch_throughput_vs_single", "mixed_batch_throughput_vs_peft_mixed"):
         assert last[key] > 0
-    assert set(last["scaling"]) == {"4", "6"} and last["batch1_mode"] == "merged"
+    assert set(last["scaling"]) == {"4", "6"} and last["batch1_mode"] == "shared"  # 4 tokens: no merge
     assert last["mixed_batch_mode"] == "unmerged" and 2 <= last["mixed_batch_adapters_per_row"][0] <= 3
     # the stand-in router picks 2-3 adapters with weights summing to 1
     r = bench_fusion.StandInRouter([f"a{i}" for i in range(26)]).route(["x", "y"], p=0.6, top_k=3)

@@ -20,7 +20,7 @@ def cmd_train_loras(args) -> None:
         print(f"no --data given: preparing the tasks into {data}")
         prepare(names, data, extra_data=args.extra_data)
     cfg = TrainConfig(rank=args.rank, alpha=args.alpha, targets=parse_targets(args.targets), lr=args.lr,
-                      batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
+                      batch_size=args.batch_size, max_len=args.max_len, seed=args.seed, top_layers=args.top_layers)
     if args.epochs is not None:
         if args.epochs <= 0:
             raise DLPLoRAError(f"--epochs must be positive, got {args.epochs}")
@@ -83,6 +83,8 @@ def register(sub, model_help: str) -> None:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--max-len", type=int, default=256, help="max tokens per training example (prompt is cut from the left)")
+    t.add_argument("--top-layers", type=int, help="LoRA only in the last N decoder layers: the backward pass stops "
+                                                  "there, so training is faster (default: all layers)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-limit", type=int, default=100, help="test examples to score each adapter vs base on (0: skip)")
     t.add_argument("--force", action="store_true", help="retrain adapters that already exist")

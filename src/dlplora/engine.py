@@ -473,7 +473,8 @@ class DLPLoRA:
                 closed[i] = done[i]
 
         with self.lock:
-            used = self.fusion.set_routing([r["set"] for r in reqs], mode=mode)
+            used = self.fusion.set_routing([r["set"] for r in reqs], mode=mode,
+                                           expected_tokens=max(r["max_new"] for r in reqs))
             try:
                 generated, reasons = decode_loop(
                     self.model, [r["ids"] for r in reqs], [r["max_new"] for r in reqs], self.eos_ids,

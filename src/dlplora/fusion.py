@@ -21,7 +21,9 @@ over adapters or rows. Modes:
 ``shared``    every row uses the same set: one ``[k*r, in]`` / ``[out, k*r]`` pair, plain matmuls.
 ``merged``    every row uses the same set: the fused delta is added to the weights for the whole
               generation; the original weights are saved and copied back by :meth:`clear`.
-``auto``      merged when all rows share one set (batch of one included), else unmerged.
+``auto``      all rows share one set (batch of one included): merged for a generation of at least
+              ``MERGE_MIN_TOKENS`` tokens (or when the length is not given), else shared;
+              different sets: unmerged.
 
 Adapters are read straight from the PEFT files (``adapter_config.json`` and
 ``adapter_model.safetensors``) and checked against the model's layers.
@@ -44,6 +46,9 @@ from torch import nn
 from .errors import DLPLoRAError
 
 MODES = ("auto", "unmerged", "shared", "merged")
+# auto mode merges only when at least this many tokens will be generated (merging + restoring costs
+# about as much as ~25 decode steps of the shared low-rank path on SmolLM2-135M, CPU)
+MERGE_MIN_TOKENS = 32
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -341,12 +346,13 @@ class LoRAFusion:
                 wts[row, j] = float(w)
         return idx, wts
 
-    def set_routing(self, indices, weights=None, mode: str = "auto") -> str | None:
+    def set_routing(self, indices, weights=None, mode: str = "auto", expected_tokens: int | None = None) -> str | None:
         """Set the per-row routing for the following forward passes; returns the mode used
         (None = no adapter anywhere, plain base model).
 
         `indices` is an int tensor [b, k] with `weights` [b, k], or a list of {name: weight} dicts
-        (then `weights` is omitted)."""
+        (then `weights` is omitted). `expected_tokens` (tokens to generate) lets auto mode skip merging
+        for short generations."""
         if mode not in MODES:
             raise DLPLoRAError(f"unknown fusion mode {mode!r}; choose one of {', '.join(MODES)}")
         if weights is None:
@@ -368,7 +374,10 @@ class LoRAFusion:
             return None
         same = bool((indices == indices[:1]).all() and (weights == weights[:1]).all())
         if mode == "auto":
-            mode = "merged" if same else "unmerged"
+            if not same:
+                mode = "unmerged"
+            else:
+                mode = "merged" if expected_tokens is None or expected_tokens >= MERGE_MIN_TOKENS else "shared"
         elif mode in ("shared", "merged") and not same:
             raise DLPLoRAError(f"fusion mode {mode!r} needs every row to use the same adapter set; "
                                f"use 'unmerged' or 'auto' for a mixed batch")
@@ -395,9 +404,9 @@ class LoRAFusion:
         self.mode = None
 
     @contextmanager
-    def routing(self, indices, weights=None, mode: str = "auto"):
+    def routing(self, indices, weights=None, mode: str = "auto", expected_tokens: int | None = None):
         try:
-            yield self.set_routing(indices, weights, mode)
+            yield self.set_routing(indices, weights, mode, expected_tokens)
         finally:
             self.clear()
 

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from starlette.requests import Request  # module level: FastAPI resolves the handlers' annotations here
 
 from .errors import DLPLoRAError
 
@@ -508,7 +509,7 @@ class Scheduler:
             self.metrics.add_tokens(generated=len(r.generated))
             self.metrics.observe_latency(time.monotonic() - r.arrived)
             r.emit("done", {"finish_reason": reason, "text": text, "completion_tokens": len(r.generated),
-                            "prompt_tokens": len(r.ids)})
+                            "prompt_tokens": len(r.ids), "token_ids": list(r.generated)})
             return True
         return False
 
@@ -594,7 +595,11 @@ class Scheduler:
         toks = self._pick(b.reqs, out.logits[:, -1])
         keep = []
         for i, (r, t) in enumerate(zip(b.reqs, toks)):
-            if r.cancelled or r.finished:
+            if r.finished:
+                continue
+            if r.cancelled:
+                self.metrics.cancelled += 1
+                r.finished = True
                 continue
             if not self._accept(r, t):
                 b.feed[i] = t
@@ -819,7 +824,7 @@ def create_app(engine, config: ServeConfig | None = None):
     with the app's lifespan and stops with it."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -915,6 +920,7 @@ def create_app(engine, config: ServeConfig | None = None):
             raise APIError(400, "'stream' must be true or false", param="stream")
         opts = body.get("stream_options") or {}
         include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+        return_ids = body.get("return_token_ids") is True
         aset, source = state.choose(body)
         default_max = limit if chat else min(limit, COMPLETIONS_DEFAULT_MAX_TOKENS)
         ids, routing, max_new, aset = await run_in_threadpool(state.prepare, prompt, history, not chat, aset, source,
@@ -971,6 +977,9 @@ def create_app(engine, config: ServeConfig | None = None):
                 choice = {"index": 0, "text": payload["text"], "logprobs": None,
                           "finish_reason": payload["finish_reason"]}
                 obj = "text_completion"
+            if return_ids:  # extension (as in vLLM): the prompt's and the completion's token ids
+                choice["token_ids"] = payload["token_ids"]
+                choice["prompt_token_ids"] = list(ids)
             return {"id": rid, "object": obj, "created": created, "model": model_id, "choices": [choice],
                     "usage": usage(payload), "routing": routing, "system_fingerprint": None}
 

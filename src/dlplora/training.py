@@ -36,6 +36,7 @@ class TrainConfig:
     max_answer_tokens: int = 128
     seed: int = 0
     bf16: bool | None = None  # None: on where the CPU has native bf16 (AVX512-BF16 or AMX), else off
+    top_layers: int | None = None  # LoRA only in the last N decoder layers (backward stops there); None = all
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -50,6 +51,8 @@ class TrainConfig:
             raise DLPLoRAError(f"--steps must be positive, got {self.steps}")
         if self.batch_size <= 0:
             raise DLPLoRAError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.top_layers is not None and self.top_layers <= 0:
+            raise DLPLoRAError(f"--top-layers must be positive, got {self.top_layers}")
         if self.max_len < 16:
             raise DLPLoRAError(f"--max-len must be at least 16, got {self.max_len}")
 
@@ -174,8 +177,12 @@ def make_peft_model(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
     check_targets(model, cfg.targets)
+    extra = {}
+    if cfg.top_layers:
+        n_layers = model.config.num_hidden_layers
+        extra["layers_to_transform"] = list(range(max(0, n_layers - cfg.top_layers), n_layers))
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets), lora_dropout=cfg.dropout,
-                      bias="none", task_type="CAUSAL_LM")
+                      bias="none", task_type="CAUSAL_LM", **extra)
     return get_peft_model(model, lcfg)
 
 
