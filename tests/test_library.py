@@ -154,3 +154,14 @@ def test_cli_library_add_creates_library(tiny_model, tmp_path):
     res = subprocess.run([sys.executable, "-m", "dlplora.cli", "library", "add", "other", str(tmp_path / "nope"),
                           "--library", str(tmp_path / "lib")], capture_output=True, text=True)
     assert res.returncode == 2 and "no such adapter directory" in res.stderr
+
+
+def test_bench_train_runs_all_contenders_on_tiny(tiny_model, tiny_data):
+    from dlplora.tasks import load_split
+    from dlplora.training import bench_train
+
+    res = bench_train(str(tiny_model), examples=load_split(tiny_data, "sums", "train"), batch_size=4, repeats=1,
+                      max_len=64, log=lambda *_: None)
+    assert set(res["tokens_per_second"]) == {"naive_fp32_full_logits", "ours_all_layers", "ours_default_top_layers"}
+    assert all(v > 0 for v in res["tokens_per_second"].values()) and res["speedup"] > 0
+    assert res["top_layers"] == 10

@@ -24,7 +24,7 @@ def register(sub, model_help: str) -> None:
     t.add_argument("--task", default="winowhy", help="task whose first examples form the batch")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--repeats", type=int, default=3)
-    t.add_argument("--max-len", type=int, default=256)
+    t.add_argument("--max-len", type=int, default=192)
     t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast for our step (auto: only where the CPU has native bf16)")
     t.add_argument("--json", action="store_true", help="print the result as JSON on the last line")

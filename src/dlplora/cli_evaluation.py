@@ -1,0 +1,95 @@
+"""`dlp-lora eval` (the evaluation harness) and `dlp-lora reproduce` (the whole pipeline)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, ensure_ascii=False, default=float))
+
+
+def cmd_eval(args) -> None:
+    from .evaluation import parse_methods, parse_settings, parse_weightings, run_evaluation
+    from .reproduce import command_line
+
+    log = (lambda *a, **k: None) if args.json else print
+    results = run_evaluation(args.library, data=args.data, out=args.out, settings=parse_settings(args.setting),
+                             methods=parse_methods(args.methods), tasks=args.tasks, limit=args.limit, p=args.p,
+                             weightings=parse_weightings(args.weightings), teacher_forced=args.teacher_forced,
+                             model=args.model, seed=args.seed, batch_size=args.batch_size, route_window=args.route_window,
+                             turns=args.turns, conversations=args.conversations, arrow_top_k=args.arrow_top_k,
+                             progress=not args.no_progress, command=command_line(), log=log)
+    if not args.json:
+        print(f"wrote {os.path.join(args.out, 'results.json')}, RESULTS.md and figures/ "
+              f"({results['cache']['new_predictions']} new predictions, {results['cache']['hits']} from the cache)")
+    else:
+        _print_json(results)
+
+
+def cmd_reproduce(args) -> None:
+    from .reproduce import command_line, run_reproduce
+
+    run_reproduce(out=args.out, work=args.work, extra_data=args.extra_data, tasks=args.tasks, limit=args.limit,
+                  steps=args.steps, model=args.model, settings=args.setting, methods=args.methods, p=args.p,
+                  weightings=args.weightings, teacher_forced=not args.no_teacher_forced, top_layers=args.top_layers,
+                  batch_size=args.batch_size, progress=not args.no_progress, command=command_line())
+
+
+def _common(p, model_help: str) -> None:
+    p.add_argument("--methods", default="base,lora,dlp,arrow,merge-all",
+                   help="comma-separated: base, lora (oracle adapter), dlp (plugin), arrow (PEFT Arrow), merge-all "
+                        "(default: all)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="test examples per task (default: all)")
+    p.add_argument("--p", type=float, default=0.6, help="DLP top-p threshold (default 0.6)")
+    p.add_argument("--weightings", default="softmax,renorm",
+                   help="DLP fusion weightings to report: softmax (the paper's, reported as `dlp`) and/or renorm "
+                        "(`dlp-renorm`)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(sub, model_help: str) -> None:
+    e = sub.add_parser("eval", help="evaluate base / LoRA / DLP-LoRA / Arrow / merge-all on the test sets",
+                       description="The evaluation harness. Settings: single (each task alone, right adapter "
+                                   "given: base and lora), composite-17 / composite-9 / composite-26 (the MCQ / QA / "
+                                   "all tasks of the library shuffled into one stream, no task label), multiturn "
+                                   "(3-turn conversations across tasks, re-routed every turn). Writes "
+                                   "OUT/results.json, OUT/RESULTS.md and OUT/figures/*.png; predictions are cached "
+                                   "in OUT/cache so a rerun resumes.")
+    e.add_argument("--library", required=True, help="adapter library directory (with its plugin)")
+    e.add_argument("--data", help="prepared data directory (default: the library's data_dir)")
+    e.add_argument("--setting", default="composite-26",
+                   help="comma-separated: single, composite-17, composite-9, composite-26, multiturn, or all "
+                        "(default composite-26)")
+    e.add_argument("--tasks", help="restrict to these tasks (comma-separated; default: every adapter's task)")
+    e.add_argument("--teacher-forced", action="store_true",
+                   help="also score generative tasks teacher-forced (the paper code's inflated variant, labelled)")
+    e.add_argument("--out", default=os.path.join("runs", "eval"), help="output directory (default runs/eval)")
+    e.add_argument("--seed", type=int, default=0, help="shuffling / conversation seed")
+    e.add_argument("--route-window", type=int, default=1,
+                   help="multiturn: earlier user turns the router reads with the current one (default 1)")
+    e.add_argument("--turns", type=int, default=3, help="multiturn: turns per conversation (default 3)")
+    e.add_argument("--conversations", type=int, default=None, help="multiturn: at most this many conversations")
+    e.add_argument("--arrow-top-k", type=int, default=3, help="Arrow: adapters mixed per token (default 3)")
+    e.add_argument("--json", action="store_true", help="print results.json as the last line")
+    _common(e, model_help)
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("reproduce", help="the paper's pipeline end to end: data, adapters, plugin, evaluation",
+                       description="Prepare the tasks, train one LoRA per task, train the plugin, then run every "
+                                   "setting and method of `dlp-lora eval`, writing OUT/RESULTS.md, OUT/results.json "
+                                   "and OUT/figures. Resumable: finished adapters and cached predictions are reused.")
+    r.add_argument("--extra-data", help="directory of the 6 non-BIG-bench tasks (gsm8k.jsonl, ...)")
+    r.add_argument("--out", default="docs", help="where RESULTS.md, results.json and figures/ go (default docs)")
+    r.add_argument("--work", default=os.path.join("runs", "reproduce"),
+                   help="data, library and prediction cache (default runs/reproduce)")
+    r.add_argument("--tasks", default="all", help="'all', 'mcq', 'qa' or comma-separated task names (default all)")
+    r.add_argument("--steps", type=int, default=30, help="training steps per adapter (default 30)")
+    r.add_argument("--top-layers", type=int, default=None, help="LoRA only in the last N layers (default: all)")
+    r.add_argument("--setting", default="all", help="settings to evaluate (default all)")
+    r.add_argument("--no-teacher-forced", action="store_true", help="skip the teacher-forced QA variant")
+    _common(r, model_help)
+    r.set_defaults(func=cmd_reproduce)

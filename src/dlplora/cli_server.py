@@ -1,0 +1,73 @@
+"""CLI: `dlp-lora serve` (the OpenAI-compatible server) and `dlp-lora bench-serve` (its benchmark)."""
+
+from __future__ import annotations
+
+from .errors import DLPLoRAError
+
+
+def cmd_serve(args) -> None:
+    from .engine import DLPLoRA
+    from .server import ServeConfig, serve
+
+    if not 0 < args.port < 65536:
+        raise DLPLoRAError(f"--port must be in 1..65535, got {args.port}")
+    config = ServeConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                         max_tokens_limit=args.max_tokens_limit, request_timeout=args.request_timeout,
+                         max_body_bytes=args.max_body_bytes, model_name=args.served_model_name).check()
+    engine = DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin, p=args.p, top_k=args.top_k,
+                                  weighting=args.weighting, mode=args.mode, route_window=args.route_window)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    name = config.model_name or engine.info.name
+    print(f"serving {name} with {len(engine.names)} adapters ({', '.join(engine.names)}); "
+          f"plugin: {'yes' if engine.router is not None else 'no (pinned adapters only)'}; "
+          f"http://{args.host}:{args.port}/v1", flush=True)
+    serve(engine, config, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def register(sub, model_help: str) -> None:
+    s = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server with dynamic multi-LoRA batching",
+        description="Serve the library over HTTP: POST /v1/chat/completions and /v1/completions (streaming or "
+                    "not), GET /v1/models, /health, /metrics. 'model' = the base model (or 'dlp-lora') routes each "
+                    "request with the plugin; 'model' = an adapter name pins that adapter; the extension field "
+                    "'adapters': {name: weight} pins a weighted mix. Concurrent requests share decode steps "
+                    "(continuous batching, one adapter set per row). Greedy unless 'temperature' is given.")
+    s.add_argument("--library", required=True, metavar="LIB", help="adapter library directory (with library.json)")
+    s.add_argument("--model", help="base model: a local Hugging Face directory or hub id (default: the library's "
+                                    "base model, else the embedded SmolLM2-135M-Instruct)")
+    s.add_argument("--plugin", metavar="DIR", help="router directory (default: LIB/plugin; none = pinned only)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="default 8000")
+    s.add_argument("--p", type=float, default=0.6, help="top-p threshold of the router (default 0.6)")
+    s.add_argument("--top-k", type=int, default=None, help="at most K adapters per request (default: no limit)")
+    s.add_argument("--weighting", choices=("softmax", "renorm"), default="softmax",
+                   help="how the chosen adapters' probabilities become weights (default softmax)")
+    s.add_argument("--route-window", type=int, default=0, metavar="N",
+                   help="chat routing also reads the N previous user turns (default 0: the last user turn)")
+    s.add_argument("--mode", choices=("auto", "unmerged"), default="auto",
+                   help="fusion mode (default auto: merged weights while every row uses the same set)")
+    s.add_argument("--max-batch-size", type=int, default=16, metavar="N",
+                   help="rows decoded together (default 16; 1 = no batching)")
+    s.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests waiting for a batch slot before answering 503 (default 64)")
+    s.add_argument("--max-tokens-limit", type=int, default=512, metavar="N",
+                   help="the largest max_tokens a request may ask for (default 512)")
+    s.add_argument("--request-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds from arrival to the last token before a request fails with 504 (default 120)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
+                   help="largest request body; above: 413 (default 1 MiB)")
+    s.add_argument("--served-model-name", metavar="NAME",
+                   help="the id of the base model in /v1/models (default: the backbone's name)")
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.set_defaults(func=cmd_serve)
+
+    from . import bench_serve
+
+    b = sub.add_parser("bench-serve", help="server throughput and latency, batching on vs off, side by side",
+                       description=bench_serve.__doc__.strip().splitlines()[0])
+    bench_serve.add_arguments(b)
+    b.set_defaults(func=bench_serve.run)
