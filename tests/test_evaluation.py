@@ -242,3 +242,13 @@ def test_cli_eval_errors_and_json(tiny_library, tiny_data, tiny_model, tmp_path,
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(last["settings"]["single"]["methods"]) == {"base", "lora"}
     assert (tmp_path / "c" / "RESULTS.md").is_file()
+
+
+def test_reproduce_cli_is_registered_and_command_line_hides_the_note():
+    from dlplora.cli import build_parser
+    from dlplora.reproduce import command_line
+
+    args = build_parser().parse_args(["reproduce", "--extra-data", "x", "--limit", "3", "--steps", "2", "--tasks", "qa"])
+    assert args.limit == 3 and args.steps == 2 and args.tasks == "qa" and args.out == "docs" and args.setting == "all"
+    assert command_line(["eval", "--library", "a b", "--note", "long\ntext", "--limit", "5"]) == \
+        "dlp-lora eval --library 'a b' --note '...' --limit 5"

@@ -382,3 +382,43 @@ def test_64_concurrent_mixed_requests_batch_and_match_their_solo_outputs(server,
     assert _metric(m2, "dlp_lora_queue_depth") == 0 and _metric(m2, "dlp_lora_running_requests") == 0
     assert _metric(m2, "dlp_lora_generated_tokens_total") >= sum(
         r.json()["usage"]["completion_tokens"] for r in together + alone)
+
+
+# ---------------------------------------------------------------- the CLI
+
+def test_serve_cli_checks_limits_and_serves_in_a_subprocess(libs, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from dlplora.cli import main
+
+    assert main(["serve", "--library", str(libs[1]), "--max-batch-size", "0"]) == 2
+    assert "--max-batch-size must be a positive integer" in capsys.readouterr().err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dlplora.cli", "serve", "--library", str(libs[1]), "--port",
+                             str(port), "--threads", "1", "--log-level", "warning", "--max-tokens-limit", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in c.models.list().data][1:] == ["alpha", "beta", "gamma"]
+        r = c.completions.create(model="alpha", prompt="The quick brown fox", max_tokens=4)
+        assert r.routing["adapters"] == [{"name": "alpha", "weight": 1.0}] and r.usage.completion_tokens <= 4
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model="alpha", prompt="hi", max_tokens=9)
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -40,12 +40,13 @@ def add_arguments(p) -> None:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of the random adapters (default 8)")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
     p.add_argument("--requests", type=int, default=0, metavar="N",
-                   help="requests per level (default: 2x the concurrency, at least 8; --quick: 1x, at least 4)")
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens per request (default 32)")
+                   help="requests per level (default: the concurrency, at least 8; --quick: at least 4)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="tokens per request (default 32; --quick: 16)")
     p.add_argument("--max-batch-size", type=int, default=32, metavar="N",
                    help="max batch size with batching on (default 32; off is always 1)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quick", action="store_true", help="fewer requests per level")
+    p.add_argument("--quick", action="store_true", help="fewer requests per level and 16 tokens per request")
     p.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
 
 
@@ -152,7 +153,7 @@ def bench(model=None, adapters: int = 3, rank: int = 8, levels=(1, 8, 32), reque
             f"set up in {time.time() - t0:.1f}s")
         results = []
         for c in levels:
-            n = requests or (max(c, 4) if quick else max(2 * c, 8))
+            n = requests or max(c, 4 if quick else 8)
             work = _workload(names, n, max_new_tokens)
             row = {"concurrency": c, "requests": n}
             for label, bs in (("on", max_batch_size), ("off", 1)):
@@ -182,7 +183,8 @@ def bench(model=None, adapters: int = 3, rank: int = 8, levels=(1, 8, 32), reque
                     f"{res['requests_per_s']:6.2f} req/s  p50 {res['p50_latency_s']:6.2f}s  "
                     f"p95 {res['p95_latency_s']:6.2f}s  mean rows/step {res['mean_batch_rows']:5.2f}  "
                     f"errors {res['errors']}")
-            row["throughput_ratio_on_vs_off"] = round(row["on"]["tokens_per_s"] / max(row["off"]["tokens_per_s"], 1e-9), 2)
+            on, off = row["on"], row["off"]
+            row["throughput_ratio_on_vs_off"] = round(on["tokens_per_s"] / max(off["tokens_per_s"], 1e-9), 2)
             row["p95_ratio_on_vs_off"] = round(row["on"]["p95_latency_s"] / max(row["off"]["p95_latency_s"], 1e-9), 2)
             results.append(row)
     return {"model": info.name, "params": info.params, "adapters": len(names), "rank": rank,
@@ -194,9 +196,12 @@ def run(args) -> None:
     try:
         levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
     except ValueError:
-        raise DLPLoRAError(f"--concurrency {args.concurrency!r}: expected comma-separated integers, e.g. 1,8,32") from None
+        raise DLPLoRAError(f"--concurrency {args.concurrency!r}: expected comma-separated integers, "
+                           f"e.g. 1,8,32") from None
     if not levels or min(levels) < 1:
         raise DLPLoRAError(f"--concurrency {args.concurrency!r}: every level must be >= 1")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 16 if args.quick else 32
     for name in ("adapters", "rank", "max_new_tokens", "max_batch_size"):
         if getattr(args, name) < 1:
             raise DLPLoRAError(f"--{name.replace('_', '-')} must be >= 1")

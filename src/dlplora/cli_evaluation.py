@@ -20,7 +20,8 @@ def cmd_eval(args) -> None:
                              weightings=parse_weightings(args.weightings), teacher_forced=args.teacher_forced,
                              model=args.model, seed=args.seed, batch_size=args.batch_size, route_window=args.route_window,
                              turns=args.turns, conversations=args.conversations, arrow_top_k=args.arrow_top_k,
-                             progress=not args.no_progress, command=command_line(), log=log)
+                             progress=not args.no_progress, command=command_line(), cache_dir=args.cache,
+                             note=args.note, log=log)
     if not args.json:
         print(f"wrote {os.path.join(args.out, 'results.json')}, RESULTS.md and figures/ "
               f"({results['cache']['new_predictions']} new predictions, {results['cache']['hits']} from the cache)")
@@ -74,6 +75,8 @@ def register(sub, model_help: str) -> None:
     e.add_argument("--turns", type=int, default=3, help="multiturn: turns per conversation (default 3)")
     e.add_argument("--conversations", type=int, default=None, help="multiturn: at most this many conversations")
     e.add_argument("--arrow-top-k", type=int, default=3, help="Arrow: adapters mixed per token (default 3)")
+    e.add_argument("--cache", help="prediction cache directory (default OUT/cache)")
+    e.add_argument("--note", default="", help="a paragraph put at the top of RESULTS.md (e.g. what was cut)")
     e.add_argument("--json", action="store_true", help="print results.json as the last line")
     _common(e, model_help)
     e.set_defaults(func=cmd_eval)

@@ -620,6 +620,11 @@ def _chunks(seq, n):
         yield seq[s:s + n]
 
 
+def _set_tag(s: dict) -> str:
+    """The adapter set in a cache key: a prediction is reused only for the same weighted set."""
+    return ",".join(f"{n}={w:.4g}" for n, w in sorted(s.items())) if s else "-"
+
+
 def run_method_items(runner, method: str, items: list[dict], sets: list[dict], cache: PredictionCache, sig: str,
                      teacher_forced: bool = False, batch_size: int = 8, progress: bool = True, desc: str = "") -> list[dict]:
     """Predictions for `items` (in their order, batched as they come): per item {"choice", "gen", "tf"}
@@ -638,7 +643,7 @@ def run_method_items(runner, method: str, items: list[dict], sets: list[dict], c
     preds = [{"seconds": 0.0} for _ in items]
     todo: dict[str, list[int]] = {"choice": [], "gen": [], "tf": []}
     for what, i in jobs:
-        rec = cache.get(f"{sig}|{method}|{items[i]['uid']}|{what}")
+        rec = cache.get(f"{sig}|{method}|{items[i]['uid']}|{what}|{_set_tag(sets[i])}")
         if rec is None:
             todo[what].append(i)
         else:
@@ -667,7 +672,7 @@ def run_method_items(runner, method: str, items: list[dict], sets: list[dict], c
                 for i, v in zip(idx, vals):
                     preds[i][what] = v
                     preds[i]["seconds"] += dt
-                    recs.append({"k": f"{sig}|{method}|{items[i]['uid']}|{what}", "v": v, "s": round(dt, 5)})
+                    recs.append({"k": f"{sig}|{method}|{items[i]['uid']}|{what}|{_set_tag(sets[i])}", "v": v, "s": round(dt, 5)})
                 cache.put_many(method, recs)
                 bar.update(len(idx))
     finally:
@@ -758,7 +763,8 @@ def run_evaluation(library: str | os.PathLike, data: str | os.PathLike | None = 
                    weightings=("softmax", "renorm"), teacher_forced: bool = False, model=None, seed: int = 0,
                    batch_size: int = 8, route_window: int = 1, turns: int = 3, conversations: int | None = None,
                    arrow_top_k: int = 3, cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                   engine=None, arrow=None, write: bool = True, command: str | None = None, log=print) -> dict:
+                   engine=None, arrow=None, write: bool = True, command: str | None = None, note: str = "",
+                   log=print) -> dict:
     """Run the settings x methods grid; write OUT/results.json, OUT/RESULTS.md and OUT/figures/*.png.
     `engine` / `arrow` (a (model, tokenizer) pair) may be given to reuse loaded models."""
     from .engine import DLPLoRA
@@ -860,8 +866,9 @@ def run_evaluation(library: str | os.PathLike, data: str | os.PathLike | None = 
         for name, method, weighting in variants(setting):
             runner = arrow_runner if method == "arrow" else fused
             desc = f"{setting} {name}"
+            msig = f"{sig}-k{min(arrow_top_k, len(names))}s{seed}" if method == "arrow" else sig
             if setting == "multiturn":
-                entry = _run_multiturn(engine, runner, name, method, weighting, convs, s_tasks, cache, sig, p,
+                entry = _run_multiturn(engine, runner, name, method, weighting, convs, s_tasks, cache, msig, p,
                                        route_window, batch_size, progress, desc)
             else:
                 t0 = time.perf_counter()
@@ -879,7 +886,7 @@ def run_evaluation(library: str | os.PathLike, data: str | os.PathLike | None = 
                 else:  # arrow routes inside the model
                     sets = [{} for _ in stream]
                 route_s = time.perf_counter() - t0
-                preds = run_method_items(runner, name, stream, sets, cache, sig, teacher_forced=teacher_forced,
+                preds = run_method_items(runner, name, stream, sets, cache, msig, teacher_forced=teacher_forced,
                                          batch_size=batch_size, progress=progress, desc=desc)
                 entry = _summarise(s_tasks, stream, preds, sets, route_s, route_log)
                 if method == "dlp":
@@ -892,8 +899,10 @@ def run_evaluation(library: str | os.PathLike, data: str | os.PathLike | None = 
         results["settings"][setting] = s_res
     results["cache"] = {"dir": str(cache.dir), "hits": cache.hits, "new_predictions": cache.new}
     results["run_seconds"] = round(time.perf_counter() - t_start, 1)
+    if note:
+        results["note"] = note
     if write:
-        write_outputs(results, out)
+        write_outputs(results, out, preamble=note)
     return results
 
 
@@ -1003,7 +1012,9 @@ def format_results_md(results: dict, preamble: str = "") -> str:
               "final-answer accuracy for GSM8K. The *teacher-forced* rows (when present) score the argmax token "
               "at each gold target position, as the paper's code did; they are not generation and read higher. "
               "Means are over tasks of the main figure. Time is the sum of the compute time of a method's "
-              "predictions (routing included), measured on this machine.", ""]
+              "predictions (routing included), measured on this machine (a shared CPU: expect noise). A prediction "
+              "(method, example, adapter set) is computed once and shared by every setting that contains it, with "
+              "its recorded time: e.g. composite-26 reuses the composite-17 / composite-9 predictions.", ""]
     if results.get("skipped"):
         for m, why in results["skipped"].items():
             lines.append(f"- **{m} skipped**: {why}")

@@ -91,5 +91,20 @@ def run_reproduce(out: str | os.PathLike = "docs", work: str | os.PathLike = os.
     return results
 
 
-def command_line() -> str:
-    return "dlp-lora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed, without the value of --note (a paragraph that belongs in the report, not here)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--note":
+            kept.append("--note '...'")
+            skip = True
+            continue
+        if a.startswith("--note="):
+            kept.append("--note '...'")
+            continue
+        kept.append(shlex.quote(a))
+    return "dlp-lora " + " ".join(kept)

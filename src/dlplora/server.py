@@ -27,16 +27,19 @@ every decode-step boundary the scheduler
    then their cache is merged into the running one (the shorter of the two is left-padded with
    zeros along the sequence axis, the mask with 0, and both are concatenated along the batch axis);
 3. re-sets the fused layers' per-row routing when the batch composition changed (one
-   ``{name: weight}`` set per row; ``auto`` mode merges the weights when every row uses the
-   same set);
+   ``{name: weight}`` set per row: ``unmerged`` bmm path for a mixed batch; when every row uses the
+   same set, ``auto`` mode uses the shared path, or merges the weights when the fewest tokens any
+   row still has to generate is enough to repay the merge);
 4. runs one decode step for every row and samples each row with its own settings.
 
-A row's results do not depend on its neighbours (padding is masked, positions are per row), so a
-greedy request gives the same text batched or alone, up to float rounding. Requests wait in a
-bounded queue (``max_queue``; beyond it: 503 with Retry-After); each has a token limit
-(``max_tokens_limit``) and a deadline (``request_timeout``; then 504). A failing prefill is retried
-row by row so that only the bad request fails; a failing decode step fails the running rows with
-500 and the server keeps serving.
+Sampling is greedy unless the request gives ``temperature`` (> 0; then ``top_p`` and ``seed``
+apply, with one generator per request). A row's results do not depend on its neighbours (padding
+is masked, positions are per row), so a greedy request gives the same text batched or alone, up to
+float rounding. Requests wait in a bounded queue (``max_queue``; beyond it: 503 with Retry-After);
+each has a token limit (``max_tokens_limit``) and a deadline (``request_timeout``; then 504). A
+failing prefill is retried row by row so that only the bad request fails; a failing decode step
+fails the running rows with 500 and the server keeps serving. A client that disconnects is dropped
+from the batch at the next step boundary.
 """
 
 from __future__ import annotations
@@ -351,6 +354,9 @@ class Scheduler:
         self._eos = set(int(e) for e in engine.eos_ids)
         self._pad = engine.tokenizer.pad_token_id
         self._kw = None
+        import inspect
+
+        self._takes_expected = "expected_tokens" in inspect.signature(engine.fusion.set_routing).parameters
 
     # -------------------------------------------------- public
     def start(self) -> "Scheduler":
@@ -531,7 +537,12 @@ class Scheduler:
     def _set_routing(self, reqs: list[GenRequest]) -> None:
         key = tuple(r.id for r in reqs)
         if key != self._routed_for:
-            self.engine.fusion.set_routing([r.adapters for r in reqs], mode=self.engine.mode)
+            kw = {}
+            if self._takes_expected:
+                # the routing holds at most until the first row finishes: auto mode merges the weights
+                # only when that is long enough to repay the merge
+                kw["expected_tokens"] = min(r.max_new - len(r.generated) for r in reqs)
+            self.engine.fusion.set_routing([r.adapters for r in reqs], mode=self.engine.mode, **kw)
             self._routed_for = key
 
     # -------------------------------------------------- prefill / decode
@@ -555,6 +566,10 @@ class Scheduler:
         return _Batch(list(reqs), cache, mask, pos[:, -1:] + 1, [0] * len(reqs)), out.logits[:, -1]
 
     def _admit(self, new: list[GenRequest]) -> None:
+        for r in new:
+            if r.cancelled and not r.finished:
+                self.metrics.cancelled += 1
+                r.finished = True
         new = [r for r in new if not r.finished]
         if not new:
             return
@@ -719,7 +734,8 @@ class ServerState:
                 raise APIError(400, str(exc), param="adapters") from None
             unknown = [n for n in s if n not in names]
             if unknown:
-                raise APIError(400, f"'adapters': unknown adapter {unknown[0]!r}; the library holds: {', '.join(names)}",
+                raise APIError(400, f"'adapters': unknown adapter {unknown[0]!r}; the library holds: "
+                                    f"{', '.join(names)}",
                                param="adapters", code="adapter_not_found")
             return s, "explicit"
         if pinned is not None:
