@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "single LoRA / DLP-LoRA on a composite stream, and run a 3-turn mixed-task chat.")
     dm.add_argument("--tasks", default="winowhy,epistemic_reasoning,object_counting,strategyqa")
     dm.add_argument("--steps", type=int, default=12, help="training steps per adapter (default 12)")
-    dm.add_argument("--n-eval", type=int, default=20, help="test prompts per task in the composite evaluation")
+    dm.add_argument("--n-eval", type=int, default=16, help="test prompts per task in the composite evaluation")
     dm.add_argument("--extra-data", help="directory of the non-BIG-bench tasks (optional)")
     dm.add_argument("--out", default=os.path.join("runs", "demo"))
     dm.add_argument("--model", help=model_help)

@@ -29,10 +29,11 @@ def register(sub, model_help: str) -> None:
                    help="bf16 autocast for our step (auto: only where the CPU has native bf16)")
     t.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     t.set_defaults(func=cmd_bench_train)
-    try:
-        from . import bench_fusion
-    except ImportError:
-        return
+    from . import bench_fusion, bench_serve
+
     f = b.add_parser("fusion", help="fused multi-LoRA inference vs single PEFT LoRA, side by side")
     bench_fusion.add_arguments(f)
     f.set_defaults(func=bench_fusion.run)
+    s = b.add_parser("serve", help="server throughput and latency, batching on vs off (same as `bench-serve`)")
+    bench_serve.add_arguments(s)
+    s.set_defaults(func=bench_serve.run)

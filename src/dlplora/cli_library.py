@@ -92,7 +92,7 @@ def register(sub, model_help: str) -> None:
     t.add_argument("--steps", type=int, help="optimizer steps per adapter (default 20, with --top-layers 10 and --max-len 192: sized for 26 adapters in 90 min on 2 cores)")
     t.add_argument("--epochs", type=float, help="passes over the training split instead of --steps")
     t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, default=5e-3)
     t.add_argument("--max-len", type=int, default=192, help="max tokens per training example (prompt is cut from the left)")
     t.add_argument("--top-layers", default="10", help="LoRA only in the last N decoder layers: the backward pass "
                                                       "stops there, so CPU training is ~2x faster (default 10; "

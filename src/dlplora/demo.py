@@ -33,7 +33,7 @@ def _plugin_ready(lib, plugin_dir: Path) -> bool:
 
 
 def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TASKS, data_dir=None, steps: int = 12,
-             max_len: int = 160, top_layers: int | None = 10, n_eval: int = 20, conversation: list[str] | None = None, log=print) -> dict:
+             max_len: int = 160, top_layers: int | None = 10, n_eval: int = 16, conversation: list[str] | None = None, log=print) -> dict:
     from .backbone import load_backbone
     from .engine import DLPLoRA
     from .evaluation import evaluate_composite

@@ -31,7 +31,7 @@ class TrainConfig:
     dropout: float = 0.05
     steps: int = 20
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 5e-3  # high for LoRA, but the budget is a few dozen steps (object_counting EM 0% -> 20% vs 1e-3)
     max_len: int = 192
     max_answer_tokens: int = 128
     seed: int = 0
