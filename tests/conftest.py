@@ -28,6 +28,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch, request):
         monkeypatch.setenv("DLP_LORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def extra_data_dir():
     d = os.environ.get("DLP_LORA_EXTRA_DATA")
     return Path(d) if d and Path(d).is_dir() else None

@@ -11,13 +11,7 @@ from dlplora.errors import DLPLoRAError
 from dlplora.fusion import FusedLoRALinear, LoRAFusion, load_peft_adapter, random_adapter
 from dlplora.testing import tiny_model_dir
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ATOL = 1e-4

@@ -26,12 +26,7 @@ WORDS = {"alpha": ("add", "sum", "plus", "number", "total", "seven"),
          "gamma": ("red", "green", "blue", "yellow", "ball", "table")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make_library(root, model_dir):
