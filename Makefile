@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dlp-installed
 # The 6 non-BIG-bench tasks are read from here when the directory exists (never assumed).
 EXTRA_DATA ?= $(if $(DLP_LORA_EXTRA_DATA),$(DLP_LORA_EXTRA_DATA),../shared/data/extra)
-PIP    := $(PY) -m pip install -q --disable-pip-version-check
+PIP    := $(PY) -m pip install -qq --disable-pip-version-check
 
 .PHONY: install demo test test-fast clean-venv
 
