@@ -90,9 +90,21 @@ def _body_head(model):
     return inner.model, inner.lm_head
 
 
+def sequence_logprob_sums(model, encoded: list[tuple[list[int], int]], pad_id: int) -> torch.Tensor:
+    """Total log-probability of the tokens of each sequence from its `start` on, given what precedes them;
+    `encoded` is [(token ids, start)]. The vocabulary head runs only at those positions."""
+    from .training import collate
+
+    ids, mask, rows, pos, tgt = collate(encoded, pad_id)
+    body, head = _body_head(model)
+    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+    logp = torch.log_softmax(head(hidden[rows, pos]).float(), -1).gather(1, tgt[:, None])[:, 0]
+    return torch.zeros(len(encoded)).index_add_(0, rows, logp)
+
+
 @torch.inference_mode()
-def choice_logprobs(model, tokenizer, examples: list[dict], batch_size: int = 16, max_len: int = 512,
-                    history_fn: Callable[[dict], list] | None = None) -> list[list[float]]:
+def choice_logprobs(model, tokenizer, examples: list[dict], batch_size: int = 16,
+                    max_len: int = 512) -> list[list[float]]:
     """Total log-probability of each choice's tokens given the example's chat prompt."""
     seqs = []  # (example index, choice index, ids, start)
     for i, ex in enumerate(examples):
@@ -102,24 +114,11 @@ def choice_logprobs(model, tokenizer, examples: list[dict], batch_size: int = 16
             p_ids = prompt_ids[-(max_len - len(c_ids)):]
             seqs.append((i, j, p_ids + c_ids, len(p_ids)))
     out = [[0.0] * len(candidates(ex)) for ex in examples]
-    body, head = _body_head(model)
     order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for s in range(0, len(order), batch_size):
         chunk = [seqs[k] for k in order[s:s + batch_size]]
-        T = max(len(c[2]) for c in chunk)
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        rows, pos, tgt = [], [], []
-        for b, (_, _, seq, start) in enumerate(chunk):
-            ids[b, : len(seq)] = torch.tensor(seq)
-            mask[b, : len(seq)] = 1
-            for t in range(start, len(seq)):
-                rows.append(b), pos.append(t - 1), tgt.append(seq[t])
-        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
-        rows_t, pos_t, tgt_t = torch.tensor(rows), torch.tensor(pos), torch.tensor(tgt)
-        logp = torch.log_softmax(head(hidden[rows_t, pos_t]).float(), -1).gather(1, tgt_t[:, None])[:, 0]
-        sums = torch.zeros(len(chunk)).index_add_(0, rows_t, logp)
+        sums = sequence_logprob_sums(model, [(c[2], c[3]) for c in chunk], pad)
         for b, (i, j, _, _) in enumerate(chunk):
             out[i][j] = float(sums[b])
     return out
@@ -553,25 +552,12 @@ def choice_predictions(runner, examples, sets, histories, batch_size: int = 16, 
             pp = p_ids[-(max_len - len(c_ids)):]
             seqs.append((i, j, pp + c_ids, len(pp)))
     scores = [[-math.inf] * len(candidates(ex)) for ex in examples]
-    body, head = _body_head(runner.model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))
     for s in range(0, len(order), batch_size):
         chunk = [seqs[k] for k in order[s:s + batch_size]]
-        T = max(len(c[2]) for c in chunk)
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        rows, pos, tgt = [], [], []
-        for b, (_, _, seq, start) in enumerate(chunk):
-            ids[b, : len(seq)] = torch.tensor(seq)
-            mask[b, : len(seq)] = 1
-            for t in range(start, len(seq)):
-                rows.append(b), pos.append(t - 1), tgt.append(seq[t])
         with runner.context([sets[c[0]] for c in chunk]):
-            hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
-            rows_t, pos_t, tgt_t = torch.tensor(rows), torch.tensor(pos), torch.tensor(tgt)
-            logp = torch.log_softmax(head(hidden[rows_t, pos_t]).float(), -1).gather(1, tgt_t[:, None])[:, 0]
-        sums = torch.zeros(len(chunk)).index_add_(0, rows_t, logp)
+            sums = sequence_logprob_sums(runner.model, [(c[2], c[3]) for c in chunk], pad)
         for b, (i, j, _, _) in enumerate(chunk):
             scores[i][j] = float(sums[b])
     return [max(range(len(sc)), key=sc.__getitem__) for sc in scores]
