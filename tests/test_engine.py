@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+
 
 import pytest
 import torch
@@ -43,12 +43,11 @@ def make_library(root, model_dir, specs=SPECS, std=0.5):
     return root
 
 
-@dataclass
-class FakeRouting:
-    names: list = field(default_factory=list)
-    indices: list = field(default_factory=list)
-    weights: list = field(default_factory=list)
-    probs: list = field(default_factory=list)
+def FakeRouting(names=(), indices=(), weights=(), probs=()):
+    """The plugin's own Routing type, as a real router returns it."""
+    from dlplora.plugin import Routing
+
+    return Routing(list(names), list(indices), list(weights), list(probs))
 
 
 class FakeRouter:
@@ -311,7 +310,7 @@ def test_bench_fusion_runs_on_a_tiny_model(lib, capsys):
 @pytest.mark.integration
 def test_real_backbone_single_adapter_matches_peft(tmp_path):
     """SmolLM2-135M with one random q/v adapter: the engine's greedy tokens == PEFT's."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     from dlplora.backbone import load_backbone
     from dlplora.fusion import LoRAFusion, load_peft_adapter

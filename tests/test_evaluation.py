@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from dlplora import evaluation as ev
 from dlplora.tasks import user_message

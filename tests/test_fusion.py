@@ -110,7 +110,6 @@ def test_weighted_set_matches_peft_cat(setup):
 
 
 def test_mixed_batch_rows_equal_rows_alone(setup):
-    ids = setup[2]
     model, fusion = _fused(setup)
     torch.manual_seed(1)
     batch = torch.randint(3, 400, (4, 10))

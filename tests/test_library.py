@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dlplora.errors import DLPLoRAError
-from dlplora.library import Library, add_adapter, train_library, validate_adapter
+from dlplora.library import Library, add_adapter, train_library
 from dlplora.training import TrainConfig, bucketed_batches, collate, encode_example, naive_loss, target_only_loss
 
 CFG = dict(steps=3, batch_size=4, max_len=64, rank=4, alpha=8)

@@ -24,11 +24,12 @@ import json
 import statistics
 import time
 import zlib
-from dataclasses import dataclass, field
+
 
 import torch
 
 from .errors import DLPLoRAError
+from .plugin import Routing
 
 _TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable type changed how books were "
@@ -39,14 +40,6 @@ _TEXT = (
     "Which of the following statements is a valid logical conclusion from the premises given above? "
     "Summarise the news article in two sentences, keeping the names of the people and the places involved. "
 )
-
-
-@dataclass
-class _Routing:
-    names: list = field(default_factory=list)
-    indices: list = field(default_factory=list)
-    weights: list = field(default_factory=list)
-    probs: list = field(default_factory=list)
 
 
 class StandInRouter:
@@ -71,7 +64,7 @@ class StandInRouter:
             chosen = sp[:k]
             w = torch.softmax(chosen, 0) if weighting == "softmax" else chosen / chosen.sum()
             idx = order[:k].tolist()
-            out.append(_Routing([self.names[i] for i in idx], idx, w.tolist(), chosen.tolist()))
+            out.append(Routing([self.names[i] for i in idx], idx, w.tolist(), chosen.tolist()))
         return out
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Callable
 
 import torch
 
@@ -344,26 +343,25 @@ def parse_settings(value: str | None) -> list[str]:
     return out
 
 
-def parse_methods(value: str | None) -> list[str]:
-    items = [m.strip() for m in (value or ",".join(METHODS)).split(",") if m.strip()]
+def _parse_choices(value: str | None, allowed, default: str, what: str) -> list[str]:
+    """A comma-separated list of allowed names, deduplicated in order."""
+    items = [m.strip() for m in (value or default).split(",") if m.strip()]
     for m in items:
-        if m not in METHODS:
-            raise DLPLoRAError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in allowed:
+            raise DLPLoRAError(f"unknown {what} {m!r}; choose from {', '.join(allowed)}")
     if not items:
-        raise DLPLoRAError("no methods given")
+        raise DLPLoRAError(f"no {what}s given")
     return list(dict.fromkeys(items))
+
+
+def parse_methods(value: str | None) -> list[str]:
+    return _parse_choices(value, METHODS, ",".join(METHODS), "method")
 
 
 def parse_weightings(value: str | None) -> list[str]:
     from .engine import WEIGHTINGS
 
-    items = [w.strip() for w in (value or "softmax,renorm").split(",") if w.strip()]
-    for w in items:
-        if w not in WEIGHTINGS:
-            raise DLPLoRAError(f"unknown weighting {w!r}; choose from {', '.join(WEIGHTINGS)}")
-    if not items:
-        raise DLPLoRAError("no weightings given")
-    return list(dict.fromkeys(items))
+    return _parse_choices(value, WEIGHTINGS, "softmax,renorm", "weighting")
 
 
 def dlp_variant(weighting: str) -> str:
@@ -1041,7 +1039,7 @@ def format_results_md(results: dict, preamble: str = "") -> str:
         mcq = [t for t in tasks if first.get(t, {}).get("metric") in ("accuracy", "exact_match")]
         qa = [t for t in tasks if first.get(t, {}).get("metric") == "rougeL"]
         if mcq:
-            lines += [f"### Multiple-choice and exact-match tasks (Table 1 style), %", "",
+            lines += ["### Multiple-choice and exact-match tasks (Table 1 style), %", "",
                       f"| task | n | metric | {header} |", "|---|---|---|" + "---|" * len(order)]
             for t in mcq:
                 r0 = first[t]

@@ -23,9 +23,9 @@ import random
 import time
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -533,7 +533,6 @@ class Plugin:
     def load(cls, directory: str | os.PathLike, expected_labels: Sequence[str] | None = None) -> "Plugin":
         """Load a saved plugin; with `expected_labels` (the library's adapter names, in order),
         refuse a plugin trained for other adapters."""
-        import torch
         from safetensors.torch import load_file
 
         d = Path(directory)

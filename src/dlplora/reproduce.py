@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import DLPLoRAError
 
 
 def _plugin_ready(lib) -> bool:
