@@ -38,4 +38,3 @@ def test_model_info_json_path_loads_with_transformers():
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert AutoTokenizer.from_pretrained(info["path"]).eos_token == "<|im_end|>"
     assert AutoModelForCausalLM.from_pretrained(info["path"]).config.num_hidden_layers == 30
-    assert info["load_seconds"] < 10

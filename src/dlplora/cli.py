@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="the main job on embedded defaults",
                         description="Prepare 4 tasks, train their adapters and the router plugin, compare base / "
                                     "single LoRA / DLP-LoRA on a composite stream, and run a 3-turn mixed-task chat.")
-    dm.add_argument("--tasks", default="winowhy,epistemic_reasoning,object_counting,strategyqa")
+    from .demo import DEMO_TASKS
+
+    dm.add_argument("--tasks", default=",".join(DEMO_TASKS), help="comma-separated tasks (default: %(default)s)")
     dm.add_argument("--steps", type=int, default=12, help="training steps per adapter (default 12)")
     dm.add_argument("--n-eval", type=int, default=16, help="test prompts per task in the composite evaluation")
     dm.add_argument("--extra-data", help="directory of the non-BIG-bench tasks (optional)")

@@ -19,7 +19,7 @@ from pathlib import Path
 from .paths import atomic_write_text
 
 # Short-prompt tasks where a briefly trained adapter clearly beats the base model (it learns the answer format).
-DEMO_TASKS = ("winowhy", "epistemic_reasoning", "object_counting", "strategyqa")
+DEMO_TASKS = ("contextual_parametric_knowledge_conflicts", "winowhy", "object_counting", "strategyqa")
 
 
 def _plugin_ready(lib, plugin_dir: Path) -> bool:
