@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DLPLoRAError
-from .paths import atomic_write_text
+from .paths import atomic_write_text, read_json
 
 MANIFEST = "library.json"
 FORMAT = 1
@@ -42,10 +42,7 @@ class Library:
         if not path.is_file():
             raise DLPLoRAError(f"{root} is not an adapter library: {MANIFEST} is missing "
                                f"(create one with `dlp-lora train-loras --out {root}` or `dlp-lora library add`)")
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DLPLoRAError(f"{path} is corrupt: {exc}") from exc
+        manifest = read_json(path)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("adapters"), dict):
             raise DLPLoRAError(f"{path} is not a dlp-lora manifest (no 'adapters' object)")
         return cls(root, manifest)

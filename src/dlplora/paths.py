@@ -19,6 +19,18 @@ def extra_data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def read_json(path: Path, hint: str = ""):
+    """Parse a JSON file; a corrupt one raises DLPLoRAError naming the file (and `hint`, the fix)."""
+    import json
+
+    from .errors import DLPLoRAError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise DLPLoRAError(f"{path} is corrupt: {exc}" + (f"; {hint}" if hint else "")) from exc
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     path = Path(path)

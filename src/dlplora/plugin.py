@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import DLPLoRAError
+from .paths import read_json
 
 FORMAT = 1
 FEATURIZER = "hashed-ngrams-v1"
@@ -540,10 +541,7 @@ class Plugin:
         if not cfg_path.is_file() or not w_path.is_file():
             raise DLPLoRAError(f"no plugin at {d} ({CONFIG_FILE} and {WEIGHTS_FILE} expected); "
                                f"train one with `dlp-lora train-plugin --library LIB` (or --data DIR --tasks ... --out {d})")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DLPLoRAError(f"{cfg_path} is corrupt: {exc}; {RETRAIN_HINT}") from exc
+        cfg = read_json(cfg_path, RETRAIN_HINT)
         if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or "labels" not in cfg:
             raise DLPLoRAError(f"{cfg_path} is not a dlp-lora plugin config of format {FORMAT}; {RETRAIN_HINT}")
         labels = list(cfg["labels"])
