@@ -210,7 +210,7 @@ def test_bad_inputs(small_plugin):
 
 def test_bench_routing_reports_ms(small_plugin):
     res = bench_routing(small_plugin, _texts("maths", 64, seed=3), batch_size=32, repeats=2)
-    assert 0 < res["ms_per_prompt"] < 50 and res["prompts"] == 64
+    assert 0 < res["ms_per_prompt"] < 1000 and res["prompts"] == 64  # a sanity bound, not a speed claim
 
 
 # ---------------------------------------------------------------- from prepared data + CLI
