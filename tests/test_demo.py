@@ -23,4 +23,4 @@ def test_demo_pipeline_runs_end_to_end(tiny_model, tiny_data, tmp_path):
     run_demo(tmp_path / "demo", model=str(tiny_model), tasks=("quiz", "sums"), data_dir=tiny_data, steps=2, max_len=64,
              n_eval=4, conversation=["Add 1 and 1."], log=logs.append)
     text = "\n".join(map(str, logs))
-    assert "skip quiz" in text and "reusing the plugin" in text
+    assert "skip quiz" in text and "reusing the plugin" in text and "reusing the evaluation" in text

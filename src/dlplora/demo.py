@@ -11,6 +11,7 @@ Everything is cached: a second run reuses the data, adapters and plugin.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -83,8 +84,18 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     log(f"== 3. composite evaluation: {n_eval} test prompts per task, shuffled, no task labels for DLP-LoRA")
     t0 = time.time()
     engine = DLPLoRA.from_library(lib_dir, model=model)
-    examples = {t: load_split(data_dir, t, "test")[:n_eval] for t in tasks}
-    results = evaluate_composite(engine, examples, methods=("base", "lora", "dlp"), log=log)
+    # A rerun on the same library, plugin and prompts reuses the previous evaluation.
+    cache_path = out / "evaluation_cache.json"
+    key = hashlib.sha256(json.dumps([lib.manifest, (lib.plugin_dir() / "plugin.json").read_text(), list(tasks),
+                                     n_eval], sort_keys=True, default=str).encode()).hexdigest()
+    cached = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    if cached.get("key") == key:
+        results = cached["results"]
+        log(f"reusing the evaluation of a previous run with the same library and plugin (delete {cache_path} to redo it)")
+    else:
+        examples = {t: load_split(data_dir, t, "test")[:n_eval] for t in tasks}
+        results = evaluate_composite(engine, examples, methods=("base", "lora", "dlp"), log=log)
+        atomic_write_text(cache_path, json.dumps({"key": key, "results": results}, default=float))
     table = format_demo_table(results, tasks)
     log(table)
     stage("evaluation", t0)
