@@ -19,6 +19,16 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, ensure_ascii=False))
 
 
+def add_routing_arguments(parser) -> None:
+    """The router's selection options, the same for `route`, `generate`, `chat` and `serve`."""
+    parser.add_argument("--p", type=float, default=0.6, help="top-p threshold in (0, 1] (default 0.6)")
+    parser.add_argument("--top-k", type=int, default=None, help="keep at most K adapters (default: no limit)")
+    parser.add_argument("--weighting", choices=("softmax", "renorm"), default="softmax",
+                        help="kept probabilities -> weights: softmax (paper eq. 5, default) or renorm")
+    parser.add_argument("--floor", type=float, default=0.0,
+                        help="route to the base model when the best probability is below this (default 0: off)")
+
+
 # ---------------------------------------------------------------- model
 
 def cmd_model_info(args) -> None:

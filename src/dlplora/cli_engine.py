@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from .cli import add_routing_arguments
 from .errors import DLPLoRAError
 
 
@@ -12,7 +13,8 @@ def _engine(args):
     from .engine import DLPLoRA
 
     return DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin, p=args.p, top_k=args.top_k,
-                                weighting=args.weighting, mode=args.mode, route_window=getattr(args, "route_window", 0))
+                                weighting=args.weighting, floor=args.floor, mode=args.mode,
+                                route_window=getattr(args, "route_window", 0))
 
 
 def _fmt_routing(routing: dict) -> str:
@@ -92,10 +94,7 @@ def _common(p, model_help: str) -> None:
     p.add_argument("--model", help="base model: a local Hugging Face directory or hub id (default: the library's "
                                     "base model, else the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--plugin", metavar="DIR", help="router directory (default: LIB/plugin)")
-    p.add_argument("--p", type=float, default=0.6, help="top-p threshold of the router (default 0.6)")
-    p.add_argument("--top-k", type=int, default=None, help="at most K adapters per prompt (default: no limit)")
-    p.add_argument("--weighting", choices=("softmax", "renorm"), default="softmax",
-                   help="how the chosen adapters' probabilities become weights (default softmax)")
+    add_routing_arguments(p)
     p.add_argument("--adapters", metavar="NAME=W,...",
                    help="skip the router: use these adapters with these weights, as given (e.g. a=0.5,b=0.3)")
     p.add_argument("--mode", choices=("auto", "unmerged", "shared", "merged"), default="auto",

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from .cli import add_routing_arguments
 from .errors import DLPLoRAError
 
 
@@ -136,11 +137,7 @@ def register(sub, model_help: str) -> None:
     rp.add_argument("prompts", nargs="*", help="prompts to route")
     rp.add_argument("--library", help="adapter library (plugin from LIB/plugin, labels checked against it)")
     rp.add_argument("--plugin", help="plugin directory (default: LIB/plugin)")
-    rp.add_argument("--p", type=float, default=0.6, help="top-p threshold in (0, 1] (default: 0.6)")
-    rp.add_argument("--top-k", type=int, help="keep the k most probable adapters instead of top-p")
-    rp.add_argument("--weighting", default="softmax", help="softmax (paper eq. 5, default) or renorm")
-    rp.add_argument("--floor", type=float, default=0.0,
-                    help="route to the base model when the best probability is below this (default: 0, off)")
+    add_routing_arguments(rp)
     rp.add_argument("--stdin", action="store_true", help="also read prompts from stdin, one per line")
     rp.add_argument("--json", action="store_true", help="print the routings as JSON on the last line")
     rp.set_defaults(func=cmd_route)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .cli import add_routing_arguments
 from .errors import DLPLoRAError
 
 
@@ -15,7 +16,8 @@ def cmd_serve(args) -> None:
                          max_tokens_limit=args.max_tokens_limit, request_timeout=args.request_timeout,
                          max_body_bytes=args.max_body_bytes, model_name=args.served_model_name).check()
     engine = DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin, p=args.p, top_k=args.top_k,
-                                  weighting=args.weighting, mode=args.mode, route_window=args.route_window)
+                                  weighting=args.weighting, floor=args.floor, mode=args.mode,
+                                  route_window=args.route_window)
     if args.threads:
         import torch
 
@@ -41,10 +43,7 @@ def register(sub, model_help: str) -> None:
     s.add_argument("--plugin", metavar="DIR", help="router directory (default: LIB/plugin; none = pinned only)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="default 8000")
-    s.add_argument("--p", type=float, default=0.6, help="top-p threshold of the router (default 0.6)")
-    s.add_argument("--top-k", type=int, default=None, help="at most K adapters per request (default: no limit)")
-    s.add_argument("--weighting", choices=("softmax", "renorm"), default="softmax",
-                   help="how the chosen adapters' probabilities become weights (default softmax)")
+    add_routing_arguments(s)
     s.add_argument("--route-window", type=int, default=0, metavar="N",
                    help="chat routing also reads the N previous user turns (default 0: the last user turn)")
     s.add_argument("--mode", choices=("auto", "unmerged"), default="auto",
