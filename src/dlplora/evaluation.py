@@ -158,32 +158,38 @@ def main_metric(task: str) -> str:
     return spec.metrics[0]
 
 
+def accuracy_result(examples: list[dict], logprobs: list[list[float]]) -> dict:
+    """Multiple-choice accuracy (x100): the choice with the highest log-likelihood wins."""
+    correct = [max(range(len(lp)), key=lp.__getitem__) == ex["answer_index"] for lp, ex in zip(logprobs, examples)]
+    acc = 100 * sum(correct) / max(1, len(correct))
+    return {"n": len(examples), "accuracy": acc, "main": acc, "metric": "accuracy"}
+
+
+def generation_result(task: str, examples: list[dict], preds: list[str]) -> dict:
+    """The metrics of a task's generated answers: exact match for the exact-match tasks, else BLEU,
+    ROUGE-1, ROUGE-L (the main figure) and, for GSM8K, final-answer accuracy."""
+    spec = TASKS.get(task)
+    refs = [ex["target"] for ex in examples]
+    if spec is not None and spec.metrics == ("exact_match",):
+        em = 100 * sum(exact_match(p, [ex["target"], *ex.get("aliases", [])])
+                       for p, ex in zip(preds, examples)) / max(1, len(examples))
+        return {"n": len(examples), "exact_match": em, "main": em, "metric": "exact_match"}
+    result = {"n": len(examples), **rouge_scores(preds, refs), "bleu": bleu_score(preds, refs), "metric": "rougeL"}
+    if task == "gsm8k":
+        result["answer_accuracy"] = 100 * gsm8k_accuracy(preds, refs)
+    result["main"] = result["rougeL"]
+    return result
+
+
 def score_task(model, tokenizer, task: str, examples: list[dict], batch_size: int = 8,
                max_new_tokens: int | None = None) -> dict:
     """Score `model` on examples of one task; returns every metric of the task plus 'main'."""
-    spec = TASKS.get(task)
-    has_choices = bool(examples and examples[0].get("choices"))
-    result: dict = {"n": len(examples)}
-    if has_choices:
-        lps = choice_logprobs(model, tokenizer, examples, batch_size=batch_size * 2)
-        correct = [max(range(len(lp)), key=lp.__getitem__) == ex["answer_index"] for lp, ex in zip(lps, examples)]
-        result["accuracy"] = 100 * sum(correct) / max(1, len(correct))
-        result["main"], result["metric"] = result["accuracy"], "accuracy"
-        return result
+    if examples and examples[0].get("choices"):
+        return accuracy_result(examples, choice_logprobs(model, tokenizer, examples, batch_size=batch_size * 2))
     prompts = [chat_prompt(tokenizer, user_message(ex)) for ex in examples]
     preds = generate_greedy(model, tokenizer, prompts, max_new_tokens or task_max_new_tokens(task), batch_size)
-    refs = [ex["target"] for ex in examples]
-    if spec is not None and spec.metrics == ("exact_match",):
-        result["exact_match"] = 100 * sum(exact_match(p, [ex["target"], *ex.get("aliases", [])])
-                                          for p, ex in zip(preds, examples)) / max(1, len(examples))
-        result["main"], result["metric"] = result["exact_match"], "exact_match"
-    else:
-        result.update(rouge_scores(preds, refs))
-        result["bleu"] = bleu_score(preds, refs)
-        if task == "gsm8k":
-            result["answer_accuracy"] = 100 * gsm8k_accuracy(preds, refs)
-        result["main"], result["metric"] = result["rougeL"], "rougeL"
-    result["examples"] = [{"prediction": p, "target": r} for p, r in list(zip(preds, refs))[:3]]
+    result = generation_result(task, examples, preds)
+    result["examples"] = [{"prediction": p, "target": ex["target"]} for p, ex in list(zip(preds, examples))[:3]]
     return result
 
 
@@ -204,27 +210,16 @@ def score_with_sets(engine, task: str, examples: list[dict], sets: list[dict], b
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, s in enumerate(sets):
             groups[_set_key(s)].append(i)
-        correct = [False] * len(examples)
+        logprobs: list[list[float]] = [[] for _ in examples]
         for key, idx in groups.items():
             with engine.apply([dict(key)]):
                 lps = choice_logprobs(engine.model, tok, [examples[i] for i in idx], batch_size=batch_size * 2)
             for i, lp in zip(idx, lps):
-                correct[i] = max(range(len(lp)), key=lp.__getitem__) == examples[i]["answer_index"]
-        acc = 100 * sum(correct) / max(1, len(correct))
-        return {"n": len(examples), "accuracy": acc, "main": acc, "metric": "accuracy"}
-    prompts = [user_message(ex) for ex in examples]
-    out = engine.generate(prompts, adapters=list(sets), max_new_tokens=task_max_new_tokens(task))
-    preds = [o["text"].strip() for o in out]
-    refs = [ex["target"] for ex in examples]
-    spec = TASKS.get(task)
-    if spec is not None and spec.metrics == ("exact_match",):
-        em = 100 * sum(exact_match(p, [ex["target"], *ex.get("aliases", [])]) for p, ex in zip(preds, examples)) / max(1, len(examples))
-        return {"n": len(examples), "exact_match": em, "main": em, "metric": "exact_match"}
-    result = {"n": len(examples), **rouge_scores(preds, refs), "bleu": bleu_score(preds, refs), "metric": "rougeL"}
-    if task == "gsm8k":
-        result["answer_accuracy"] = 100 * gsm8k_accuracy(preds, refs)
-    result["main"] = result["rougeL"]
-    return result
+                logprobs[i] = lp
+        return accuracy_result(examples, logprobs)
+    out = engine.generate([user_message(ex) for ex in examples], adapters=list(sets),
+                          max_new_tokens=task_max_new_tokens(task))
+    return generation_result(task, examples, [o["text"].strip() for o in out])
 
 
 def evaluate_composite(engine, examples_by_task: dict[str, list[dict]], methods=("base", "lora", "dlp"),
@@ -671,22 +666,17 @@ def task_metrics(task: str, items: list[dict], preds: list[dict]) -> dict:
     if not n:
         return res
     kind = scoring_kind(task, items[0]["ex"])
-    targets = [[it["ex"]["target"], *(it["ex"].get("aliases") or [])] for it in items]
+    exs = [it["ex"] for it in items]
     gens = [p.get("gen", "") for p in preds]
     if kind == "choice":
-        res["accuracy"] = 100 * sum(p.get("choice") == it["ex"]["answer_index"] for p, it in zip(preds, items)) / n
-        res["exact_match"] = 100 * sum(exact_match(g, t) for g, t in zip(gens, targets)) / n
+        res["accuracy"] = 100 * sum(p.get("choice") == ex["answer_index"] for p, ex in zip(preds, exs)) / n
         res["main"], res["metric"] = res["accuracy"], "accuracy"
-    elif kind == "em":
-        res["exact_match"] = 100 * sum(exact_match(g, t) for g, t in zip(gens, targets)) / n
-        res["main"], res["metric"] = res["exact_match"], "exact_match"
+        res["exact_match"] = 100 * sum(exact_match(g, [ex["target"], *(ex.get("aliases") or [])])
+                                       for g, ex in zip(gens, exs)) / n
     else:
-        refs = [it["ex"]["target"] for it in items]
-        res.update(rouge_scores(gens, refs))
-        res["bleu"] = bleu_score(gens, refs)
-        if task == "gsm8k":
-            res["answer_accuracy"] = 100 * gsm8k_accuracy(gens, refs)
-        res["main"], res["metric"] = res["rougeL"], "rougeL"
+        res.update(generation_result(task, exs, gens))
+    if kind == "gen":
+        refs = [ex["target"] for ex in exs]
         tf = [p.get("tf") for p in preds]
         if all(t is not None for t in tf):
             r = rouge_scores(tf, refs)
