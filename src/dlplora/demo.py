@@ -35,7 +35,7 @@ def _plugin_ready(lib, plugin_dir: Path) -> bool:
 
 def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TASKS, data_dir=None, steps: int = 12,
              max_len: int = 160, top_layers: int | None = 10, n_eval: int = 16, conversation: list[str] | None = None, log=print) -> dict:
-    from .backbone import load_backbone
+    from .backbone import load_tokenizer
     from .engine import DLPLoRA
     from .evaluation import evaluate_composite
     from .library import Library, train_library
@@ -55,10 +55,11 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     if data_dir is None:
         data_dir = out / "data"
         if not all((data_dir / t / "test.jsonl").is_file() for t in tasks):
-            _, tok, _ = load_backbone(model)
             from .tasks import format_summary
 
-            log(format_summary(prepare(list(tasks), data_dir, extra_data=extra_data, tokenizer=tok, log=log)))
+            # the tokenizer alone is enough for the prompt-length statistics (the engine loads the model later)
+            log(format_summary(prepare(list(tasks), data_dir, extra_data=extra_data,
+                                       tokenizer=load_tokenizer(model), log=log)))
         else:
             log(f"reusing {data_dir}")
     stage("data", t0)
