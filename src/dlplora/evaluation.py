@@ -950,6 +950,14 @@ def _method_order(methods: dict) -> list[str]:
     return [m for m in order if m in methods] + [m for m in methods if m not in order]
 
 
+def _evaluated_settings(results: dict):
+    """(setting name, its entry, its methods, their display order) for every setting that has results."""
+    for sname, s in results.get("settings", {}).items():
+        ms = s.get("methods") or {}
+        if ms:
+            yield sname, s, ms, _method_order(ms)
+
+
 def _short(task: str) -> str:
     spec = TASKS.get(task)
     return spec.short if spec is not None else task
@@ -1010,11 +1018,7 @@ def format_results_md(results: dict, preamble: str = "") -> str:
             lines.append(f"| {sname} | (skipped: {s['skipped']}) | | | | | |")
     lines.append("")
 
-    for sname, s in results.get("settings", {}).items():
-        ms = s.get("methods") or {}
-        if not ms:
-            continue
-        order = _method_order(ms)
+    for sname, s, ms, order in _evaluated_settings(results):
         tasks = s["tasks"]
         first = ms[order[0]]["tasks"]
         header = " | ".join(METHOD_LABELS.get(m, m) for m in order)
@@ -1098,11 +1102,7 @@ def plot_results(results: dict, fig_dir: str | os.PathLike, rel_to: str | os.Pat
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for sname, s in results.get("settings", {}).items():
-        ms = s.get("methods") or {}
-        if not ms:
-            continue
-        order = _method_order(ms)
+    for sname, s, ms, order in _evaluated_settings(results):
         tasks = s["tasks"]
         width = 0.8 / len(order)
         fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(tasks) + 2), 4))
