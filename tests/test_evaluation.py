@@ -8,6 +8,7 @@ import json
 import pytest
 
 from dlplora import evaluation as ev
+from dlplora.errors import DLPLoRAError
 from dlplora.tasks import user_message
 
 
@@ -246,3 +247,28 @@ def test_reproduce_cli_is_registered_and_command_line_hides_the_note():
     assert args.limit == 3 and args.steps == 2 and args.tasks == "qa" and args.out == "docs" and args.setting == "all"
     assert command_line(["eval", "--library", "a b", "--note", "long\ntext", "--limit", "5"]) == \
         "dlp-lora eval --library 'a b' --note '...' --limit 5"
+
+
+def test_p_sweep_reports_each_p_and_reuses_the_main_run(tiny_library, tiny_data, tiny_model, models, tmp_path):
+    engine, _ = models
+    out = tmp_path / "o"
+    r = ev.run_evaluation(tiny_library, data=tiny_data, out=out, settings=["composite-26"], methods=["lora", "dlp"],
+                          weightings=["softmax", "renorm"], limit=2, p=0.6, p_sweep=[1.0, 0.2], model=str(tiny_model),
+                          progress=False, engine=engine, log=lambda *a: None)
+    sw = r["p_sweep"]
+    assert sw["setting"] == "composite-26" and r["config"]["p_sweep"] == [0.2, 0.6, 1.0]
+    assert [(x["weighting"], x["p"]) for x in sw["rows"]] == [(w, p) for w in ("softmax", "renorm") for p in (0.2, 0.6, 1.0)]
+    main = r["settings"]["composite-26"]["methods"]
+    by = {(x["method"], x["p"]): x for x in sw["rows"]}
+    for name in ("dlp", "dlp-renorm"):  # the sweep's p=0.6 is the main run, from the cache
+        assert by[(name, 0.6)]["mean"] == pytest.approx(main[name]["mean"])
+        assert by[(name, 0.2)]["mean_adapters"] <= by[(name, 0.6)]["mean_adapters"] <= by[(name, 1.0)]["mean_adapters"]
+    # p = 1 keeps every adapter; the paper's softmax of probabilities then flattens the weights towards uniform
+    assert by[("dlp", 1.0)]["max_adapters"] == 2
+    assert by[("dlp", 1.0)]["mean_top_weight"] <= by[("dlp-renorm", 1.0)]["mean_top_weight"] + 1e-9
+    assert sw["lora_mean"] == pytest.approx(main["lora"]["mean"])
+    assert "Effect of top-p" in (out / "RESULTS.md").read_text()
+    with pytest.raises(DLPLoRAError, match="p-sweep"):
+        ev.parse_p_values("0.5,1.5")
+    with pytest.raises(DLPLoRAError, match="not a number"):
+        ev.parse_p_values("0.5,x")

@@ -11,7 +11,7 @@ def _print_json(obj) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluation import parse_methods, parse_settings, parse_weightings, run_evaluation
+    from .evaluation import parse_methods, parse_p_values, parse_settings, parse_weightings, run_evaluation
     from .reproduce import command_line
 
     log = (lambda *a, **k: None) if args.json else print
@@ -21,7 +21,7 @@ def cmd_eval(args) -> None:
                              model=args.model, seed=args.seed, batch_size=args.batch_size, route_window=args.route_window,
                              turns=args.turns, conversations=args.conversations, arrow_top_k=args.arrow_top_k,
                              progress=not args.no_progress, command=command_line(), cache_dir=args.cache,
-                             note=args.note, log=log)
+                             note=args.note, p_sweep=parse_p_values(args.p_sweep), log=log)
     if not args.json:
         print(f"wrote {os.path.join(args.out, 'results.json')}, RESULTS.md and figures/ "
               f"({results['cache']['new_predictions']} new predictions, {results['cache']['hits']} from the cache)")
@@ -30,12 +30,14 @@ def cmd_eval(args) -> None:
 
 
 def cmd_reproduce(args) -> None:
+    from .cli_library import _top_layers
     from .reproduce import command_line, run_reproduce
 
     run_reproduce(out=args.out, work=args.work, extra_data=args.extra_data, tasks=args.tasks, limit=args.limit,
                   steps=args.steps, model=args.model, settings=args.setting, methods=args.methods, p=args.p,
-                  weightings=args.weightings, teacher_forced=not args.no_teacher_forced, top_layers=args.top_layers,
-                  batch_size=args.batch_size, progress=not args.no_progress, command=command_line())
+                  weightings=args.weightings, teacher_forced=not args.no_teacher_forced, top_layers=_top_layers(args.top_layers),
+                  batch_size=args.batch_size, progress=not args.no_progress, command=command_line(),
+                  p_sweep=args.p_sweep, conversations=args.conversations)
 
 
 def _common(p, model_help: str) -> None:
@@ -44,6 +46,10 @@ def _common(p, model_help: str) -> None:
                         "(default: all)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="test examples per task (default: all)")
     p.add_argument("--p", type=float, default=0.6, help="DLP top-p threshold (default 0.6)")
+    p.add_argument("--p-sweep", default="", metavar="P1,P2,...",
+                   help="also run dlp at these top-p values on the widest composite setting (a table of the effect of "
+                        "p: score, adapters per prompt, fusion weight)")
+    p.add_argument("--conversations", type=int, default=None, help="multiturn: at most this many conversations")
     p.add_argument("--weightings", default="softmax,renorm",
                    help="DLP fusion weightings to report: softmax (the paper's, reported as `dlp`) and/or renorm "
                         "(`dlp-renorm`)")
@@ -73,7 +79,6 @@ def register(sub, model_help: str) -> None:
     e.add_argument("--route-window", type=int, default=1,
                    help="multiturn: earlier user turns the router reads with the current one (default 1)")
     e.add_argument("--turns", type=int, default=3, help="multiturn: turns per conversation (default 3)")
-    e.add_argument("--conversations", type=int, default=None, help="multiturn: at most this many conversations")
     e.add_argument("--arrow-top-k", type=int, default=3, help="Arrow: adapters mixed per token (default 3)")
     e.add_argument("--cache", help="prediction cache directory (default OUT/cache)")
     e.add_argument("--note", default="", help="a paragraph put at the top of RESULTS.md (e.g. what was cut)")
@@ -90,8 +95,10 @@ def register(sub, model_help: str) -> None:
     r.add_argument("--work", default=os.path.join("runs", "reproduce"),
                    help="data, library and prediction cache (default runs/reproduce)")
     r.add_argument("--tasks", default="all", help="'all', 'mcq', 'qa' or comma-separated task names (default all)")
-    r.add_argument("--steps", type=int, default=30, help="training steps per adapter (default 30)")
-    r.add_argument("--top-layers", type=int, default=None, help="LoRA only in the last N layers (default: all)")
+    r.add_argument("--steps", type=int, default=None,
+                   help="training steps per adapter (default: train-loras' default, 20)")
+    r.add_argument("--top-layers", default="10",
+                   help="LoRA only in the last N decoder layers, or 'all' (default 10, as train-loras)")
     r.add_argument("--setting", default="all", help="settings to evaluate (default all)")
     r.add_argument("--no-teacher-forced", action="store_true", help="skip the teacher-forced QA variant")
     _common(r, model_help)

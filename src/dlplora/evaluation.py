@@ -353,6 +353,22 @@ def parse_methods(value: str | None) -> list[str]:
     return _parse_choices(value, METHODS, ",".join(METHODS), "method")
 
 
+def parse_p_values(value: str | None) -> list[float]:
+    """'0.3,0.6,0.9' -> [0.3, 0.6, 0.9]; each must be in (0, 1]."""
+    out = []
+    for part in (value or "").split(","):
+        if not part.strip():
+            continue
+        try:
+            x = float(part)
+        except ValueError:
+            raise DLPLoRAError(f"--p-sweep: {part.strip()!r} is not a number") from None
+        if not 0 < x <= 1:
+            raise DLPLoRAError(f"--p-sweep values must be in (0, 1], got {x:g}")
+        out.append(x)
+    return out
+
+
 def parse_weightings(value: str | None) -> list[str]:
     from .engine import WEIGHTINGS
 
@@ -738,9 +754,10 @@ def run_evaluation(library: str | os.PathLike, data: str | os.PathLike | None = 
                    batch_size: int = 8, route_window: int = 1, turns: int = 3, conversations: int | None = None,
                    arrow_top_k: int = 3, cache_dir: str | os.PathLike | None = None, progress: bool = True,
                    engine=None, arrow=None, write: bool = True, command: str | None = None, note: str = "",
-                   log=print) -> dict:
+                   p_sweep=(), log=print) -> dict:
     """Run the settings x methods grid; write OUT/results.json, OUT/RESULTS.md and OUT/figures/*.png.
-    `engine` / `arrow` (a (model, tokenizer) pair) may be given to reuse loaded models."""
+    `engine` / `arrow` (a (model, tokenizer) pair) may be given to reuse loaded models. `p_sweep`: extra top-p
+    values for `dlp` (each weighting) on the widest composite setting evaluated (results["p_sweep"])."""
     from .engine import DLPLoRA
     from .library import Library
     from .tasks import load_split, parse_tasks
@@ -768,6 +785,10 @@ def run_evaluation(library: str | os.PathLike, data: str | os.PathLike | None = 
         raise DLPLoRAError(f"--limit must be at least 1, got {limit}")
     if not 0 < p <= 1:
         raise DLPLoRAError(f"--p must be in (0, 1], got {p}")
+    p_sweep = sorted({float(x) for x in p_sweep or ()} | ({p} if p_sweep else set()))
+    for x in p_sweep:
+        if not 0 < x <= 1:
+            raise DLPLoRAError(f"--p-sweep values must be in (0, 1], got {x}")
     settings = list(settings)
     methods = list(methods)
     weightings = list(weightings)
@@ -802,7 +823,7 @@ def run_evaluation(library: str | os.PathLike, data: str | os.PathLike | None = 
         "turns": turns, "arrow": {"top_k": min(arrow_top_k, len(names)), "temperature": 1.0,
                                   "implementation": "peft ArrowConfig / arrow_router LoRA variant"},
         "merge_all": f"every row uses all {len(names)} adapters with weight 1/{len(names)}",
-        "command": command, "library_signature": sig}, "settings": {}, "skipped": skipped}
+        "command": command, "library_signature": sig, "p_sweep": p_sweep}, "settings": {}, "skipped": skipped}
 
     def variants(setting):
         out_v = []
@@ -871,6 +892,9 @@ def run_evaluation(library: str | os.PathLike, data: str | os.PathLike | None = 
                 extra = f"; router picked the true task {entry['router_accuracy']:.0f}%, {entry['mean_adapters']:.2f} adapters"
             log(f"  {name:>10}: mean {entry['mean']:.2f} in {entry['seconds']:.1f}s{extra}")
         results["settings"][setting] = s_res
+    if p_sweep and "dlp" in methods and "dlp" not in skipped:
+        results["p_sweep"] = _run_p_sweep(engine, fused, examples, settings, p_sweep, weightings, cache, sig,
+                                          seed, batch_size, progress, log)
     results["cache"] = {"dir": str(cache.dir), "hits": cache.hits, "new_predictions": cache.new}
     results["run_seconds"] = round(time.perf_counter() - t_start, 1)
     if note:
@@ -878,6 +902,46 @@ def run_evaluation(library: str | os.PathLike, data: str | os.PathLike | None = 
     if write:
         write_outputs(results, out, preamble=note)
     return results
+
+
+def _run_p_sweep(engine, fused, examples, settings, p_values, weightings, cache, sig, seed, batch_size, progress,
+                 log) -> dict:
+    """`dlp` at each top-p value (and weighting) on the widest composite setting evaluated, against the oracle
+    LoRA on the same stream. Teacher-forced scoring is skipped here (generation and choice ranking only)."""
+    order = ["composite-26", "composite-17", "composite-9"]
+    setting = next((s for s in order if s in settings), "composite-26")
+    s_tasks = setting_tasks(setting, examples)
+    stream = build_stream(examples, s_tasks, seed=seed)
+    texts = [user_message(it["ex"]) for it in stream]
+    log(f"== p sweep on {setting}: p in {', '.join(f'{x:g}' for x in p_values)}")
+    lora_sets = [{it["task"]: 1.0} for it in stream]
+    preds = run_method_items(fused, "lora", stream, lora_sets, cache, sig, batch_size=batch_size, progress=progress,
+                             desc="p sweep lora")
+    lora = _summarise(s_tasks, stream, preds, lora_sets, 0.0)
+    rows = []
+    for weighting in weightings:
+        name = dlp_variant(weighting)
+        for pv in p_values:
+            t0 = time.perf_counter()
+            with _routing_as(engine, pv, weighting):
+                sets = engine.route(texts)
+            route_s = time.perf_counter() - t0
+            preds = run_method_items(fused, name, stream, sets, cache, sig, batch_size=batch_size, progress=progress,
+                                     desc=f"p sweep {name} p={pv:g}")
+            e = _summarise(s_tasks, stream, preds, sets, route_s, [max(s, key=s.get) if s else None for s in sets])
+            top_w = [max(s.values()) for s in sets if s]
+            row = {"p": pv, "weighting": weighting, "method": name, "mean": e["mean"], "seconds": e["seconds"],
+                   "router_accuracy": e["router_accuracy"], "mean_adapters": e["mean_adapters"],
+                   "max_adapters": max((len(s) for s in sets), default=0),
+                   "single_adapter_share": 100 * sum(len(s) == 1 for s in sets) / max(1, len(sets)),
+                   "mean_top_weight": sum(top_w) / max(1, len(top_w)),
+                   "gap_to_lora": e["mean"] - lora["mean"],
+                   "tasks": {t: r.get("main") for t, r in e["tasks"].items()}}
+            rows.append(row)
+            log(f"  {name:>10} p={pv:<4g}: mean {e['mean']:.2f} (LoRA {lora['mean']:.2f}), "
+                f"{e['mean_adapters']:.2f} adapters, top weight {row['mean_top_weight']:.2f}")
+    return {"setting": setting, "tasks": s_tasks, "lora_mean": lora["mean"], "lora_seconds": lora["seconds"],
+            "rows": rows}
 
 
 def _warm_up(fused, arrow_runner, names) -> None:
@@ -1085,6 +1149,20 @@ def format_results_md(results: dict, preamble: str = "") -> str:
             lines.append("")
         if (results.get("figures") or {}).get(sname):
             lines += [f"![{sname}]({results['figures'][sname]})", ""]
+    sw = results.get("p_sweep")
+    if sw and sw.get("rows"):
+        lines += [f"## Effect of top-p (`{sw['setting']}`)", "",
+                  f"The same stream as the `{sw['setting']}` setting, routed at each p; the oracle single LoRA scores "
+                  f"{_fmt(sw['lora_mean'], 2)} on it. *adapters* is the mean number kept per prompt, *top weight* the "
+                  "mean fusion weight of the most probable adapter (1.0 = the single adapter alone). Teacher-forced "
+                  "scoring is not part of the sweep.", "",
+                  "| weighting | p | mean | vs LoRA | adapters / prompt | single-adapter prompts (%) | top weight | "
+                  "router acc. (%) | time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in sw["rows"]:
+            lines.append(f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['p']:g} | {_fmt(r['mean'], 2)} | "
+                         f"{r['gap_to_lora']:+.2f} | {_fmt(r['mean_adapters'], 2)} | {_fmt(r['single_adapter_share'])} | "
+                         f"{_fmt(r['mean_top_weight'], 2)} | {_fmt(r['router_accuracy'])} | {_fmt(r['seconds'])} |")
+        lines.append("")
     c = results.get("cache") or {}
     lines += [f"Predictions cached in `{c.get('dir')}` ({c.get('new_predictions', 0)} computed in this run, "
               f"{c.get('hits', 0)} reused); this run took {results.get('run_seconds', 0):.0f}s.", ""]

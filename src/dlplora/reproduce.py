@@ -28,11 +28,12 @@ def _plugin_ready(lib) -> bool:
 
 
 def run_reproduce(out: str | os.PathLike = "docs", work: str | os.PathLike = os.path.join("runs", "reproduce"),
-                  extra_data=None, tasks: str = "all", limit: int | None = None, steps: int = 30, model=None,
+                  extra_data=None, tasks: str = "all", limit: int | None = None, steps: int | None = None, model=None,
                   settings="all", methods=None, p: float = 0.6, weightings="softmax,renorm", teacher_forced: bool = True,
-                  top_layers: int | None = None, batch_size: int = 8, progress: bool = True, command: str | None = None,
-                  log=print) -> dict:
-    from .evaluation import parse_methods, parse_settings, parse_weightings, run_evaluation, write_outputs
+                  top_layers: int | None = 10, batch_size: int = 8, progress: bool = True, command: str | None = None,
+                  p_sweep="", conversations: int | None = None, log=print) -> dict:
+    from .evaluation import (parse_methods, parse_p_values, parse_settings, parse_weightings, run_evaluation,
+                             write_outputs)
     from .library import Library, train_library
     from .plugin import train_plugin_from_data
     from .tasks import TASKS, format_summary, parse_tasks, prepare
@@ -54,9 +55,10 @@ def run_reproduce(out: str | os.PathLike = "docs", work: str | os.PathLike = os.
         log("all tasks already prepared")
     stages["data"] = round(time.time() - t, 1)
 
+    cfg = TrainConfig(top_layers=top_layers) if steps is None else TrainConfig(steps=steps, top_layers=top_layers)
+    steps = cfg.steps
     log(f"== 2/4 adapters: {steps} steps each -> {lib_dir}")
     t = time.time()
-    cfg = TrainConfig(steps=steps, top_layers=top_layers)
     train_library(names, data_dir, lib_dir, model=model, cfg=cfg, eval_limit=0, log=log)
     lib = Library.open(lib_dir)
     stages["adapters"] = round(time.time() - t, 1)
@@ -77,7 +79,8 @@ def run_reproduce(out: str | os.PathLike = "docs", work: str | os.PathLike = os.
                              methods=parse_methods(methods), tasks=names, limit=limit, p=p,
                              weightings=parse_weightings(weightings), teacher_forced=teacher_forced, model=model,
                              batch_size=batch_size, cache_dir=work / "cache", progress=progress, write=False,
-                             command=command, log=log)
+                             command=command, conversations=conversations,
+                             p_sweep=parse_p_values(p_sweep) if isinstance(p_sweep, str) else p_sweep, log=log)
     stages["evaluation"] = round(time.time() - t, 1)
     results["reproduce"] = {"stages_seconds": stages, "total_seconds": round(time.time() - t0, 1), "steps": steps,
                             "work": str(work.resolve()), "tasks": names,
