@@ -272,3 +272,30 @@ def test_p_sweep_reports_each_p_and_reuses_the_main_run(tiny_library, tiny_data,
         ev.parse_p_values("0.5,1.5")
     with pytest.raises(DLPLoRAError, match="not a number"):
         ev.parse_p_values("0.5,x")
+
+
+def test_claims_table_and_discussion_survive_a_rewrite(tmp_path):
+    from dlplora.cli import main
+
+    def entry(mean, seconds, **kw):
+        return {"mean": mean, "seconds": seconds, "items": 4, "tasks": {"quiz": {"n": 4, "main": mean, "metric": "accuracy"}},
+                **kw}
+
+    res = {"config": {"plugin": {"report": {"accuracy": 0.99}}}, "settings": {"composite-26": {
+        "tasks": ["quiz"], "methods": {"base": entry(40.0, 10.0), "lora": entry(60.0, 10.0),
+                                       "dlp": entry(59.5, 13.0, router_accuracy=97.0, mean_adapters=1.2)}}}}
+    md = ev.format_results_md(res)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert rows["plugin routing accuracy, held-out training prompts of every task (%)"].endswith("| 99.00 | yes |")
+    assert rows["router picks the true task, `composite-26` test stream (%)"].endswith("| 97.00 | no |")
+    assert rows["DLP-LoRA mean minus oracle LoRA mean, `composite-26` (points)"].endswith("| -0.50 | no |")
+    assert rows["DLP-LoRA time / oracle LoRA time, `composite-26`"].endswith("| 1.30x | yes |")
+    assert rows["DLP-LoRA mean minus base mean, `composite-26` (points)"].endswith("| +19.50 | yes |")
+    out = tmp_path / "docs"
+    ev.write_outputs(res, out, preamble="Made by a test.")
+    (out / "discussion.md").write_text("Our words.")
+    assert main(["report", str(out / "results.json")]) == 0
+    text = (out / "RESULTS.md").read_text()
+    assert text.index("Made by a test.") < text.index("## Discussion") < text.index("Our words.")
+    (out / "bad.json").write_text("{")
+    assert main(["report", str(out / "bad.json")]) == 2

@@ -40,6 +40,12 @@ def cmd_reproduce(args) -> None:
                   p_sweep=args.p_sweep, conversations=args.conversations)
 
 
+def cmd_report(args) -> None:
+    from .evaluation import rewrite_report
+
+    print(f"wrote {rewrite_report(args.results)} and figures/")
+
+
 def _common(p, model_help: str) -> None:
     p.add_argument("--methods", default="base,lora,dlp,arrow,merge-all",
                    help="comma-separated: base, lora (oracle adapter), dlp (plugin), arrow (PEFT Arrow), merge-all "
@@ -103,3 +109,9 @@ def register(sub, model_help: str) -> None:
     r.add_argument("--no-teacher-forced", action="store_true", help="skip the teacher-forced QA variant")
     _common(r, model_help)
     r.set_defaults(func=cmd_reproduce)
+
+    rp = sub.add_parser("report", help="rewrite RESULTS.md and figures from a results.json",
+                        description="Rewrite RESULTS.md and figures/ next to RESULTS_JSON from its numbers, without "
+                                    "running anything; a hand-written discussion.md in the same folder is appended.")
+    rp.add_argument("results", help="a results.json written by `dlp-lora eval` or `dlp-lora reproduce`")
+    rp.set_defaults(func=cmd_report)
