@@ -299,3 +299,8 @@ def test_claims_table_and_discussion_survive_a_rewrite(tmp_path):
     assert text.index("Made by a test.") < text.index("## Discussion") < text.index("Our words.")
     (out / "bad.json").write_text("{")
     assert main(["report", str(out / "bad.json")]) == 2
+
+
+def test_dlp_weightings_share_predictions_but_not_with_lora():
+    assert ev._cache_namespace("dlp-renorm") == ev._cache_namespace("dlp") == "dlp"
+    assert ev._cache_namespace("lora") == "lora" and ev._cache_namespace("base") == "base"

@@ -620,6 +620,13 @@ def _set_tag(s: dict) -> str:
     return ",".join(f"{n}={w:.4g}" for n, w in sorted(s.items())) if s else "-"
 
 
+def _cache_namespace(method: str) -> str:
+    """The two DLP weightings run the same fused engine: a prompt that both route to the same weighted set (e.g. one
+    adapter at weight 1) is the same computation, so they share predictions (and their recorded time). Every other
+    method keeps its own, so base / LoRA / DLP times are measured side by side."""
+    return "dlp" if method.startswith("dlp") else method
+
+
 def run_method_items(runner, method: str, items: list[dict], sets: list[dict], cache: PredictionCache, sig: str,
                      teacher_forced: bool = False, batch_size: int = 8, progress: bool = True, desc: str = "") -> list[dict]:
     """Predictions for `items` (in their order, batched as they come): per item {"choice", "gen", "tf"}
@@ -637,8 +644,9 @@ def run_method_items(runner, method: str, items: list[dict], sets: list[dict], c
             jobs.append(("tf", i))
     preds = [{"seconds": 0.0} for _ in items]
     todo: dict[str, list[int]] = {"choice": [], "gen": [], "tf": []}
+    ns = _cache_namespace(method)
     for what, i in jobs:
-        rec = cache.get(f"{sig}|{method}|{items[i]['uid']}|{what}|{_set_tag(sets[i])}")
+        rec = cache.get(f"{sig}|{ns}|{items[i]['uid']}|{what}|{_set_tag(sets[i])}")
         if rec is None:
             todo[what].append(i)
         else:
@@ -667,8 +675,8 @@ def run_method_items(runner, method: str, items: list[dict], sets: list[dict], c
                 for i, v in zip(idx, vals):
                     preds[i][what] = v
                     preds[i]["seconds"] += dt
-                    recs.append({"k": f"{sig}|{method}|{items[i]['uid']}|{what}|{_set_tag(sets[i])}", "v": v, "s": round(dt, 5)})
-                cache.put_many(method, recs)
+                    recs.append({"k": f"{sig}|{ns}|{items[i]['uid']}|{what}|{_set_tag(sets[i])}", "v": v, "s": round(dt, 5)})
+                cache.put_many(ns, recs)
                 bar.update(len(idx))
     finally:
         bar.close()
