@@ -166,6 +166,17 @@ def test_harness_end_to_end_all_settings_and_methods(tiny_library, tiny_data, ti
     for s in ev.SETTINGS:
         assert (out / "figures" / f"{s}.png").stat().st_size > 1000
 
+    # the single setting's base / LoRA scores are written back to the manifest (and do not invalidate the cache)
+    from dlplora.library import Library
+
+    man = Library.open(tiny_library).manifest["adapters"]
+    single = res["settings"]["single"]["methods"]
+    for t in ("quiz", "sums"):
+        sc = man[t]["score"]
+        assert sc["adapter"] == pytest.approx(single["lora"]["tasks"][t]["main"], abs=0.01)
+        assert sc["base"] == pytest.approx(single["base"]["tasks"][t]["main"], abs=0.01)
+        assert man[t]["beats_base"] == (sc["adapter"] > sc["base"]) and "eval --setting single" in sc["source"]
+
     # a second run resumes from the cache: no new prediction, same numbers
     engine.router.calls.clear()
     res2 = ev.run_evaluation(tiny_library, data=tiny_data, out=out, settings=list(ev.SETTINGS), methods=list(ev.METHODS),

@@ -823,7 +823,9 @@ def _claims_lines(results: dict) -> list[str]:
 def library_signature(library) -> str:
     """Changes when the adapters or the plugin change: part of every cache key."""
     h = hashlib.sha1()
-    h.update(json.dumps(library.manifest.get("adapters", {}), sort_keys=True).encode())
+    scored = ("score", "beats_base")  # written back by evaluations: not part of what the adapters compute
+    adapters = {n: {k: v for k, v in e.items() if k not in scored} for n, e in library.manifest.get("adapters", {}).items()}
+    h.update(json.dumps(adapters, sort_keys=True).encode())
     for n in library.names:
         f = library.adapter_dir(n) / "adapter_model.safetensors"
         if f.is_file():
@@ -981,6 +983,21 @@ def run_evaluation(library: str | os.PathLike, data: str | os.PathLike | None = 
                 extra = f"; router picked the true task {entry['router_accuracy']:.0f}%, {entry['mean_adapters']:.2f} adapters"
             log(f"  {name:>10}: mean {entry['mean']:.2f} in {entry['seconds']:.1f}s{extra}")
         results["settings"][setting] = s_res
+    single = (results["settings"].get("single") or {}).get("methods") or {}
+    if "base" in single and "lora" in single:
+        scores = {}
+        for t, r in single["lora"]["tasks"].items():
+            b = single["base"]["tasks"].get(t) or {}
+            if "main" in r and "main" in b:
+                scores[t] = {"metric": r["metric"], "n": r["n"], "adapter": r["main"], "base": b["main"],
+                             "adapter_all": {k: round(v, 2) for k, v in r.items() if isinstance(v, float)},
+                             "base_all": {k: round(v, 2) for k, v in b.items() if isinstance(v, float)}}
+        flagged = lib.record_scores(scores, source=f"dlp-lora eval --setting single (limit {limit or 'all'})")
+        log(f"recorded adapter vs base scores of {len(scores)} adapters in {lib.root / 'library.json'}")
+        for t in flagged:
+            log(f"  [FLAG] {t}: adapter {scores[t]['adapter']:.1f} does not beat base {scores[t]['base']:.1f} "
+                f"({scores[t]['metric']})")
+        results["flagged_adapters"] = flagged
     if p_sweep and "dlp" in methods and "dlp" not in skipped:
         results["p_sweep"] = _run_p_sweep(engine, fused, examples, settings, p_sweep, weightings, cache, sig,
                                           seed, batch_size, progress, log)

@@ -92,6 +92,23 @@ class Library:
         self.manifest["adapters"][name] = entry
         self.save()
 
+    def record_scores(self, scores: dict[str, dict], source: str) -> list[str]:
+        """Record per adapter its score on its own task against the base model: `scores` maps a task to
+        {"metric", "n", "adapter", "base", optional "adapter_all"/"base_all"}. Saves the manifest; returns the
+        adapters that do not beat the base model."""
+        flagged = []
+        for name, sc in scores.items():
+            if name not in self.manifest["adapters"]:
+                continue
+            entry = dict(self.manifest["adapters"][name])
+            entry["score"] = {**{k: (round(v, 2) if isinstance(v, float) else v) for k, v in sc.items()}, "source": source}
+            entry["beats_base"] = sc["adapter"] > sc["base"]
+            if not entry["beats_base"]:
+                flagged.append(name)
+            self.manifest["adapters"][name] = entry
+        self.save()
+        return flagged
+
     def save(self) -> None:
         atomic_write_text(self.root / MANIFEST, json.dumps(self.manifest, indent=2, ensure_ascii=False))
 
