@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from dlplora import evaluation as ev
 from dlplora.errors import DLPLoRAError
@@ -315,3 +316,29 @@ def test_claims_table_and_discussion_survive_a_rewrite(tmp_path):
 def test_dlp_weightings_share_predictions_but_not_with_lora():
     assert ev._cache_namespace("dlp-renorm") == ev._cache_namespace("dlp") == "dlp"
     assert ev._cache_namespace("lora") == "lora" and ev._cache_namespace("base") == "base"
+
+
+def test_choice_scores_with_a_shared_prompt_equal_full_sequences(tiny_library, tiny_data, models):
+    """The prompt runs once and each choice continues from its KV cache: the log-likelihoods must equal scoring
+    every prompt + choice as its own sequence, row by row with each row's adapter set."""
+    from dlplora.tasks import candidates, load_split
+
+    engine, _ = models
+    runner = ev.FusedRunner(engine)
+    tok = runner.tokenizer
+    exs = load_split(tiny_data, "quiz", "test")[:5]
+    sets = [{}, {"quiz": 1.0}, {"sums": 1.0}, {"quiz": 0.7, "sums": 0.3}, {"quiz": 1.0}]
+    hists = [[], [], [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], [], []]
+    got = ev.choice_scores(runner, exs, sets, hists, batch_size=4)  # several chunks
+    pad = tok.pad_token_id
+    for ex, s, h, row in zip(exs, sets, hists, got):
+        p_ids = ev._prompt_ids(tok, ex, h)
+        want = []
+        for c in candidates(ex):
+            c_ids = tok(c, add_special_tokens=False).input_ids
+            with runner.context([s]):
+                with torch.inference_mode():
+                    seqs = [(p_ids + c_ids, len(p_ids))]
+                    want.append(float(ev.sequence_logprob_sums(runner.model, seqs, pad)[0]))
+        assert row == pytest.approx(want, abs=2e-3)
+    assert ev.choice_predictions(runner, exs, sets, hists) == [max(range(len(r)), key=r.__getitem__) for r in got]

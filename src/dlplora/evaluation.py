@@ -548,28 +548,82 @@ def _prompt_ids(tok, ex: dict, history) -> list[int]:
     return tok(chat_prompt(tok, user_message(ex), list(history or [])), add_special_tokens=False).input_ids
 
 
-@torch.inference_mode()
 def choice_predictions(runner, examples, sets, histories, batch_size: int = 16, max_len: int = 1024) -> list[int]:
     """Index of the most likely choice (total log-likelihood of its tokens) per example, example i scored
     with adapter set sets[i] after chat history histories[i]."""
-    tok = runner.tokenizer
-    seqs = []
-    for i, ex in enumerate(examples):
-        p_ids = _prompt_ids(tok, ex, histories[i])
-        for j, choice in enumerate(candidates(ex)):
-            c_ids = tok(choice, add_special_tokens=False).input_ids[: max_len // 2] or [tok.eos_token_id]
-            pp = p_ids[-(max_len - len(c_ids)):]
-            seqs.append((i, j, pp + c_ids, len(pp)))
-    scores = [[-math.inf] * len(candidates(ex)) for ex in examples]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))
-    for s in range(0, len(order), batch_size):
-        chunk = [seqs[k] for k in order[s:s + batch_size]]
-        with runner.context([sets[c[0]] for c in chunk]):
-            sums = sequence_logprob_sums(runner.model, [(c[2], c[3]) for c in chunk], pad)
-        for b, (i, j, _, _) in enumerate(chunk):
-            scores[i][j] = float(sums[b])
+    scores = choice_scores(runner, examples, sets, histories, batch_size=batch_size, max_len=max_len)
     return [max(range(len(sc)), key=sc.__getitem__) for sc in scores]
+
+
+@torch.inference_mode()
+def choice_scores(runner, examples, sets, histories, batch_size: int = 16, max_len: int = 1024) -> list[list[float]]:
+    """Total log-likelihood of each choice's tokens after the prompt, per example (see choice_predictions).
+
+    The prompt is run once per example (KV cache), then every choice's tokens continue from that cache: a task with
+    5 choices costs one prompt, not five. Examples are batched by prompt length, up to `batch_size` choice rows."""
+    from .engine import _cache_kwarg, _new_cache
+
+    tok = runner.tokenizer
+    model = runner.model
+    ck = _cache_kwarg()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    dev = next(model.parameters()).device
+    items = []
+    for i, ex in enumerate(examples):
+        c_ids = [tok(c, add_special_tokens=False).input_ids[: max_len // 2] or [tok.eos_token_id] for c in candidates(ex)]
+        p_ids = _prompt_ids(tok, ex, histories[i])[-(max_len - max(len(c) for c in c_ids)):]
+        items.append((i, p_ids, c_ids))
+    out: list[list[float]] = [[] for _ in examples]
+    order = sorted(range(len(items)), key=lambda k: len(items[k][1]))
+    chunks, cur, rows = [], [], 0
+    for k in order:
+        n_c = len(items[k][2])
+        if cur and (rows + n_c > batch_size):
+            chunks.append(cur)
+            cur, rows = [], 0
+        cur.append(items[k])
+        rows += n_c
+    if cur:
+        chunks.append(cur)
+    for chunk in chunks:
+        n = len(chunk)
+        width = max(len(p) for _, p, _ in chunk)
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for r, (_, p_ids, _) in enumerate(chunk):
+            ids[r, width - len(p_ids):] = torch.tensor(p_ids)
+            mask[r, width - len(p_ids):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = _new_cache(model)
+        row_sets = [sets[i] for i, _, _ in chunk]
+        with runner.context(row_sets):
+            first = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                          use_cache=True, logits_to_keep=1, **{ck: cache}).logits[:, -1].float().log_softmax(-1)
+        k_max = max(len(c) for _, _, c in chunk)
+        c_len = max(len(x) for _, _, c in chunk for x in c)
+        cache.batch_repeat_interleave(k_max)
+        c_ids = torch.full((n * k_max, c_len), pad, dtype=torch.long)
+        c_mask = torch.zeros((n * k_max, c_len), dtype=torch.long)
+        for r, (_, _, cs) in enumerate(chunk):
+            for j, c in enumerate(cs):
+                c_ids[r * k_max + j, : len(c)] = torch.tensor(c)
+                c_mask[r * k_max + j, : len(c)] = 1
+        c_pos = pos[:, -1:].repeat_interleave(k_max, 0) + 1 + torch.arange(c_len)[None]
+        full_mask = torch.cat([mask.repeat_interleave(k_max, 0), c_mask], dim=1)
+        with runner.context([s for s in row_sets for _ in range(k_max)]):
+            logits = model(input_ids=c_ids.to(dev), attention_mask=full_mask.to(dev), position_ids=c_pos.to(dev),
+                           use_cache=True, **{ck: cache}).logits.float()
+        logp = logits[:, :-1].log_softmax(-1)  # position t predicts choice token t + 1
+        for r, (i, _, cs) in enumerate(chunk):
+            scores = []
+            for j, c in enumerate(cs):
+                row = r * k_max + j
+                total = float(first[r, c[0]])
+                if len(c) > 1:
+                    total += float(logp[row, torch.arange(len(c) - 1), torch.tensor(c[1:])].sum())
+                scores.append(total)
+            out[i] = scores
+    return out
 
 
 @torch.inference_mode()
