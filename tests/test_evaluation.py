@@ -342,3 +342,25 @@ def test_choice_scores_with_a_shared_prompt_equal_full_sequences(tiny_library, t
                     want.append(float(ev.sequence_logprob_sums(runner.model, seqs, pad)[0]))
         assert row == pytest.approx(want, abs=2e-3)
     assert ev.choice_predictions(runner, exs, sets, hists) == [max(range(len(r)), key=r.__getitem__) for r in got]
+
+
+def test_reproduce_end_to_end_on_custom_tasks(tiny_data, tiny_model, tmp_path):
+    """The whole pipeline on two prepared tiny tasks: adapters, plugin, evaluation with a p sweep; a rerun trains
+    nothing and computes no new prediction."""
+    import shutil
+
+    from dlplora.reproduce import run_reproduce
+
+    work, out = tmp_path / "work", tmp_path / "docs"
+    shutil.copytree(tiny_data, work / "data")
+    kw = dict(out=out, work=work, tasks="quiz,sums", limit=2, steps=2, model=str(tiny_model), settings="composite-26,single",
+              methods="base,lora,dlp", weightings="softmax", p_sweep="1.0", progress=False, log=lambda *a: None)
+    r1 = run_reproduce(**kw)
+    assert set(r1["settings"]) == {"composite-26", "single"} and r1["p_sweep"]["rows"]
+    assert r1["reproduce"]["recorded_seconds"]["adapters_training_seconds"] > 0
+    md = (out / "RESULTS.md").read_text()
+    assert "the library records" in md and "Effect of top-p" in md and (out / "results.json").is_file()
+    r2 = run_reproduce(**kw)
+    assert r2["cache"]["new_predictions"] == 0
+    assert r2["settings"]["composite-26"]["methods"]["dlp"]["mean"] == pytest.approx(
+        r1["settings"]["composite-26"]["methods"]["dlp"]["mean"])

@@ -43,7 +43,7 @@ def run_reproduce(out: str | os.PathLike = "docs", work: str | os.PathLike = os.
     work = Path(work)
     data_dir = work / "data"
     lib_dir = work / "library"
-    names = parse_tasks(tasks)
+    names = parse_tasks(tasks, data_dir)
     stages = {}
 
     log(f"== 1/4 data: {len(names)} tasks -> {data_dir}")
@@ -85,9 +85,19 @@ def run_reproduce(out: str | os.PathLike = "docs", work: str | os.PathLike = os.
     results["reproduce"] = {"stages_seconds": stages, "total_seconds": round(time.time() - t0, 1), "steps": steps,
                             "work": str(work.resolve()), "tasks": names,
                             "missing_from_26": [n for n in TASKS if n not in names]}
+    recorded = {"adapters_training_seconds": round(sum(float(e.get("wall_seconds", 0) or 0)
+                                                       for e in lib.manifest["adapters"].values()), 1)}
+    plug_report = (results.get("config", {}).get("plugin") or {}).get("report") or {}
+    if plug_report.get("train_seconds") is not None:
+        recorded["plugin_training_seconds"] = plug_report["train_seconds"]
+    results["reproduce"]["recorded_seconds"] = recorded
     pre = (f"Produced by `dlp-lora reproduce` ({len(names)} tasks, {steps} training steps per adapter, "
-           f"{'all' if not limit else limit} test examples per task); stages took "
-           + ", ".join(f"{k} {v:.0f}s" for k, v in stages.items()) + ".")
+           f"{'all' if not limit else limit} test examples per task). This invocation's stages took "
+           + ", ".join(f"{k} {v:.0f}s" for k, v in stages.items())
+           + f" (finished stages are reused); the library records {recorded['adapters_training_seconds'] / 60:.1f} min "
+           f"of adapter training in total"
+           + (f" and the plugin {recorded['plugin_training_seconds']:.0f}s" if "plugin_training_seconds" in recorded else "")
+           + ".")
     write_outputs(results, out, preamble=pre)
     log(f"wrote {Path(out) / 'RESULTS.md'}, results.json and figures/")
     return results
