@@ -318,6 +318,17 @@ def test_dlp_weightings_share_predictions_but_not_with_lora():
     assert ev._cache_namespace("lora") == "lora" and ev._cache_namespace("base") == "base"
 
 
+def _sequence_logprob_sums(model, encoded, pad_id):
+    """Reference: each (token ids, start) scored as a whole sequence, no KV cache."""
+    from dlplora.training import collate
+
+    ids, mask, rows, pos, tgt = collate(encoded, pad_id)
+    body, head = ev._body_head(model)
+    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+    logp = torch.log_softmax(head(hidden[rows, pos]).float(), -1).gather(1, tgt[:, None])[:, 0]
+    return torch.zeros(len(encoded)).index_add_(0, rows, logp)
+
+
 def test_choice_scores_with_a_shared_prompt_equal_full_sequences(tiny_library, tiny_data, models):
     """The prompt runs once and each choice continues from its KV cache: the log-likelihoods must equal scoring
     every prompt + choice as its own sequence, row by row with each row's adapter set."""
@@ -339,7 +350,7 @@ def test_choice_scores_with_a_shared_prompt_equal_full_sequences(tiny_library, t
             with runner.context([s]):
                 with torch.inference_mode():
                     seqs = [(p_ids + c_ids, len(p_ids))]
-                    want.append(float(ev.sequence_logprob_sums(runner.model, seqs, pad)[0]))
+                    want.append(float(_sequence_logprob_sums(runner.model, seqs, pad)[0]))
         assert row == pytest.approx(want, abs=2e-3)
     assert ev.choice_predictions(runner, exs, sets, hists) == [max(range(len(r)), key=r.__getitem__) for r in got]
 

@@ -89,38 +89,13 @@ def _body_head(model):
     return inner.model, inner.lm_head
 
 
-def sequence_logprob_sums(model, encoded: list[tuple[list[int], int]], pad_id: int) -> torch.Tensor:
-    """Total log-probability of the tokens of each sequence from its `start` on, given what precedes them;
-    `encoded` is [(token ids, start)]. The vocabulary head runs only at those positions."""
-    from .training import collate
-
-    ids, mask, rows, pos, tgt = collate(encoded, pad_id)
-    body, head = _body_head(model)
-    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
-    logp = torch.log_softmax(head(hidden[rows, pos]).float(), -1).gather(1, tgt[:, None])[:, 0]
-    return torch.zeros(len(encoded)).index_add_(0, rows, logp)
-
-
-@torch.inference_mode()
 def choice_logprobs(model, tokenizer, examples: list[dict], batch_size: int = 16,
                     max_len: int = 512) -> list[list[float]]:
-    """Total log-probability of each choice's tokens given the example's chat prompt."""
-    seqs = []  # (example index, choice index, ids, start)
-    for i, ex in enumerate(examples):
-        prompt_ids = tokenizer(chat_prompt(tokenizer, user_message(ex)), add_special_tokens=False).input_ids
-        for j, choice in enumerate(candidates(ex)):
-            c_ids = tokenizer(choice, add_special_tokens=False).input_ids[: max_len // 2]
-            p_ids = prompt_ids[-(max_len - len(c_ids)):]
-            seqs.append((i, j, p_ids + c_ids, len(p_ids)))
-    out = [[0.0] * len(candidates(ex)) for ex in examples]
-    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for s in range(0, len(order), batch_size):
-        chunk = [seqs[k] for k in order[s:s + batch_size]]
-        sums = sequence_logprob_sums(model, [(c[2], c[3]) for c in chunk], pad)
-        for b, (i, j, _, _) in enumerate(chunk):
-            out[i][j] = float(sums[b])
-    return out
+    """Total log-probability of each choice's tokens given the example's chat prompt, on `model` as it is
+    (a plain or PEFT model): :func:`choice_scores` with no adapter sets and no history."""
+    n = len(examples)
+    return choice_scores(PeftRunner(model, tokenizer), examples, [{}] * n, [[]] * n, batch_size=batch_size,
+                         max_len=max_len)
 
 
 @torch.inference_mode()
@@ -195,28 +170,12 @@ def score_task(model, tokenizer, task: str, examples: list[dict], batch_size: in
 
 # ---------------------------------------------------------------- methods on the fused engine
 
-def _set_key(s: dict) -> tuple:
-    return tuple(sorted((n, round(float(w), 6)) for n, w in s.items()))
-
-
 def score_with_sets(engine, task: str, examples: list[dict], sets: list[dict], batch_size: int = 8) -> dict:
-    """Score examples of one task on the fused engine, example i with adapter set sets[i] ({} = base).
-    Multiple choice: examples sharing a set are scored together with that set merged into the weights.
-    Generative: one batched generation with a per-row set."""
-    from collections import defaultdict
-
-    tok = engine.tokenizer
+    """Score examples of one task on the fused engine, example i with adapter set sets[i] ({} = base):
+    choice ranking or one batched generation, each with a per-row set."""
     if examples and examples[0].get("choices"):
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, s in enumerate(sets):
-            groups[_set_key(s)].append(i)
-        logprobs: list[list[float]] = [[] for _ in examples]
-        for key, idx in groups.items():
-            with engine.apply([dict(key)]):
-                lps = choice_logprobs(engine.model, tok, [examples[i] for i in idx], batch_size=batch_size * 2)
-            for i, lp in zip(idx, lps):
-                logprobs[i] = lp
-        return accuracy_result(examples, logprobs)
+        return accuracy_result(examples, choice_scores(FusedRunner(engine), examples, sets, [[]] * len(examples),
+                                                       batch_size=batch_size * 2))
     out = engine.generate([user_message(ex) for ex in examples], adapters=list(sets),
                           max_new_tokens=task_max_new_tokens(task))
     return generation_result(task, examples, [o["text"].strip() for o in out])
@@ -250,7 +209,7 @@ def evaluate_composite(engine, examples_by_task: dict[str, list[dict]], methods=
         entry = {"tasks": per_task, "mean": sum(r["main"] for r in per_task.values()) / max(1, len(per_task)),
                  "seconds": time.perf_counter() - t0}
         if method == "dlp":
-            top = [max(s, key=s.get) if s else None for s in sets]
+            top = _top_names(sets)
             entry["router_accuracy"] = 100 * sum(tp == t for tp, (t, _) in zip(top, stream)) / max(1, len(stream))
             entry["mean_adapters"] = sum(len(s) for s in sets) / max(1, len(sets))
         results[method] = entry
@@ -280,7 +239,6 @@ def evaluate_composite(engine, examples_by_task: dict[str, list[dict]], methods=
 
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -363,10 +321,14 @@ def parse_p_values(value: str | None) -> list[float]:
             x = float(part)
         except ValueError:
             raise DLPLoRAError(f"--p-sweep: {part.strip()!r} is not a number") from None
-        if not 0 < x <= 1:
-            raise DLPLoRAError(f"--p-sweep values must be in (0, 1], got {x:g}")
-        out.append(x)
+        out.append(_check_p(x, "--p-sweep values"))
     return out
+
+
+def _check_p(x: float, what: str) -> float:
+    if not 0 < x <= 1:
+        raise DLPLoRAError(f"{what} must be in (0, 1], got {x:g}")
+    return float(x)
 
 
 def parse_weightings(value: str | None) -> list[str]:
@@ -476,8 +438,9 @@ class FusedRunner:
 
 
 class PeftRunner:
-    """A PEFT model that routes by itself (Arrow): adapter sets are ignored. Generation uses the
-    engine's decode loop (same greedy decoding, KV cache and EOS handling as the other methods)."""
+    """A model used as it is: a plain or PEFT model, or one that routes by itself (Arrow); adapter sets are
+    ignored. Generation uses the engine's decode loop (same greedy decoding, KV cache and EOS handling as the
+    other methods)."""
 
     def __init__(self, model, tokenizer):
         from .engine import eos_token_ids
@@ -716,7 +679,8 @@ def run_method_items(runner, method: str, items: list[dict], sets: list[dict], c
     # compute on finished rows and padding. The order depends only on the items, so every method gets the same batches.
     plen = {i: len(items[i]["ex"].get("input", "")) + sum(len(h.get("content", "")) for h in items[i].get("history") or [])
             for i in range(len(items))}
-    todo["gen"].sort(key=lambda i: (_gen_budget(tok, items[i]), plen[i]))
+    budget = {i: _gen_budget(tok, items[i]) for i in todo["gen"]}
+    todo["gen"].sort(key=lambda i: (budget[i], plen[i]))
     todo["choice"].sort(key=lambda i: plen[i])
     todo["tf"].sort(key=lambda i: plen[i])
     n_todo = sum(len(v) for v in todo.values())
@@ -732,8 +696,7 @@ def run_method_items(runner, method: str, items: list[dict], sets: list[dict], c
                 if what == "choice":
                     vals = choice_predictions(runner, exs, row_sets, hists, batch_size=2 * batch_size)
                 elif what == "gen":
-                    budgets = [_gen_budget(tok, items[i]) for i in idx]
-                    vals = runner.generate([user_message(ex) for ex in exs], hists, row_sets, budgets)
+                    vals = runner.generate([user_message(ex) for ex in exs], hists, row_sets, [budget[i] for i in idx])
                 else:
                     vals = teacher_forced_predictions(runner, exs, row_sets, batch_size=batch_size)
                 dt = (time.perf_counter() - t0) / len(idx)
@@ -886,6 +849,21 @@ def _claims_lines(results: dict) -> list[str]:
     return out + [""]
 
 
+def _fixed_sets(method: str, items: list[dict], names: list[str]) -> list[dict]:
+    """The adapter sets of the methods that do not route: lora (the item's own task), merge-all (every adapter,
+    uniform), base and arrow (none: Arrow routes inside the model)."""
+    if method == "lora":
+        return [{it["task"]: 1.0} for it in items]
+    if method == "merge-all":
+        return [{n: 1.0 / len(names) for n in names} for _ in items]
+    return [{} for _ in items]
+
+
+def _top_names(sets: list[dict]) -> list[str | None]:
+    """The most weighted adapter of each set (None for the base model): what the router "picked"."""
+    return [max(s, key=s.get) if s else None for s in sets]
+
+
 def library_signature(library) -> str:
     """Changes when the adapters or the plugin change: part of every cache key."""
     h = hashlib.sha1()
@@ -939,12 +917,8 @@ def run_evaluation(library: str | os.PathLike, data: str | os.PathLike | None = 
         eval_tasks = list(names)
     if limit is not None and limit < 1:
         raise DLPLoRAError(f"--limit must be at least 1, got {limit}")
-    if not 0 < p <= 1:
-        raise DLPLoRAError(f"--p must be in (0, 1], got {p}")
-    p_sweep = sorted({float(x) for x in p_sweep or ()} | ({p} if p_sweep else set()))
-    for x in p_sweep:
-        if not 0 < x <= 1:
-            raise DLPLoRAError(f"--p-sweep values must be in (0, 1], got {x}")
+    p = _check_p(p, "--p")
+    p_sweep = sorted({_check_p(x, "--p-sweep values") for x in p_sweep or ()} | ({p} if p_sweep else set()))
     settings = list(settings)
     methods = list(methods)
     weightings = list(weightings)
@@ -1027,18 +1001,12 @@ def run_evaluation(library: str | os.PathLike, data: str | os.PathLike | None = 
             else:
                 t0 = time.perf_counter()
                 route_log = None
-                if method == "base":
-                    sets = [{} for _ in stream]
-                elif method == "lora":
-                    sets = [{it["task"]: 1.0} for it in stream]
-                elif method == "merge-all":
-                    sets = [{n: 1.0 / len(names) for n in names} for _ in stream]
-                elif method == "dlp":
+                if method == "dlp":
                     with _routing_as(engine, p, weighting):
                         sets = engine.route([user_message(it["ex"]) for it in stream])  # the prompt text only
-                    route_log = [max(s, key=s.get) if s else None for s in sets]
-                else:  # arrow routes inside the model
-                    sets = [{} for _ in stream]
+                    route_log = _top_names(sets)
+                else:
+                    sets = _fixed_sets(method, stream, names)
                 route_s = time.perf_counter() - t0
                 preds = run_method_items(runner, name, stream, sets, cache, msig, teacher_forced=teacher_forced,
                                          batch_size=batch_size, progress=progress, desc=desc)
@@ -1054,18 +1022,13 @@ def run_evaluation(library: str | os.PathLike, data: str | os.PathLike | None = 
     results["settings"] = {x: results["settings"][x] for x in settings}  # report in the order asked
     single = (results["settings"].get("single") or {}).get("methods") or {}
     if "base" in single and "lora" in single:
-        scores = {}
-        for t, r in single["lora"]["tasks"].items():
-            b = single["base"]["tasks"].get(t) or {}
-            if "main" in r and "main" in b:
-                scores[t] = {"metric": r["metric"], "n": r["n"], "adapter": r["main"], "base": b["main"],
-                             "adapter_all": {k: round(v, 2) for k, v in r.items() if isinstance(v, float)},
-                             "base_all": {k: round(v, 2) for k, v in b.items() if isinstance(v, float)}}
-        flagged = lib.record_scores(scores, source=f"dlp-lora eval --setting single (limit {limit or 'all'})")
-        log(f"recorded adapter vs base scores of {len(scores)} adapters in {lib.root / 'library.json'}")
+        pairs = {t: (r, single["base"]["tasks"][t]) for t, r in single["lora"]["tasks"].items()
+                 if "main" in r and "main" in single["base"]["tasks"].get(t, {})}
+        flagged = lib.record_scores(pairs, source=f"dlp-lora eval --setting single (limit {limit or 'all'})")
+        log(f"recorded adapter vs base scores of {len(pairs)} adapters in {lib.root / 'library.json'}")
         for t in flagged:
-            log(f"  [FLAG] {t}: adapter {scores[t]['adapter']:.1f} does not beat base {scores[t]['base']:.1f} "
-                f"({scores[t]['metric']})")
+            a, b = pairs[t]
+            log(f"  [FLAG] {t}: adapter {a['main']:.1f} does not beat base {b['main']:.1f} ({a['metric']})")
         results["flagged_adapters"] = flagged
     if p_sweep and "dlp" in methods and "dlp" not in skipped:
         results["p_sweep"] = _run_p_sweep(engine, fused, examples, settings, p_sweep, weightings, cache, sig,
@@ -1089,7 +1052,7 @@ def _run_p_sweep(engine, fused, examples, settings, p_values, weightings, cache,
     stream = build_stream(examples, s_tasks, seed=seed)
     texts = [user_message(it["ex"]) for it in stream]
     log(f"== p sweep on {setting}: p in {', '.join(f'{x:g}' for x in p_values)}")
-    lora_sets = [{it["task"]: 1.0} for it in stream]
+    lora_sets = _fixed_sets("lora", stream, engine.names)
     preds = run_method_items(fused, "lora", stream, lora_sets, cache, sig, batch_size=batch_size, progress=progress,
                              desc="p sweep lora")
     lora = _summarise(s_tasks, stream, preds, lora_sets, 0.0)
@@ -1103,7 +1066,7 @@ def _run_p_sweep(engine, fused, examples, settings, p_values, weightings, cache,
             route_s = time.perf_counter() - t0
             preds = run_method_items(fused, name, stream, sets, cache, sig, batch_size=batch_size, progress=progress,
                                      desc=f"p sweep {name} p={pv:g}")
-            e = _summarise(s_tasks, stream, preds, sets, route_s, [max(s, key=s.get) if s else None for s in sets])
+            e = _summarise(s_tasks, stream, preds, sets, route_s, _top_names(sets))
             top_w = [max(s.values()) for s in sets if s]
             row = {"p": pv, "weighting": weighting, "method": name, "mean": e["mean"], "seconds": e["seconds"],
                    "router_accuracy": e["router_accuracy"], "mean_adapters": e["mean_adapters"],
@@ -1133,7 +1096,6 @@ def _run_multiturn(engine, runner, name, method, weighting, convs, tasks, cache,
                    progress, desc) -> dict:
     """Turn by turn over all conversations: each turn's history is the earlier turns with this method's own
     answers; the router reads engine.routing_text(turn, history, route_window)."""
-    n_names = engine.names
     all_items, all_preds, all_sets, route_log = [], [], [], []
     histories = [[] for _ in convs]
     route_s = 0.0
@@ -1145,17 +1107,13 @@ def _run_multiturn(engine, runner, name, method, weighting, convs, tasks, cache,
             uid = "mt-w%d|%s" % (route_window, ">".join(x["uid"] for x in conv[: t + 1]))
             items.append({"uid": uid, "task": step["task"], "ex": step["ex"], "history": list(histories[c]), "turn": t})
         t0 = time.perf_counter()
-        if method == "base" or method == "arrow":
-            sets = [{} for _ in items]
-        elif method == "lora":
-            sets = [{it["task"]: 1.0} for it in items]
-        elif method == "merge-all":
-            sets = [{n: 1.0 / len(n_names) for n in n_names} for _ in items]
-        else:
+        if method == "dlp":
             texts = [engine.routing_text(user_message(it["ex"]), it["history"], window=route_window) for it in items]
             with _routing_as(engine, p, weighting):
                 sets = engine.route(texts)
-            route_log += [max(s, key=s.get) if s else None for s in sets]
+            route_log += _top_names(sets)
+        else:
+            sets = _fixed_sets(method, items, engine.names)
         route_s += time.perf_counter() - t0
         preds = run_method_items(runner, name, items, sets, cache, sig, teacher_forced=False, batch_size=batch_size,
                                  progress=progress, desc=f"{desc} turn {t + 1}")

@@ -92,22 +92,15 @@ class Library:
         self.manifest["adapters"][name] = entry
         self.save()
 
-    def record_scores(self, scores: dict[str, dict], source: str) -> list[str]:
-        """Record per adapter its score on its own task against the base model: `scores` maps a task to
-        {"metric", "n", "adapter", "base", optional "adapter_all"/"base_all"}. Saves the manifest; returns the
-        adapters that do not beat the base model."""
-        flagged = []
-        for name, sc in scores.items():
-            if name not in self.manifest["adapters"]:
-                continue
-            entry = dict(self.manifest["adapters"][name])
-            entry["score"] = {**{k: (round(v, 2) if isinstance(v, float) else v) for k, v in sc.items()}, "source": source}
-            entry["beats_base"] = sc["adapter"] > sc["base"]
-            if not entry["beats_base"]:
-                flagged.append(name)
-            self.manifest["adapters"][name] = entry
+    def record_scores(self, results: dict[str, tuple[dict, dict]], source: str) -> list[str]:
+        """Record per adapter its score on its own task against the base model: `results` maps a task to its
+        (adapter result, base result). Saves the manifest; returns the adapters that do not beat the base model."""
+        for name, (adapter, base) in results.items():
+            if name in self.manifest["adapters"]:
+                self.manifest["adapters"][name] = {**self.manifest["adapters"][name],
+                                                   **score_record(adapter, base, source)}
         self.save()
-        return flagged
+        return [n for n in results if n in self.manifest["adapters"] and not self.manifest["adapters"][n]["beats_base"]]
 
     def save(self) -> None:
         atomic_write_text(self.root / MANIFEST, json.dumps(self.manifest, indent=2, ensure_ascii=False))
@@ -164,19 +157,23 @@ def train_one(model, tokenizer, task: str, data_dir: str | os.PathLike, cfg, lib
             if base_score is None:
                 with pm.disable_adapter():
                     base_score = score_task(pm, tokenizer, task, test)
-            metric = adapter_score["metric"]
-            entry["score"] = {"metric": metric, "n": len(test), "adapter": round(adapter_score["main"], 2),
-                              "base": round(base_score["main"], 2), "adapter_all": _round(adapter_score),
-                              "base_all": _round(base_score)}
-            entry["beats_base"] = adapter_score["main"] > base_score["main"]
+            entry.update(score_record(adapter_score, base_score, source=f"train-loras (first {len(test)} test examples)"))
         entry["wall_seconds"] = round(time.time() - t0, 1)
     finally:
         pm.unload()  # restore the plain backbone for the next task
     return entry, base_score
 
 
-def _round(score: dict) -> dict:
-    return {k: round(v, 2) for k, v in score.items() if isinstance(v, (int, float))}
+def score_record(adapter: dict, base: dict, source: str) -> dict:
+    """The manifest fields for an adapter scored on its own task against the base model: `adapter` and `base` are
+    task results (metric, n, main and every metric)."""
+    def rounded(score):
+        return {k: round(v, 2) for k, v in score.items() if isinstance(v, (int, float))}
+
+    return {"score": {"metric": adapter["metric"], "n": adapter["n"], "adapter": round(adapter["main"], 2),
+                      "base": round(base["main"], 2), "adapter_all": rounded(adapter), "base_all": rounded(base),
+                      "source": source},
+            "beats_base": adapter["main"] > base["main"]}
 
 
 def _ray_train_task(model_path, task, data_dir, cfg_dict, lib_root, base, eval_limit, base_score):

@@ -80,7 +80,7 @@ def run_reproduce(out: str | os.PathLike = "docs", work: str | os.PathLike = os.
                              weightings=parse_weightings(weightings), teacher_forced=teacher_forced, model=model,
                              batch_size=batch_size, cache_dir=work / "cache", progress=progress, write=False,
                              command=command, conversations=conversations,
-                             p_sweep=parse_p_values(p_sweep) if isinstance(p_sweep, str) else p_sweep, log=log)
+                             p_sweep=parse_p_values(p_sweep), log=log)
     stages["evaluation"] = round(time.time() - t, 1)
     results["reproduce"] = {"stages_seconds": stages, "total_seconds": round(time.time() - t0, 1), "steps": steps,
                             "work": str(work.resolve()), "tasks": names,
