@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dlplora.errors import DLPLoRAError
-from dlplora.plugin import HashedNgramTokenizer, Plugin, Routing, bench_routing, select, train_plugin_from_data
+from dlplora.plugin import (VIEWS, HashedNgramTokenizer, Plugin, Routing, bench_routing, render_view, select,
+                            train_plugin_from_data)
 
 # ---------------------------------------------------------------- synthetic data
 
@@ -114,9 +115,10 @@ def test_tokenizer_is_deterministic_and_batch_independent():
     a = tok.encode(["The quick brown fox.", "Übersetzen Sie den folgenden Text " * 30])
     b = tok.encode(["Übersetzen Sie den folgenden Text " * 30])
     seg = lambda f, s: f.ids[f.offsets[s]: f.offsets[s] + f.counts[s]].tolist()  # noqa: E731
-    assert seg(a, a.head[1]) == seg(b, b.head[0]) and seg(a, a.tail[1]) == seg(b, b.tail[0])
-    assert a.head[0] == a.tail[0]  # short text: one segment
-    assert a.head[1] != a.tail[1]  # long text: head and tail segments
+    head, tail = 0, 1
+    assert seg(a, a.slots[1, head]) == seg(b, b.slots[0, head]) and seg(a, a.slots[1, tail]) == seg(b, b.slots[0, tail])
+    assert a.slots[0, head] == a.slots[0, tail]  # short text: one segment
+    assert a.slots[1, head] != a.slots[1, tail]  # long text: head and tail segments
     assert a.ids.min() >= 0 and a.ids.max() < 2 ** 16
     # fixed hashes (no Python hash()): this value must not change between runs or machines
     # " ab" 3-gram, "ab " 3-gram, " ab " 4-gram, word "ab"; a change here invalidates every saved plugin
@@ -129,8 +131,23 @@ def test_tokenizer_chunks_agree_with_one_batch():
     tok = HashedNgramTokenizer(bits=14)
     texts = [f"prompt number {i} " * (i % 40 + 1) for i in range(50)]
     whole, chunked = tok.encode(texts), tok.encode(texts, chunk=7)
-    assert np.array_equal(whole.ids, chunked.ids) and np.array_equal(whole.head, chunked.head)
-    assert np.array_equal(whole.tail, chunked.tail) and np.array_equal(whole.offsets, chunked.offsets)
+    assert np.array_equal(whole.ids, chunked.ids) and np.array_equal(whole.slots, chunked.slots)
+    assert np.array_equal(whole.offsets, chunked.offsets)
+
+
+def test_tokenizer_turns_and_nul_bytes():
+    from dlplora.plugin.features import TURN_SEPARATOR
+
+    tok = HashedNgramTokenizer(bits=14, history_bytes=64)
+    assert tok.slots == ("head", "tail", "history")
+    f = tok.encode(["what is two plus two", "a previous turn" + TURN_SEPARATOR + "what is two plus two"])
+    seg = lambda s: f.ids[f.offsets[s]: f.offsets[s] + f.counts[s]].tolist()  # noqa: E731
+    # the current turn is cut from the text after the last separator; history has its own slot
+    assert seg(f.slots[0, 0]) == seg(f.slots[1, 0]) and f.counts[f.slots[0, 2]] == 0
+    assert f.counts[f.slots[1, 2]] > 0 and seg(f.slots[1, 2]) != seg(f.slots[1, 0])
+    # a NUL inside a prompt is text, not a segment break (it used to crash the featuriser)
+    g = tok.encode(["hi\u0000there", "a\u0000", "\u0000\u0000x"])
+    assert len(g) == 3 and g.slots.shape == (3, 3)
 
 
 # ---------------------------------------------------------------- the trained plugin
@@ -165,7 +182,7 @@ def test_save_load_round_trip(small_plugin, tmp_path):
     small_plugin.save(tmp_path / "plugin")
     cfg = json.loads((tmp_path / "plugin" / "plugin.json").read_text())
     assert cfg["labels"] == list(_VOCAB) and cfg["params"] == small_plugin.params
-    assert cfg["tokenizer"]["bits"] == 12 and cfg["default_p"] == 0.6
+    assert cfg["encoder"]["tokenizer"]["bits"] == 12 and cfg["default_p"] == 0.6 and cfg["format"] == 2
     loaded = Plugin.load(tmp_path / "plugin", expected_labels=list(_VOCAB))
     texts = ["bonjour rouge", "sum total minus", "shelf table blue"]
     assert np.allclose(loaded.probs(texts), small_plugin.probs(texts), atol=1e-6)
@@ -236,13 +253,14 @@ def _prepared(tmp_path):
 def test_train_plugin_from_data_report(tmp_path):
     data = _prepared(tmp_path)
     plugin, rep = train_plugin_from_data(data, ["winowhy", "gsm8k", "alpaca"], epochs=6, bits=12, dim=8,
-                                         hidden=(32, 32, 16), batch_size=32)
+                                         hidden=(32, 32, 16), batch_size=32, background=None)
     assert rep["tasks"] == 3 and rep["params"] == plugin.params
     assert set(rep["per_task"]) == {"winowhy", "gsm8k", "alpaca"}
     assert rep["accuracy"] == pytest.approx(sum(rep["per_task"].values()) / 3)
     assert rep["accuracy"] >= 0.9
-    assert 0 <= rep["no_prefix_accuracy"] <= 1 and 0 <= rep["history_accuracy"] <= 1
-    assert rep["train_examples"] > 150  # augmented copies were added
+    assert set(rep["views"]) == set(VIEWS) and rep["views"]["rendered"] == rep["accuracy"]
+    assert rep["views"]["input_only"] >= 0.8 and rep["none_class"] is False
+    assert rep["train_examples"] > 250  # every prompt plus two augmented views
     with pytest.raises(DLPLoRAError, match="unknown task"):
         train_plugin_from_data(data, ["winowhy", "not_a_task"])
 
@@ -264,7 +282,8 @@ def test_cli_train_plugin_and_route_json(tmp_path, capsys, monkeypatch):
                             "adapters": {"winowhy": {"path": "adapters/winowhy"}, "gsm8k": {"path": "adapters/gsm8k"},
                                          "alpaca": {"path": "adapters/alpaca"}}})
     lib.save()
-    assert cli.main(["train-plugin", "--library", str(lib_dir), "--epochs", "6", "--json"]) == 0
+    assert cli.main(["train-plugin", "--library", str(lib_dir), "--epochs", "6", "--json", "--background", "none",
+                     "--ood-draws", "0"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["tasks"] == 3 and 0.9 <= last["accuracy"] <= 1.0 and last["params"] > 0 and last["train_seconds"] > 0
     assert (lib_dir / "plugin" / "plugin.json").is_file()
@@ -295,3 +314,140 @@ def test_cli_train_plugin_needs_labels(tmp_path, capsys):
     assert "no adapters" in capsys.readouterr().err
     assert cli.main(["train-plugin", "--data", str(tmp_path)]) == 2
     assert "--tasks" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- views
+
+MCQ_ROW = {"input": "Nalo enoni paimbo.", "task_prefix": "Given a sentence, select the correct language.\n",
+           "input_prefix": "\nSentence: ", "output_prefix": "\nLanguage: ", "choices": ["Tol", "Basque"],
+           "target": "Tol"}
+
+
+def test_views_drop_the_scaffolding_they_name():
+    import random
+
+    from dlplora.plugin.views import TURN_SEPARATOR, augment, compose
+    from dlplora.tasks import user_message
+
+    rng = random.Random(0)
+    v = {name: render_view(MCQ_ROW, name, rng, other_turn="Translate this.") for name in VIEWS}
+    assert v["rendered"] == user_message(MCQ_ROW) == compose(MCQ_ROW)
+    assert "Given a sentence" not in v["no_task_prefix"] and "choice: Tol" in v["no_task_prefix"]
+    assert "choice:" not in v["no_choices"] and "Language:" in v["no_choices"]
+    assert "Sentence:" not in v["no_io_prefixes"] and "Language:" not in v["no_io_prefixes"]
+    assert "choice: Basque" in v["no_io_prefixes"]
+    assert v["input_only"] == "Nalo enoni paimbo."
+    assert v["rendered"].startswith(v["first_half"]) and len(v["first_half"]) < len(v["rendered"])
+    assert v["history"] == "Translate this." + TURN_SEPARATOR + v["rendered"]
+    assert v["noise"] != v["rendered"] or render_view(MCQ_ROW, "noise", random.Random(1)) != v["rendered"]
+    with pytest.raises(ValueError, match="unknown view"):
+        render_view(MCQ_ROW, "sideways", rng)
+    # augmentation is deterministic for a seed and never empty
+    a = [augment(MCQ_ROW, random.Random(3), "x") for _ in range(2)]
+    assert a[0] == a[1] and all(t.strip() for t in (augment(MCQ_ROW, random.Random(i)) for i in range(50)))
+
+
+# ---------------------------------------------------------------- "none of these": the base model
+
+def _vocab_rows(words, n, seed, prefix=""):
+    rng = np.random.default_rng(seed)
+    return [{"input": " ".join(rng.choice(words, size=8)) + f" case {i}", "task_prefix": prefix, "input_prefix": "",
+             "output_prefix": "", "choices": None, "target": "x"} for i in range(n)]
+
+
+BACKGROUND = ("weather", "rain", "football", "goal", "guitar", "song", "forest", "river", "train", "ticket")
+
+
+def test_none_class_sends_unrelated_prompts_to_base():
+    from dlplora.plugin import calibrate_base_threshold
+    from dlplora.plugin.train import build_training_set
+
+    rows = {t: _vocab_rows(w, 40, len(t)) for t, w in _VOCAB.items()}
+    background = [" ".join(np.random.default_rng(i).choice(BACKGROUND, size=8)) for i in range(80)]
+    texts, labels = build_training_set(rows, n_views=1, background=background)
+    assert labels.count(None) == 2 * len(background)
+    pl = Plugin.train(texts, labels, list(_VOCAB), epochs=8, batch_size=32, bits=12, dim=8, hidden=(32, 32, 16))
+    assert pl.none_class and pl.probs(["add seven"]).shape == (1, 3)
+    assert np.allclose(pl.probs(["add seven", "rain song"]).sum(1), 1.0, atol=1e-5)
+    held_in = [r["input"] for t in _VOCAB for r in _vocab_rows(_VOCAB[t], 10, 99 + len(t))]
+    thr = calibrate_base_threshold(pl, held_in, false_rate=0.0)
+    assert 0.0 < thr <= 0.5 and pl.config["base_threshold"] == thr
+    unrelated = [" ".join(np.random.default_rng(500 + i).choice(BACKGROUND, size=8)) for i in range(20)]
+    routed = pl.route(unrelated)
+    assert sum(not r for r in routed) >= 18
+    r = next(r for r in routed if not r)
+    assert r.names == [] and "none of the adapters" in r.base_reason and r.p_none > 0.5
+    assert all(pl.route(held_in))  # calibrated at 0 false rate: every in-library prompt keeps an adapter
+    assert pl.predict(unrelated[:1], base="<base>") == ["<base>"]
+    assert pl.route(unrelated[:1], base_threshold=0.0)[0].names  # the check can be turned off
+    with pytest.raises(DLPLoRAError, match="base threshold"):
+        pl.route(["rain"], base_threshold=1.0)
+    floor = pl.route(["add seven plus twelve"], floor=1.0)[0]
+    assert floor.names == [] and "below the floor" in floor.base_reason
+
+
+def test_leave_out_measures_prompts_of_held_out_tasks(tmp_path):
+    from dlplora.plugin import leave_out
+    from dlplora.plugin import fit
+
+    vocab = dict(_VOCAB, music=("guitar", "song", "drum", "melody", "chord", "piano", "violin", "choir"),
+                 sport=("football", "goal", "match", "referee", "score", "team", "league", "coach"))
+    train = {t: _vocab_rows(w, 30, len(t)) for t, w in vocab.items()}
+    test = {t: _vocab_rows(w, 10, 50 + len(t)) for t, w in vocab.items()}
+    background = [" ".join(np.random.default_rng(i).choice(BACKGROUND + ("cloud", "snow"), size=8))
+                  for i in range(60)]
+
+    def train_fn(tr, _te):
+        return fit(tr, background=background, n_views=1, epochs=8, batch_size=32, bits=12, dim=8,
+                   hidden=(32, 32, 16))
+
+    res = leave_out(train, test, draws=2, k=1, seed=0, train_fn=train_fn)
+    assert len(res["draws"]) == 2 and all(len(d["held_out"]) == 1 for d in res["draws"])
+    for d in res["draws"]:
+        assert d["in_library"] <= d["in_library_argmax"]
+        assert d["in_library_loss_points"] == pytest.approx(100 * (d["in_library_argmax"] - d["in_library"]), abs=1e-3)
+    assert res["in_library"] >= 0.9
+    with pytest.raises(DLPLoRAError, match="needs at least"):
+        leave_out(train, test, k=4, train_fn=train_fn)
+
+
+def test_format_1_plugins_still_load(small_plugin, tmp_path):
+    """Plugins saved before the views/none-class change (format 1: head/tail hashed features)."""
+    texts, labels = [], []
+    for t in _VOCAB:
+        xs = _texts(t, 20, seed=len(t))
+        texts += xs
+        labels += [t] * len(xs)
+    old = Plugin.train(texts, labels, list(_VOCAB), epochs=4, batch_size=32, bits=12, dim=8, hidden=(32, 32, 16),
+                       history_bytes=0)
+    old.save(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "plugin.json").read_text())
+    enc = cfg.pop("encoder")
+    tok = enc["tokenizer"]
+    for k in ("body_bytes", "history_bytes", "turns"):
+        tok.pop(k)
+    cfg.update(format=1, tokenizer=tok, model={"kind": "hashed-bag-mlp", "dim": 8, "hidden": [32, 32, 16],
+                                               "dropout": 0.1})
+    cfg.pop("none_class")
+    (tmp_path / "old" / "plugin.json").write_text(json.dumps(cfg))
+    loaded = Plugin.load(tmp_path / "old", expected_labels=list(_VOCAB))
+    assert np.allclose(loaded.probs(texts[:5]), old.probs(texts[:5]), atol=1e-6) and not loaded.none_class
+
+
+def test_background_file_is_read_and_checked(tmp_path):
+    from dlplora.plugin.background import _render, read_background
+
+    p = tmp_path / "bg.jsonl"
+    p.write_text('{"text": "line one\u2028still one", "task": "other/sub"}\n{"input": "two", "task": "mine"}\n')
+    rows = read_background(p, exclude_tasks=["mine"])
+    assert [r["text"] for r in rows] == ["line one\u2028still one"]
+    p.write_text('{"text": ""}\n')
+    with pytest.raises(DLPLoRAError, match="non-empty"):
+        read_background(p)
+    p.write_text('{"text": "a"\n')
+    with pytest.raises(DLPLoRAError, match="not valid JSON"):
+        read_background(p)
+    with pytest.raises(DLPLoRAError, match="does not exist"):
+        read_background(tmp_path / "nope.jsonl")
+    text = _render({"task_prefix": "Pick one.\n"}, {"input": "2+2", "target_scores": {"4": 1, "5": 0}})
+    assert text == "Pick one.\n\nQ: 2+2\n  choice: 4\n  choice: 5\nA:"

@@ -45,8 +45,10 @@ def cmd_train_plugin(args) -> None:
     if not os.path.isdir(data):
         raise DLPLoRAError(f"prepared data directory {data} does not exist; run `dlp-lora data prepare --out {data}`")
     log = None if args.json else print
+    background = None if args.background == "none" else args.background
     plugin, report = train_plugin_from_data(data, names, epochs=args.epochs, seed=args.seed, log=log,
-                                            augment=not args.no_augment)
+                                            augment=not args.no_augment, n_views=args.views, background=background,
+                                            encoder=args.encoder, ood_draws=args.ood_draws)
     path = plugin.save(out)
     t0 = time.perf_counter()
     from .plugin import Plugin
@@ -54,23 +56,41 @@ def cmd_train_plugin(args) -> None:
     Plugin.load(out, expected_labels=names)
     report["load_ms"] = round((time.perf_counter() - t0) * 1000, 1)
     report["out"] = str(path)
-    width = max(len(n) for n in names)
-    print(f"{'task':{width}}  held-out acc  no-prefix  history")
-    for n in names:
-        print(f"{n:{width}}  {report['per_task'][n]:12.3f}  {report['no_prefix_per_task'][n]:9.3f}  "
-              f"{report['history_per_task'][n]:7.3f}")
-    print(f"mean held-out accuracy {report['accuracy']:.4f} over {report['tasks']} tasks "
-          f"(micro {report['micro_accuracy']:.4f}); no task prefix {report['no_prefix_accuracy']:.4f}; "
-          f"previous turn prepended {report['history_accuracy']:.4f}")
-    if report["confusions"]:
-        print("top confusions (gold -> predicted: count): " +
-              "; ".join(f"{c['gold']} -> {c['pred']}: {c['count']}" for c in report["confusions"]))
-    else:
-        print("no confusions on the held-out prompts")
-    print(f"{report['params']:,} parameters, trained on {report['train_examples']} prompts in "
-          f"{report['train_seconds']:.1f}s; saved to {path} (loads in {report['load_ms']} ms)")
-    if args.json:
+    print_view_table(report, names)
+    if report.get("leave_out"):
+        print_leave_out(report["leave_out"])
+    print(f"{report['params']:,} parameters ({report['encoder']} encoder"
+          f"{', none-of-these class on %d background prompts' % report['background_prompts'] if report['none_class'] else ''}"
+          f"), trained on {report['train_examples']} prompts in {report['train_seconds']:.1f}s; saved to {path} "
+          f"(loads in {report['load_ms']} ms)")
+    if args.json:  # accuracy, views {name: accuracy}, ood_to_base (with --ood-draws), train_seconds, details
         _print_json(report)
+
+
+def print_view_table(report: dict, names) -> None:
+    """Per-task held-out accuracy under each view, the mean per view, and the top confusions."""
+    views = list(report["views"])
+    width = max(len(n) for n in names)
+    cols = [v[:14] for v in views]
+    print(f"{'task':{width}}  " + "  ".join(f"{c:>14}" for c in cols))
+    for n in names:
+        print(f"{n:{width}}  " + "  ".join(f"{report['views_per_task'][v].get(n, float('nan')):14.3f}" for v in views))
+    print(f"{'mean over tasks':{width}}  " + "  ".join(f"{report['views'][v]:14.4f}" for v in views))
+    print(f"{'sent to base':{width}}  " + "  ".join(f"{report['views_to_base'][v]:14.4f}" for v in views))
+    conf = report["views_confusions"].get("rendered") or []
+    if conf:
+        print("top confusions as rendered (gold -> predicted: count): " +
+              "; ".join(f"{c['gold']} -> {c['pred']}: {c['count']}" for c in conf))
+    else:
+        print("no confusions on the held-out prompts as rendered")
+
+
+def print_leave_out(lo: dict) -> None:
+    for d in lo["draws"]:
+        print(f"leave-{lo['k']}-out {', '.join(d['held_out'])}: {d['ood_to_base']:.3f} of their prompts to base; "
+              f"in-library {d['in_library']:.4f} (without the base decision {d['in_library_argmax']:.4f})")
+    print(f"out-of-library prompts routed to base: {lo['ood_to_base']:.4f} (mean of {len(lo['draws'])} draws); "
+          f"in-library accuracy loss from the base decision: {lo['in_library_loss_points']:.2f} points")
 
 
 def cmd_route(args) -> None:
@@ -103,9 +123,10 @@ def cmd_route(args) -> None:
         if r.names:
             sel = ", ".join(f"{n} {w:.3f} (p={q:.3f})" for n, w, q in zip(r.names, r.weights, r.probs))
         else:
-            sel = "(base model: best probability below the floor)"
+            sel = f"(base model: {r.base_reason})"
         print(f"{short!r} -> {sel}")
-        out.append({"prompt": prompt, "adapters": r.names, "weights": r.weights, "probs": r.probs})
+        out.append({"prompt": prompt, "adapters": r.names, "weights": r.weights, "probs": r.probs,
+                    "base_reason": r.base_reason, "p_none": r.p_none})
     if args.json:
         _print_json({"routings": out, "p": args.p if args.top_k is None else None, "top_k": args.top_k,
                      "weighting": args.weighting, "floor": args.floor, "plugin": str(plugin_dir),
@@ -117,8 +138,9 @@ def register(sub, model_help: str) -> None:
                         description="Train the router on prepared training prompts labelled by task and save it "
                                     "(plugin.json + model.safetensors). Labels are the library's adapter names "
                                     "(--library) or the given --tasks. Prints per-task held-out accuracy on the test "
-                                    "prompts, also with the task prefix removed and with a previous turn of another "
-                                    "task prepended, and the top confusions.")
+                                    "prompts under each view (as rendered, without task prefix, choices or "
+                                    "input/output prefixes, input only, first half, after another task's turn, with "
+                                    "noise), leave-3-tasks-out figures, and the top confusions.")
     tp.add_argument("--library", help="adapter library: labels = its adapter names, default --out LIB/plugin")
     tp.add_argument("--data", help="prepared data directory (from `dlp-lora data prepare`; with --library the "
                                    "default is the library's data_dir)")
@@ -127,7 +149,20 @@ def register(sub, model_help: str) -> None:
     tp.add_argument("--epochs", type=int, default=2, help="training epochs (default: 2)")
     tp.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     tp.add_argument("--no-augment", action="store_true",
-                    help="train on the clean prompts only (no prefix-dropped or history-prepended copies)")
+                    help="train on the prompts as rendered only (no augmented views)")
+    tp.add_argument("--views", type=int, default=2,
+                    help="augmented views per training prompt: scaffolding dropped, cut short, another turn "
+                         "before it, noise (default: 2)")
+    tp.add_argument("--encoder", choices=("hashed", "backbone"), default="hashed",
+                    help="hashed: trained hashed word/byte n-gram embeddings (default); backbone: the backbone's "
+                         "frozen input embeddings, mean-pooled")
+    tp.add_argument("--background", default="auto",
+                    help="prompts of other tasks for the 'none of these' class (routed to the base model): auto = "
+                         "BIG-bench tasks outside the suite (cached on first use), none = no such class, or a "
+                         "JSONL file of {\"text\": ...} lines (default: auto)")
+    tp.add_argument("--ood-draws", type=int, default=3,
+                    help="leave-3-tasks-out draws measuring out-of-library prompts routed to base (each trains "
+                         "one more router; 0 skips; default: 3)")
     tp.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
     tp.set_defaults(func=cmd_train_plugin)
 

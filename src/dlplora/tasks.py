@@ -157,27 +157,31 @@ def _needed_bigbench_files() -> dict[str, Path]:
     return out
 
 
+def fetch_bigbench_sdist(tmp: str, log=print) -> Path:
+    """The bigbench sdist: $DLP_LORA_BIGBENCH_SDIST if set, else downloaded into `tmp` with pip."""
+    sdist = os.environ.get("DLP_LORA_BIGBENCH_SDIST")
+    if sdist:
+        return Path(sdist)
+    log(f"downloading the BIG-bench task files (PyPI sdist bigbench=={BIGBENCH_VERSION}, 358 MB, once)...")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "-q", "-d", tmp, f"bigbench=={BIGBENCH_VERSION}"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    found = list(Path(tmp).glob("bigbench-*.tar.gz"))
+    if res.returncode != 0 or not found:
+        raise DLPLoRAError(
+            f"could not download the BIG-bench sdist with `{' '.join(cmd[2:])}`: "
+            f"{(res.stderr or res.stdout).strip().splitlines()[-1:] or 'no file'}. "
+            "Set DLP_LORA_BIGBENCH_SDIST to a local bigbench-1.0.0.tar.gz to skip the download.")
+    return found[0]
+
+
 def ensure_bigbench(log=print) -> Path:
     """Fetch the bigbench sdist once (pip download), extract the task.json files we use, delete the tarball."""
     needed = _needed_bigbench_files()
     if all(p.is_file() for p in needed.values()):
         return bigbench_dir()
-    sdist = os.environ.get("DLP_LORA_BIGBENCH_SDIST")
     with tempfile.TemporaryDirectory(prefix="dlp-bigbench-") as tmp:
-        if sdist:
-            tarball = Path(sdist)
-        else:
-            log(f"downloading the BIG-bench task files (PyPI sdist bigbench=={BIGBENCH_VERSION}, 358 MB, once)...")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   "-q", "-d", tmp, f"bigbench=={BIGBENCH_VERSION}"]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            found = list(Path(tmp).glob("bigbench-*.tar.gz"))
-            if res.returncode != 0 or not found:
-                raise DLPLoRAError(
-                    f"could not download the BIG-bench sdist with `{' '.join(cmd[2:])}`: "
-                    f"{(res.stderr or res.stdout).strip().splitlines()[-1:] or 'no file'}. "
-                    "Set DLP_LORA_BIGBENCH_SDIST to a local bigbench-1.0.0.tar.gz to skip the download.")
-            tarball = found[0]
+        tarball = fetch_bigbench_sdist(tmp, log)
         wanted = {f"benchmark_tasks/{rel}": dest for rel, dest in needed.items()}
         got = 0
         try:

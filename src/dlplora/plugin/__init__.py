@@ -1,0 +1,135 @@
+"""The DLP plugin: a ~5M-parameter mini-MLP router that picks and weights adapters per prompt.
+
+Modules, in the order the data flows (see docs/plugin.md)::
+
+    views.py       the ways a user writes a task's prompt (training augmentation, robustness table)
+    background.py  prompts of tasks outside the library (the "none of these" class)
+    features.py    the plugin's own tokenizer: hashed word/byte n-grams per segment (head, body, tail)
+    encoders.py    texts -> the MLP's input (hashed n-gram embeddings, or frozen backbone embeddings)
+    router.py      network, top-p selection and weights (paper eq. 4-5), base-model decision, load/save
+    train.py       training set, optimisation, calibration of the base-model threshold
+    evaluate.py    accuracy per view, leave-tasks-out, routing latency
+
+:func:`train_plugin_from_data` ties them together for prepared task data.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Sequence
+
+from ..errors import DLPLoRAError
+from .evaluate import BASE, bench_routing, evaluate, leave_out, view_table
+from .features import FEATURIZER, Features, HashedNgramTokenizer
+from .router import (CONFIG_FILE, DEFAULT_P, FORMAT, RETRAIN_HINT, WEIGHTS_FILE, WEIGHTINGS, Plugin, Routing,
+                     check_selection_args, select)
+from .train import build_training_set, calibrate_base_threshold
+from .views import VIEWS, render_view
+
+__all__ = ["BASE", "CONFIG_FILE", "DEFAULT_P", "FEATURIZER", "FORMAT", "Features", "HashedNgramTokenizer", "Plugin",
+           "RETRAIN_HINT", "Routing", "VIEWS", "WEIGHTINGS", "WEIGHTS_FILE", "bench_routing", "build_training_set",
+           "calibrate_base_threshold", "check_selection_args", "evaluate", "fit", "leave_out", "load_task_rows",
+           "render_view", "select", "train_plugin_from_data", "view_table"]
+
+CALIBRATION_SHARE = 0.05  # of each task's training rows, held back to calibrate the base threshold
+
+
+def load_task_rows(data_dir: str | os.PathLike, tasks: Sequence[str], split: str) -> dict[str, list[dict]]:
+    from ..tasks import load_split
+
+    out = {}
+    for t in tasks:
+        rows = load_split(data_dir, t, split)
+        if not rows:
+            raise DLPLoRAError(f"the prepared {split} split of {t} in {data_dir} is empty")
+        out[t] = rows
+    return out
+
+
+def resolve_background(background, names: Sequence[str], log=None) -> list[str]:
+    """Background ("none of these") texts: "auto" = the cached BIG-bench pool (built on first use),
+    None/"none" = no none class, a path = a JSONL file, or a list of texts. Rows of tasks that are
+    adapters here are left out."""
+    from .background import ensure_background, read_background
+
+    if background is None or background == "none":
+        return []
+    if isinstance(background, (list, tuple)):
+        return [str(t) for t in background]
+    path = ensure_background(log=log or (lambda *_: None)) if background == "auto" else background
+    return [r["text"] for r in read_background(path, exclude_tasks=names)]
+
+
+def _split_calibration(rows_by_task: dict[str, list[dict]], seed: int) -> tuple[dict, dict]:
+    rng = random.Random(seed)
+    train, calib = {}, {}
+    for t, rows in rows_by_task.items():
+        idx = list(range(len(rows)))
+        rng.shuffle(idx)
+        n = max(1, int(len(rows) * CALIBRATION_SHARE)) if len(rows) >= 10 else 0
+        calib[t] = [rows[i] for i in idx[:n]]
+        train[t] = [rows[i] for i in idx[n:]]
+    return train, calib
+
+
+def fit(train_rows: dict[str, list[dict]], *, background: Sequence[str] = (), n_views: int = 2, seed: int = 0,
+        epochs: int = 2, log=None, **train_kw) -> Plugin:
+    """Train a router on prepared rows (labels = task names): views augmentation, the background as
+    the "none of these" class, and the base threshold calibrated on held-back rows in every view."""
+    from .views import view_texts
+
+    fit_rows, calib_rows = _split_calibration(train_rows, seed)
+    texts, labels = build_training_set(fit_rows, n_views=n_views, background=background, seed=seed)
+    plugin = Plugin.train(texts, labels, list(train_rows), epochs=epochs, seed=seed, log=log, **train_kw)
+    calib = {t: r for t, r in calib_rows.items() if r}
+    if plugin.none_class:
+        calib_texts = [x for v in VIEWS for x in view_texts(calib, v, seed)[0]] if calib else []
+        calibrate_base_threshold(plugin, calib_texts)
+    plugin.config["training"].update({"n_views": n_views, "calibration_rows": sum(map(len, calib_rows.values()))})
+    return plugin
+
+
+def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | str, *, epochs: int = 2, seed: int = 0,
+                           augment: bool = True, n_views: int = 2, background="auto", robustness: bool = True,
+                           ood_draws: int = 0, log=None, **train_kw) -> tuple[Plugin, dict]:
+    """Train a router on the prepared train splits of `tasks` (labels = task names) and measure it on
+    their test splits. Returns (plugin, report): `accuracy` (mean over tasks of held-out top-1, as
+    rendered), per_task, confusions, params, tasks, train_seconds, and with `robustness` the accuracy
+    under every view (`views`); with `ood_draws` > 0, leave-3-tasks-out over that many draws
+    (`ood_to_base`, `leave_out`)."""
+    from ..tasks import parse_tasks
+
+    names = parse_tasks(tasks, data_dir) if isinstance(tasks, str) else list(tasks)
+    parse_tasks(names, data_dir)  # every label must be a known task or have prepared data
+    train_rows = load_task_rows(data_dir, names, "train")
+    test_rows = load_task_rows(data_dir, names, "test")
+    bg = resolve_background(background, names, log)
+    views = n_views if augment else 0
+    t0 = time.perf_counter()
+    plugin = fit(train_rows, background=bg, n_views=views, seed=seed, epochs=epochs, log=log, **train_kw)
+    train_s = time.perf_counter() - t0
+    plugin.config["training"].update({"augment": augment, "data_dir": str(data_dir), "background": len(bg)})
+    table = view_table(plugin, test_rows, VIEWS if robustness else ("rendered",))
+    clean = table["rendered"]
+    report = {"accuracy": clean["accuracy"], "micro_accuracy": clean["micro_accuracy"], "per_task": clean["per_task"],
+              "confusions": clean["confusions"], "params": plugin.params, "tasks": len(names),
+              "train_examples": plugin.config["training"]["examples"], "test_examples": clean["n"],
+              "train_seconds": round(train_s, 2), "epochs": epochs, "seed": seed, "encoder": plugin.encoder.kind,
+              "none_class": plugin.none_class, "background_prompts": len(bg),
+              "base_threshold": plugin.base_threshold if plugin.none_class else None,
+              "views": {v: r["accuracy"] for v, r in table.items()},
+              "views_per_task": {v: r["per_task"] for v, r in table.items()},
+              "views_confusions": {v: r["confusions"][:5] for v, r in table.items()},
+              "views_to_base": {v: r["to_base"] for v, r in table.items()}}
+    if ood_draws:
+        def train_fn(tr, _te):
+            return fit(tr, background=bg, n_views=views, seed=seed, epochs=epochs, **train_kw)
+
+        lo = leave_out(train_rows, test_rows, draws=ood_draws, k=3, seed=seed, train_fn=train_fn)
+        report["ood_to_base"] = lo["ood_to_base"]
+        report["leave_out"] = lo
+    plugin.config["report"] = {k: report[k] for k in ("accuracy", "train_seconds", "tasks", "views", "ood_to_base")
+                               if k in report}
+    return plugin, report

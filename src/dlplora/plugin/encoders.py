@@ -1,0 +1,145 @@
+"""Text encoders of the router: prompt texts -> the MLP's input vector.
+
+Two kinds, chosen with ``train-plugin --encoder``:
+
+- ``hashed`` (default): the plugin's own tokenizer (:mod:`.features`, hashed word and byte n-grams
+  per segment) with a *trained* embedding table (``EmbeddingBag``, mean); the MLP reads the
+  segments' embeddings side by side.
+- ``backbone``: the backbone's BPE tokenizer and its *frozen* input embeddings, mean-pooled over the
+  first 64, the first 256 and the last 64 tokens; only the MLP is trained. A pretrained text
+  representation at no extra download, kept as an option for the comparison in docs/plugin.md.
+
+An encoder turns texts into a *batch* (``encode``), slices a batch by rows (``take``), and maps a
+batch to vectors inside the network (:class:`EncoderModule`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import DLPLoRAError
+from .features import FEATURIZER, RETRAIN_HINT, Features, HashedNgramTokenizer
+
+ENCODERS = ("hashed", "backbone")
+BACKBONE_ENCODER = "backbone-embeddings-v1"
+_WINDOWS = (("head", 0, 64), ("body", 0, 256), ("tail", -64, None))
+
+
+class HashedEncoder:
+    kind = "hashed"
+
+    def __init__(self, tokenizer: HashedNgramTokenizer, dim: int = 18):
+        self.tokenizer = tokenizer
+        self.dim = dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.dim * len(self.tokenizer.slots)
+
+    def encode(self, texts: Sequence[str]) -> Features:
+        return self.tokenizer.encode(texts)
+
+    @staticmethod
+    def take(batch: Features, rows: np.ndarray) -> Features:
+        return batch.take(rows)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "dim": self.dim, "tokenizer": self.tokenizer.to_dict()}
+
+    def module(self, weight=None):
+        from torch import nn
+
+        return nn.EmbeddingBag(self.tokenizer.buckets, self.dim, mode="mean", _weight=weight)
+
+    @staticmethod
+    def forward(module, batch: Features):
+        ids, offsets, slots = batch.tensors()
+        seg = module(ids, offsets)
+        return seg[slots].flatten(1)
+
+
+class BackboneEncoder:
+    """Frozen input embeddings of the backbone, mean-pooled over token windows (no training)."""
+
+    kind = "backbone"
+
+    def __init__(self, model: str | None = None):
+        from ..backbone import load_tokenizer, resolve_model
+
+        self.model = resolve_model(model)
+        self.tok = load_tokenizer(self.model)
+        self.table = _embedding_table(self.model)
+
+    @property
+    def out_dim(self) -> int:
+        return self.table.shape[1] * len(_WINDOWS)
+
+    def encode(self, texts: Sequence[str]):
+        import torch
+        import torch.nn.functional as F
+
+        ids = self.tok(list(texts), add_special_tokens=False)["input_ids"]
+        outs = []
+        for _, a, b in _WINDOWS:
+            parts = [(x[a:b] if x[a:b] else x[:1]) or [0] for x in ids]
+            flat = torch.tensor([t for p in parts for t in p], dtype=torch.long)
+            offsets = torch.tensor(np.concatenate([[0], np.cumsum([len(p) for p in parts])[:-1]]), dtype=torch.long)
+            outs.append(F.embedding_bag(flat, self.table, offsets, mode="mean"))
+        return torch.cat(outs, dim=1)
+
+    @staticmethod
+    def take(batch, rows: np.ndarray):
+        import torch
+
+        return batch[torch.from_numpy(np.asarray(rows))]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "featurizer": BACKBONE_ENCODER, "model": str(self.model),
+                "windows": [list(w) for w in _WINDOWS]}
+
+    def module(self, weight=None):
+        return None
+
+    @staticmethod
+    def forward(module, batch):
+        return batch
+
+
+def _embedding_table(model_dir: str):
+    """The backbone's input embedding matrix (fp32, frozen), read from its safetensors files."""
+    from pathlib import Path
+
+    import torch
+    from safetensors import safe_open
+
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if key.endswith("embed_tokens.weight"):
+                    return st.get_tensor(key).to(torch.float32)
+    raise DLPLoRAError(f"no input embedding matrix (embed_tokens.weight) in the safetensors files of {model_dir}")
+
+
+def make_encoder(kind: str, *, tokenizer: HashedNgramTokenizer | None = None, dim: int = 18, bits: int = 18,
+                 body_bytes: int = 0, history_bytes: int = 256, model: str | None = None):
+    if kind == "hashed":
+        return HashedEncoder(tokenizer or HashedNgramTokenizer(bits=bits, body_bytes=body_bytes,
+                                                               history_bytes=history_bytes), dim)
+    if kind == "backbone":
+        return BackboneEncoder(model)
+    raise DLPLoRAError(f"unknown plugin encoder {kind!r}; choose one of: {', '.join(ENCODERS)}")
+
+
+def encoder_from_config(cfg: dict):
+    """The encoder of a saved plugin config (plugins of format 1 only have the hashed tokenizer)."""
+    enc = cfg.get("encoder")
+    if enc is None:  # format 1: hashed n-grams with head/tail segments
+        return HashedEncoder(HashedNgramTokenizer.from_dict(cfg["tokenizer"]), int(cfg["model"]["dim"]))
+    if enc.get("kind") == "hashed":
+        return HashedEncoder(HashedNgramTokenizer.from_dict(enc["tokenizer"]), int(enc["dim"]))
+    if enc.get("kind") == "backbone":
+        return BackboneEncoder(enc.get("model"))
+    raise DLPLoRAError(f"plugin encoder {enc.get('kind')!r} is not supported by this version "
+                       f"(expects {' or '.join(ENCODERS)}, {FEATURIZER}); {RETRAIN_HINT}")

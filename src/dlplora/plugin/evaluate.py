@@ -1,0 +1,139 @@
+"""Measuring the router: accuracy per view (the robustness table), leave-tasks-out (prompts that belong
+to no adapter), and routing latency."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import DLPLoRAError
+from .router import Plugin, _check_texts
+from .views import VIEWS, view_texts
+
+BASE = "<base>"  # the prediction "use the base model" in tables and confusions
+
+
+def predict_all(plugin: Plugin, texts: Sequence[str], base: str | None = BASE, batch: int = 1024) -> list[str | None]:
+    out: list[str | None] = []
+    for b in range(0, len(texts), batch):
+        out += plugin.predict(texts[b: b + batch], base=base)
+    return out
+
+
+def accuracy_table(gold: Sequence[str], pred: Sequence[str | None], names: Sequence[str],
+                   top_confusions: int = 10) -> dict:
+    """Mean over tasks of top-1 accuracy (a prompt sent to the base model counts as wrong), micro
+    accuracy, per-task accuracy and the most common confusions."""
+    per_task, conf = {}, Counter()
+    for task in names:
+        pairs = [(g, p) for g, p in zip(gold, pred) if g == task]
+        if pairs:
+            per_task[task] = sum(g == p for g, p in pairs) / len(pairs)
+        conf.update((g, p) for g, p in pairs if g != p)
+    return {"accuracy": float(np.mean(list(per_task.values()))) if per_task else 0.0,
+            "micro_accuracy": sum(g == p for g, p in zip(gold, pred)) / max(1, len(gold)), "per_task": per_task,
+            "confusions": [{"gold": g, "pred": p, "count": c} for (g, p), c in conf.most_common(top_confusions)],
+            "n": len(gold)}
+
+
+def evaluate(plugin: Plugin, rows_by_task: dict[str, list[dict]], view: str = "rendered", seed: int = 1,
+             top_confusions: int = 10) -> dict:
+    """Held-out top-1 accuracy per task for every example of `rows_by_task` in `view`."""
+    if view not in VIEWS:
+        raise DLPLoRAError(f"unknown view {view!r}; views: {', '.join(VIEWS)}")
+    texts, gold = view_texts(rows_by_task, view, seed)
+    pred = predict_all(plugin, texts)
+    res = accuracy_table(gold, pred, list(rows_by_task), top_confusions)
+    res["view"] = view
+    res["to_base"] = sum(p == BASE for p in pred) / max(1, len(pred))
+    return res
+
+
+def view_table(plugin: Plugin, rows_by_task: dict[str, list[dict]], views: Sequence[str] = VIEWS,
+               seed: int = 1) -> dict[str, dict]:
+    """:func:`evaluate` for each view -> {view: result}."""
+    return {v: evaluate(plugin, rows_by_task, v, seed) for v in views}
+
+
+def leave_out(train_rows: dict[str, list[dict]], test_rows: dict[str, list[dict]], *, draws: int = 3, k: int = 3,
+              seed: int = 0, train_fn=None) -> dict:
+    """Leave-tasks-out: for each draw, hold out `k` tasks, train a router on the others with
+    `train_fn(train_rows, test_rows) -> plugin`, and measure on the test prompts (as rendered) the share
+    of the held-out tasks' prompts routed to the base model (`ood_to_base`), the in-library accuracy
+    (base counts as wrong), and that accuracy without the base decision (`in_library_argmax`): their
+    difference is what sending prompts to base costs in-library."""
+    names = list(train_rows)
+    if len(names) - k < 2:
+        raise DLPLoRAError(f"leave-{k}-out needs at least {k + 2} tasks, got {len(names)}")
+    rng = random.Random(seed)
+    out = []
+    for d in range(draws):
+        held = sorted(rng.sample(names, k))
+        keep = [n for n in names if n not in held]
+        plugin = train_fn({n: train_rows[n] for n in keep}, {n: test_rows[n] for n in keep})
+        texts_in, gold_in = view_texts({n: test_rows[n] for n in keep}, "rendered")
+        texts_out, _ = view_texts({n: test_rows[n] for n in held}, "rendered")
+        with_base = accuracy_table(gold_in, predict_all(plugin, texts_in), keep)["accuracy"]
+        argmax = accuracy_table(gold_in, predict_all(plugin, texts_in, base=None), keep)["accuracy"]
+        pred_out = predict_all(plugin, texts_out)
+        per_held = {n: sum(p == BASE for p, g in zip(pred_out, [t for t in held for _ in test_rows[t]]) if g == n)
+                    / len(test_rows[n]) for n in held}
+        out.append({"held_out": held, "ood_to_base": sum(p == BASE for p in pred_out) / len(pred_out),
+                    "ood_to_base_per_task": per_held, "in_library": with_base, "in_library_argmax": argmax,
+                    "in_library_loss_points": round(100 * (argmax - with_base), 3)})
+    return {"draws": out, "k": k, "ood_to_base": float(np.mean([d["ood_to_base"] for d in out])),
+            "in_library": float(np.mean([d["in_library"] for d in out])),
+            "in_library_loss_points": float(np.mean([d["in_library_loss_points"] for d in out]))}
+
+
+def bench_routing(plugin: Plugin, texts: Sequence[str], batch_size: int = 64, repeats: int = 3,
+                  threads: int | None = None, **route_kw) -> dict:
+    """Median-of-`repeats` wall time of :meth:`Plugin.route` over `texts` in batches -> ms per prompt
+    (featurisation + forward + selection), plus single-prompt latency. `threads` sets torch's thread
+    count for the measurement (restored after)."""
+    import torch
+
+    if threads:
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return bench_routing(plugin, texts, batch_size, repeats, None, **route_kw)
+        finally:
+            torch.set_num_threads(old)
+    texts = _check_texts(texts)
+    if not texts:
+        raise DLPLoRAError("bench_routing needs at least one prompt")
+    plugin.route(texts[:batch_size], **route_kw)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for b in range(0, len(texts), batch_size):
+            plugin.route(texts[b: b + batch_size], **route_kw)
+        runs.append((time.perf_counter() - t0) * 1000 / len(texts))
+    singles = []
+    for t in texts[: min(len(texts), 200)]:
+        t0 = time.perf_counter()
+        plugin.route([t], **route_kw)
+        singles.append((time.perf_counter() - t0) * 1000)
+    return {"ms_per_prompt": float(np.median(runs)), "batch_size": batch_size, "prompts": len(texts),
+            "single_prompt_ms": float(np.median(singles)), "threads": torch.get_num_threads()}
+
+
+def routing_benchmark(plugin: Plugin, test_rows: dict[str, list[dict]], batch_size: int = 64,
+                      threads: int | None = 1) -> dict:
+    """The robustness table of a trained plugin on prepared test prompts (accuracy per view, share
+    sent to the base model) and its routing latency on the prompts as rendered."""
+    table = view_table(plugin, test_rows)
+    texts, _ = view_texts(test_rows, "rendered")
+    speed = bench_routing(plugin, texts, batch_size=batch_size, threads=threads)
+    return {"accuracy": table["rendered"]["accuracy"], "views": {v: r["accuracy"] for v, r in table.items()},
+            "views_per_task": {v: r["per_task"] for v, r in table.items()},
+            "views_to_base": {v: r["to_base"] for v, r in table.items()},
+            "views_confusions": {v: r["confusions"][:5] for v, r in table.items()},
+            "routing_ms_per_prompt": speed["ms_per_prompt"], "routing_single_prompt_ms": speed["single_prompt_ms"],
+            "routing_batch_size": batch_size, "routing_threads": speed["threads"], "tasks": len(test_rows),
+            "test_examples": len(texts), "encoder": plugin.encoder.kind, "params": plugin.params}

@@ -1,0 +1,328 @@
+"""The trained router: network, selection (paper eq. 4-5), persistence and batched routing.
+
+    prompt --encoder--> vector --LayerNorm--> 4-layer MLP --> softmax over adapters (+ "none of these")
+           --base check (p_none >= threshold, or best probability < floor) --> base model
+           --top-p (or top-k) + weighting--> Routing(names, indices, weights, probs, base_reason)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import DLPLoRAError
+from ..paths import read_json
+from .encoders import encoder_from_config
+
+FORMAT = 2
+FORMATS = (1, 2)  # format 1: hashed head/tail plugins without the "none of these" class
+CONFIG_FILE = "plugin.json"
+WEIGHTS_FILE = "model.safetensors"
+DEFAULT_P = 0.6
+WEIGHTINGS = ("softmax", "renorm")
+RETRAIN_HINT = "retrain with `dlp-lora train-plugin --library LIB`"
+
+
+def build_net(encoder, hidden: Sequence[int], n_out: int, dropout: float, emb_weight=None):
+    """Encoder module (a trained embedding table, or nothing for frozen features) + LayerNorm + MLP."""
+    from torch import nn
+
+    class RouterNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            emb = encoder.module(emb_weight)
+            if emb is not None:
+                self.emb = emb
+            self.norm = nn.LayerNorm(encoder.out_dim)
+            layers: list[nn.Module] = []
+            d = encoder.out_dim
+            for h in hidden:
+                layers += [nn.Linear(d, h), nn.GELU(), nn.LayerNorm(h), nn.Dropout(dropout)]
+                d = h
+            layers.append(nn.Linear(d, n_out))
+            self.mlp = nn.Sequential(*layers)
+
+        def forward(self, batch):
+            return self.mlp(self.norm(encoder.forward(getattr(self, "emb", None), batch)))
+
+    return RouterNet()
+
+
+# ---------------------------------------------------------------- selection (paper eq. 4-5)
+
+# ---------------------------------------------------------------- selection (paper eq. 4-5)
+
+@dataclass
+class Routing:
+    """The adapters chosen for one prompt: names/indices in descending probability, their fusion
+    weights (summing to 1), and the router's probabilities for them. Empty = use the base model, and
+    `base_reason` says why (the prompt looks like none of the adapters' tasks, or the best
+    probability is under the floor). `p_none` is the "none of these" probability (None for a
+    plugin trained without that class)."""
+
+    names: list[str]
+    indices: list[int]
+    weights: list[float]
+    probs: list[float]
+    base_reason: str | None = None
+    p_none: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __bool__(self) -> bool:
+        return bool(self.indices)
+
+
+def check_selection_args(p: float | None, top_k: int | None, weighting: str, floor: float) -> None:
+    if top_k is None:
+        if p is None or isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 < float(p) <= 1.0):
+            raise DLPLoRAError(f"top-p threshold p must be a number in (0, 1], got {p!r}")
+    else:
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise DLPLoRAError(f"top-k must be an integer >= 1, got {top_k!r}")
+    if weighting not in WEIGHTINGS:
+        raise DLPLoRAError(f"unknown weighting {weighting!r}; choose one of: {', '.join(WEIGHTINGS)}")
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not (0.0 <= float(floor) <= 1.0):
+        raise DLPLoRAError(f"confidence floor must be a number in [0, 1], got {floor!r}")
+
+
+def select(probs: Sequence[float], p: float | None = DEFAULT_P, top_k: int | None = None, weighting: str = "softmax",
+           floor: float = 0.0) -> tuple[list[int], list[float], list[float]]:
+    """Pick adapters from one probability vector -> (indices, weights, kept probabilities).
+
+    top-p (default): sort descending and keep adapters until the cumulative probability reaches p
+    (``>= p``, with a 1e-9 tolerance for float rounding); at least one is always kept and p = 1 keeps
+    all. top-k (when `top_k` is given, it replaces p): the k most probable (all if k > N).
+    Weights: "softmax" = softmax over the kept probabilities (paper eq. 5), "renorm" = kept
+    probabilities divided by their sum. If the best probability is below `floor`, nothing is kept
+    (route to the base model)."""
+    check_selection_args(p, top_k, weighting, floor)
+    pr = np.asarray(probs, dtype=np.float64)
+    n = len(pr)
+    if n == 0:
+        return [], [], []
+    order = np.argsort(-pr, kind="stable")
+    if pr[order[0]] < floor:
+        return [], [], []
+    if top_k is not None:
+        k = min(int(top_k), n)
+    elif p >= 1.0:
+        k = n
+    else:
+        cum = np.cumsum(pr[order])
+        k = int(np.searchsorted(cum, p - 1e-9, side="left")) + 1
+        k = max(1, min(k, n))
+    kept = order[:k]
+    kp = pr[kept]
+    if weighting == "softmax":
+        e = np.exp(kp - kp.max())
+        w = e / e.sum()
+    else:
+        s = kp.sum()
+        w = kp / s if s > 0 else np.full(k, 1.0 / k)
+    return [int(i) for i in kept], [float(x) for x in w], [float(x) for x in kp]
+
+
+# ---------------------------------------------------------------- the plugin
+
+def _check_labels(label_names: Sequence[str]) -> list[str]:
+    names = [str(n) for n in label_names] if label_names is not None else []
+    if not names:
+        raise DLPLoRAError("the plugin needs adapter names to route to, got none (is the library empty? "
+                           "add adapters with `dlp-lora train-loras` first)")
+    if any(not n.strip() for n in names):
+        raise DLPLoRAError("adapter names must be non-empty")
+    dup = sorted(n for n, c in Counter(names).items() if c > 1)
+    if dup:
+        raise DLPLoRAError(f"duplicate adapter names: {', '.join(dup)}; each adapter needs a unique name")
+    if len(names) < 2:
+        raise DLPLoRAError(f"a router needs at least 2 adapters to choose between, got only {names[0]!r} "
+                           "(with one adapter, apply it directly)")
+    return names
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DLPLoRAError(f"prompt {i} is not a string ({type(t).__name__})")
+        if not t.strip():
+            raise DLPLoRAError(f"prompt {i} is empty; give the router some text to route")
+    return texts
+
+
+
+class Plugin:
+    """A trained router. Build one with :meth:`train` (see :mod:`.train`) or :meth:`load`.
+
+    With a "none of these" class (``config["none_class"]``), the network has one output more than
+    there are adapters, and a prompt whose best adapter gets less than ``config["base_threshold"]`` of
+    that softmax (the rest going to "none of these" or spread over many adapters) goes to the base
+    model; the threshold is calibrated on held-back in-library prompts (:mod:`.train`). :meth:`probs`
+    gives the adapters' probabilities renormalised without the none class."""
+
+    def __init__(self, net, labels: list[str], encoder, config: dict):
+        self.net = net
+        self.labels = list(labels)
+        self.encoder = encoder
+        self.config = config
+
+    # ------------------------------------------------------------ facts
+    @property
+    def tokenizer(self):
+        return getattr(self.encoder, "tokenizer", None)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+    @property
+    def default_p(self) -> float:
+        return float(self.config.get("default_p", DEFAULT_P))
+
+    @property
+    def none_class(self) -> bool:
+        return bool(self.config.get("none_class"))
+
+    @property
+    def base_threshold(self) -> float:
+        return float(self.config.get("base_threshold", 0.0)) if self.none_class else 0.0
+
+    @classmethod
+    def train(cls, texts: Sequence[str], labels: Sequence, label_names: Sequence[str], **kw) -> "Plugin":
+        """Train on (text, label) pairs; see :func:`dlplora.plugin.train.train_router`."""
+        from .train import train_router
+
+        return train_router(cls, texts, labels, label_names, **kw)
+
+    # ------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        from ..paths import atomic_write_text
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
+        tmp = d / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
+        save_file(state, str(tmp), metadata={"format": str(self.config.get("format", FORMAT)),
+                                             "encoder": self.encoder.kind})
+        os.replace(tmp, d / WEIGHTS_FILE)
+        atomic_write_text(d / CONFIG_FILE, json.dumps(self.config, indent=2, ensure_ascii=False))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, expected_labels: Sequence[str] | None = None) -> "Plugin":
+        """Load a saved plugin; with `expected_labels` (the library's adapter names, in order),
+        refuse a plugin trained for other adapters."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise DLPLoRAError(f"no plugin at {d} ({CONFIG_FILE} and {WEIGHTS_FILE} expected); "
+                               f"train one with `dlp-lora train-plugin --library LIB` (or --data DIR --tasks ... --out {d})")
+        cfg = read_json(cfg_path, RETRAIN_HINT)
+        if not isinstance(cfg, dict) or cfg.get("format") not in FORMATS or "labels" not in cfg:
+            raise DLPLoRAError(f"{cfg_path} is not a dlp-lora plugin config of format "
+                               f"{' or '.join(map(str, FORMATS))}; {RETRAIN_HINT}")
+        labels = list(cfg["labels"])
+        if expected_labels is not None:
+            expected = list(expected_labels)
+            if expected != labels:
+                if sorted(expected) == sorted(labels):
+                    why = "the same adapters in a different order"
+                else:
+                    extra = [n for n in expected if n not in labels]
+                    gone = [n for n in labels if n not in expected]
+                    why = "; ".join(x for x in (f"library adapters it does not know: {', '.join(extra)}" if extra else "",
+                                                f"adapters no longer in the library: {', '.join(gone)}" if gone else "") if x)
+                raise DLPLoRAError(f"the plugin at {d} was trained for {len(labels)} other adapters than the library's "
+                                   f"{len(expected)} ({why}); {RETRAIN_HINT}")
+        m = cfg["model"]
+        try:
+            encoder = encoder_from_config(cfg)
+            state = load_file(str(w_path))
+            n_out = len(labels) + (1 if cfg.get("none_class") else 0)
+            net = build_net(encoder, m["hidden"], n_out, float(m.get("dropout", 0.0)), emb_weight=state.get("emb.weight"))
+            net.load_state_dict(state, assign=True)
+        except DLPLoRAError:
+            raise
+        except Exception as exc:  # a truncated file, a foreign state dict
+            raise DLPLoRAError(f"{w_path} does not hold this plugin's weights ({exc}); {RETRAIN_HINT}") from exc
+        net.eval()
+        return cls(net, labels, encoder, cfg)
+
+    # ------------------------------------------------------------ inference
+    def full_probs(self, texts: Sequence[str] | str) -> np.ndarray:
+        """The network's softmax, shape (len(texts), N adapters [+ 1 for "none of these", last])."""
+        import torch
+
+        texts = _check_texts(texts)
+        n_out = len(self.labels) + (1 if self.none_class else 0)
+        if not texts:
+            return np.zeros((0, n_out), dtype=np.float32)
+        with torch.inference_mode():
+            logits = self.net(self.encoder.encode(texts))
+            return torch.softmax(logits.float(), dim=-1).numpy()
+
+    @staticmethod
+    def _split(full: np.ndarray, none_class: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        if not none_class:
+            return full, None
+        adapters = full[:, :-1]
+        return adapters / np.maximum(adapters.sum(axis=1, keepdims=True), 1e-12), full[:, -1]
+
+    def probs(self, texts: Sequence[str] | str) -> np.ndarray:
+        """Adapter probabilities, shape (len(texts), len(labels)), rows in the order of `labels` (summing
+        to 1 over the adapters; the none class, if any, is left out: see :meth:`full_probs`)."""
+        return self._split(self.full_probs(texts), self.none_class)[0]
+
+    def route(self, texts: Sequence[str] | str, p: float | None = None, top_k: int | None = None,
+              weighting: str = "softmax", floor: float = 0.0, base_threshold: float | None = None) -> list[Routing]:
+        """Batched routing: one :class:`Routing` per prompt (see :func:`select`). A prompt goes to the
+        base model (empty routing, with `base_reason`) when its best adapter's probability in the
+        softmax with the "none of these" class is under `base_threshold` (default: the calibrated one
+        in plugin.json; 0 turns the check off), or when the best adapter's renormalised probability is
+        under `floor`."""
+        if p is None:
+            p = self.default_p
+        check_selection_args(p, top_k, weighting, floor)
+        thr = self.base_threshold if base_threshold is None else base_threshold
+        if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0.0 <= float(thr) < 1.0:
+            raise DLPLoRAError(f"base threshold must be a number in [0, 1), got {thr!r}")
+        full = self.full_probs(texts)
+        pr, pn = self._split(full, self.none_class)
+        out = []
+        for i, row in enumerate(pr):
+            p_none = None if pn is None else float(pn[i])
+            best = float(full[i, :len(self.labels)].max())
+            if p_none is not None and best < thr:
+                out.append(Routing([], [], [], [], base_reason=f"the prompt matches none of the adapters' tasks: the "
+                                   f"best adapter's probability {best:.3f} is under the calibrated {thr:.3f} "
+                                   f"(none of these: {p_none:.3f})", p_none=p_none))
+                continue
+            idx, w, kp = select(row, p=p, top_k=top_k, weighting=weighting, floor=floor)
+            reason = None if idx else (f"the best adapter's probability {float(row.max()):.3f} is below the "
+                                       f"floor {floor:.3f}")
+            out.append(Routing([self.labels[i] for i in idx], idx, w, kp, base_reason=reason, p_none=p_none))
+        return out
+
+    def predict(self, texts: Sequence[str] | str, base: str | None = None) -> list[str | None]:
+        """Top-1 adapter name per prompt; with `base` given, prompts that :meth:`route` sends to the
+        base model (by the calibrated threshold) get `base` instead."""
+        full = self.full_probs(texts)
+        n = len(self.labels)
+        names = [self.labels[i] for i in full[:, :n].argmax(axis=1)]
+        if base is not None and self.none_class:
+            names = [base if q < self.base_threshold else name for name, q in zip(names, full[:, :n].max(axis=1))]
+        return names
