@@ -16,7 +16,8 @@ import torch
 
 from dlplora.engine import DLPLoRA
 from dlplora.library import Library
-from dlplora.server import ServeConfig, ServerThread, create_app
+from dlplora.serve import ServeConfig, ServerThread, create_app
+from dlplora.testing import random_peft_library
 
 openai = pytest.importorskip("openai")
 
@@ -30,22 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make_library(root, model_dir):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    lib = Library(root, {"format": 1, "base_model": {"name": "tiny", "path": str(model_dir)}, "adapters": {}})
-    for seed, (name, (r, alpha, targets)) in enumerate(SPECS.items()):
-        torch.manual_seed(seed + 10)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
-        pm.save_pretrained(root / "adapters" / name)
-        lib.manifest["adapters"][name] = {"path": f"adapters/{name}", "rank": r, "alpha": alpha, "targets": targets}
-    lib.save()
-    return root
+    return random_peft_library(root, model_dir, SPECS, std=0.5, seed=10)
 
 
 def _train_plugin(lib_root):
