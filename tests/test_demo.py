@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from dlplora.pipelines.demo import run_demo
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_pipeline_runs_end_to_end(tiny_model, tiny_data, tmp_path):

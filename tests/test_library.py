@@ -11,6 +11,8 @@ from dlplora.library import Library, add_adapter
 from dlplora.train import TrainConfig, train_library
 from dlplora.train.lora import bucketed_batches, collate, encode_example, naive_loss, target_only_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest (and steady when shared)
+
 CFG = dict(steps=3, batch_size=4, max_len=64, rank=4, alpha=8)
 
 

@@ -25,9 +25,6 @@ import statistics
 import time
 import zlib
 
-
-import torch
-
 from ..errors import DLPLoRAError
 from ..plugin import Routing
 
@@ -52,6 +49,7 @@ class StandInRouter:
         self.sharpness = sharpness
 
     def route(self, texts, p=0.6, top_k=None, weighting="softmax", floor=0.0):
+        import torch
         out = []
         for t in texts:
             g = torch.Generator().manual_seed(zlib.crc32(t.encode()))
@@ -114,6 +112,7 @@ def _interleaved(contenders: dict, repeats: int, log, raw: dict | None = None) -
 
 def _peft_model(model, adapters, ):
     """A PeftModel (on a copy of `model`) holding `adapters` (AdapterWeights), named as they are."""
+    import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
     net = copy.deepcopy(model)
@@ -142,6 +141,8 @@ def _peft_model(model, adapters, ):
 
 
 def run(args) -> dict:
+    import torch
+
     from ..backbone import load_backbone
     from ..decoding import decode_loop
     from ..engine import DLPLoRA
