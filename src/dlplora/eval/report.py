@@ -102,6 +102,19 @@ def _short(task: str) -> str:
 
 
 def format_results_md(results: dict, preamble: str = "") -> str:
+    """RESULTS.md: the run's configuration, the paper's claims beside ours, the summary, one section per setting,
+    the effect of p, and where the predictions are cached."""
+    lines = _header_lines(results, preamble) + _claims_lines(results) + _summary_lines(results)
+    for sname, s, ms, order in _evaluated_settings(results):
+        lines += _setting_lines(sname, s, ms, order, (results.get("figures") or {}).get(sname))
+    lines += _p_sweep_lines(results.get("p_sweep"))
+    c = results.get("cache") or {}
+    lines += [f"Predictions cached in `{c.get('dir')}` ({c.get('new_predictions', 0)} computed in this run, "
+              f"{c.get('hits', 0)} reused); this run took {results.get('run_seconds', 0):.0f}s.", ""]
+    return "\n".join(lines)
+
+
+def _header_lines(results: dict, preamble: str) -> list[str]:
     cfg = results.get("config", {})
     bb = cfg.get("backbone") or {}
     lines = ["# DLP-LoRA evaluation results", ""]
@@ -141,8 +154,12 @@ def format_results_md(results: dict, preamble: str = "") -> str:
             lines.append(f"- **{m} skipped**: {why}")
         lines.append("")
 
-    lines += _claims_lines(results)
-    # Table 3 style summary
+    return lines
+
+
+def _summary_lines(results: dict) -> list[str]:
+    """The Table 3 style summary: mean score and time per setting and method."""
+    lines: list[str] = []
     lines += ["## Summary (Table 3 style): mean score and time per setting", "",
               "| setting | method | mean | time (s) | time / LoRA | router acc. (%) | adapters / prompt |",
               "|---|---|---|---|---|---|---|"]
@@ -158,91 +175,116 @@ def format_results_md(results: dict, preamble: str = "") -> str:
             lines.append(f"| {sname} | (skipped: {s['skipped']}) | | | | | |")
     lines.append("")
 
-    for sname, s, ms, order in _evaluated_settings(results):
-        tasks = s["tasks"]
-        first = ms[order[0]]["tasks"]
-        header = " | ".join(METHOD_LABELS.get(m, m) for m in order)
-        desc = {"single": "each task's test set alone, the right adapter given",
-                "composite-17": "the multiple-choice tasks' test prompts shuffled into one stream, no task label",
-                "composite-9": "the generative tasks' test prompts shuffled into one stream, no task label",
-                "composite-26": "all tasks' test prompts shuffled into one stream, no task label",
-                "multiturn": f"{s.get('conversations')} conversations of {s.get('turns')} turns from different "
-                             f"tasks; routers re-decide every turn, reading the turn plus {s.get('route_window')} "
-                             f"earlier user turn(s)"}.get(sname, "")
-        lines += [f"## Setting `{sname}`", "", desc + ".", ""]
-        mcq = [t for t in tasks if first.get(t, {}).get("metric") in ("accuracy", "exact_match")]
-        qa = [t for t in tasks if first.get(t, {}).get("metric") == "rougeL"]
-        if mcq:
-            lines += ["### Multiple-choice and exact-match tasks (Table 1 style), %", "",
-                      f"| task | n | metric | {header} |", "|---|---|---|" + "---|" * len(order)]
-            for t in mcq:
-                r0 = first[t]
-                lines.append(f"| {_short(t)} | {r0['n']} | {r0['metric']} | " +
-                             " | ".join(_fmt(ms[m]['tasks'][t].get('main')) for m in order) + " |")
-            lines.append("| **mean** | | | " + " | ".join(
-                f"**{_fmt(sum(ms[m]['tasks'][t]['main'] for t in mcq) / len(mcq))}**" for m in order) + " |")
-            with_em = [t for t in mcq if first[t]["metric"] == "accuracy"]
-            if with_em:
-                lines += ["", "Generated-answer exact match on the multiple-choice tasks (greedy answer vs the gold "
-                          "choice), %:", "", f"| task | {header} |", "|---|" + "---|" * len(order)]
-                for t in with_em:
-                    lines.append(f"| {_short(t)} | " + " | ".join(_fmt(ms[m]['tasks'][t].get('exact_match')) for m in order) + " |")
-            lines.append("")
-        if qa:
-            lines += ["### Generative tasks (Table 2 style): BLEU / ROUGE-1 / ROUGE-L", "",
-                      f"| task | n | {header} |", "|---|---|" + "---|" * len(order)]
-            for t in qa:
-                cells = []
-                for m in order:
-                    r = ms[m]["tasks"][t]
-                    cell = f"{_fmt(r.get('bleu'))} / {_fmt(r.get('rouge1'))} / {_fmt(r.get('rougeL'))}"
-                    if "answer_accuracy" in r:
-                        cell += f" (answer acc. {_fmt(r['answer_accuracy'])})"
-                    cells.append(cell)
-                lines.append(f"| {_short(t)} | {first[t]['n']} | " + " | ".join(cells) + " |")
-            if any("teacher_forced" in ms[m]["tasks"][t] for m in order for t in qa):
-                lines += ["", "**Teacher-forced** (paper-code style, NOT generation): BLEU / ROUGE-1 / ROUGE-L", "",
-                          f"| task | {header} |", "|---|" + "---|" * len(order)]
-                for t in qa:
-                    cells = []
-                    for m in order:
-                        tf = ms[m]["tasks"][t].get("teacher_forced")
-                        cells.append(f"{_fmt(tf['bleu'])} / {_fmt(tf['rouge1'])} / {_fmt(tf['rougeL'])}" if tf else "–")
-                    lines.append(f"| {_short(t)} | " + " | ".join(cells) + " |")
-            lines.append("")
-        if sname == "multiturn":
-            lines += ["Mean score by turn:", "", "| method | " + " | ".join(f"turn {i + 1}" for i in range(s.get('turns', 0))) + " |",
-                      "|---|" + "---|" * s.get("turns", 0)]
+    return lines
+
+
+def _setting_lines(sname: str, s: dict, ms: dict, order: list[str], figure: str | None) -> list[str]:
+    """One setting: its tables of multiple-choice and generative tasks (and turns), then its figure."""
+    tasks = s["tasks"]
+    first = ms[order[0]]["tasks"]
+    header = " | ".join(METHOD_LABELS.get(m, m) for m in order)
+    desc = {"single": "each task's test set alone, the right adapter given",
+            "composite-17": "the multiple-choice tasks' test prompts shuffled into one stream, no task label",
+            "composite-9": "the generative tasks' test prompts shuffled into one stream, no task label",
+            "composite-26": "all tasks' test prompts shuffled into one stream, no task label",
+            "multiturn": f"{s.get('conversations')} conversations of {s.get('turns')} turns from different "
+                         f"tasks; routers re-decide every turn, reading the turn plus {s.get('route_window')} "
+                         f"earlier user turn(s)"}.get(sname, "")
+    lines: list[str] = []
+    lines += [f"## Setting `{sname}`", "", desc + ".", ""]
+    mcq = [t for t in tasks if first.get(t, {}).get("metric") in ("accuracy", "exact_match")]
+    qa = [t for t in tasks if first.get(t, {}).get("metric") == "rougeL"]
+    if mcq:
+        lines += _mcq_lines(mcq, first, ms, order, header)
+    if qa:
+        lines += _qa_lines(qa, first, ms, order, header)
+    if sname == "multiturn":
+        lines += _turn_lines(s, ms, order)
+    if figure:
+        lines += [f"![{sname}]({figure})", ""]
+    return lines
+
+
+def _mcq_lines(mcq: list[str], first: dict, ms: dict, order: list[str], header: str) -> list[str]:
+    lines: list[str] = []
+    lines += ["### Multiple-choice and exact-match tasks (Table 1 style), %", "",
+              f"| task | n | metric | {header} |", "|---|---|---|" + "---|" * len(order)]
+    for t in mcq:
+        r0 = first[t]
+        lines.append(f"| {_short(t)} | {r0['n']} | {r0['metric']} | " +
+                     " | ".join(_fmt(ms[m]['tasks'][t].get('main')) for m in order) + " |")
+    lines.append("| **mean** | | | " + " | ".join(
+        f"**{_fmt(sum(ms[m]['tasks'][t]['main'] for t in mcq) / len(mcq))}**" for m in order) + " |")
+    with_em = [t for t in mcq if first[t]["metric"] == "accuracy"]
+    if with_em:
+        lines += ["", "Generated-answer exact match on the multiple-choice tasks (greedy answer vs the gold "
+                  "choice), %:", "", f"| task | {header} |", "|---|" + "---|" * len(order)]
+        for t in with_em:
+            lines.append(f"| {_short(t)} | " + " | ".join(_fmt(ms[m]['tasks'][t].get('exact_match')) for m in order) + " |")
+    lines.append("")
+    return lines
+
+
+def _qa_lines(qa: list[str], first: dict, ms: dict, order: list[str], header: str) -> list[str]:
+    lines: list[str] = []
+    lines += ["### Generative tasks (Table 2 style): BLEU / ROUGE-1 / ROUGE-L", "",
+              f"| task | n | {header} |", "|---|---|" + "---|" * len(order)]
+    for t in qa:
+        cells = []
+        for m in order:
+            r = ms[m]["tasks"][t]
+            cell = f"{_fmt(r.get('bleu'))} / {_fmt(r.get('rouge1'))} / {_fmt(r.get('rougeL'))}"
+            if "answer_accuracy" in r:
+                cell += f" (answer acc. {_fmt(r['answer_accuracy'])})"
+            cells.append(cell)
+        lines.append(f"| {_short(t)} | {first[t]['n']} | " + " | ".join(cells) + " |")
+    if any("teacher_forced" in ms[m]["tasks"][t] for m in order for t in qa):
+        lines += ["", "**Teacher-forced** (paper-code style, NOT generation): BLEU / ROUGE-1 / ROUGE-L", "",
+                  f"| task | {header} |", "|---|" + "---|" * len(order)]
+        for t in qa:
+            cells = []
             for m in order:
-                pt = ms[m].get("per_turn", [])
-                cells = []
-                for x in pt:
-                    c = _fmt(x["mean"])
-                    if "router_accuracy" in x:
-                        c += f" (router {_fmt(x['router_accuracy'], 0)}%)"
-                    cells.append(c)
-                lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
-            lines.append("")
-        if (results.get("figures") or {}).get(sname):
-            lines += [f"![{sname}]({results['figures'][sname]})", ""]
-    sw = results.get("p_sweep")
-    if sw and sw.get("rows"):
-        lines += [f"## Effect of top-p (`{sw['setting']}`)", "",
-                  f"The same stream as the `{sw['setting']}` setting, routed at each p; the oracle single LoRA scores "
-                  f"{_fmt(sw['lora_mean'], 2)} on it. *adapters* is the mean number kept per prompt, *top weight* the "
-                  "mean fusion weight of the most probable adapter (1.0 = the single adapter alone). Teacher-forced "
-                  "scoring is not part of the sweep.", "",
-                  "| weighting | p | mean | vs LoRA | adapters / prompt | single-adapter prompts (%) | top weight | "
-                  "router acc. (%) | time (s) |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in sw["rows"]:
-            lines.append(f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['p']:g} | {_fmt(r['mean'], 2)} | "
-                         f"{r['gap_to_lora']:+.2f} | {_fmt(r['mean_adapters'], 2)} | {_fmt(r['single_adapter_share'])} | "
-                         f"{_fmt(r['mean_top_weight'], 2)} | {_fmt(r['router_accuracy'])} | {_fmt(r['seconds'])} |")
-        lines.append("")
-    c = results.get("cache") or {}
-    lines += [f"Predictions cached in `{c.get('dir')}` ({c.get('new_predictions', 0)} computed in this run, "
-              f"{c.get('hits', 0)} reused); this run took {results.get('run_seconds', 0):.0f}s.", ""]
-    return "\n".join(lines)
+                tf = ms[m]["tasks"][t].get("teacher_forced")
+                cells.append(f"{_fmt(tf['bleu'])} / {_fmt(tf['rouge1'])} / {_fmt(tf['rougeL'])}" if tf else "–")
+            lines.append(f"| {_short(t)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _turn_lines(s: dict, ms: dict, order: list[str]) -> list[str]:
+    lines: list[str] = []
+    lines += ["Mean score by turn:", "", "| method | " + " | ".join(f"turn {i + 1}" for i in range(s.get('turns', 0))) + " |",
+              "|---|" + "---|" * s.get("turns", 0)]
+    for m in order:
+        pt = ms[m].get("per_turn", [])
+        cells = []
+        for x in pt:
+            c = _fmt(x["mean"])
+            if "router_accuracy" in x:
+                c += f" (router {_fmt(x['router_accuracy'], 0)}%)"
+            cells.append(c)
+        lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _p_sweep_lines(sw: dict | None) -> list[str]:
+    if not sw or not sw.get("rows"):
+        return []
+    lines: list[str] = []
+    lines += [f"## Effect of top-p (`{sw['setting']}`)", "",
+              f"The same stream as the `{sw['setting']}` setting, routed at each p; the oracle single LoRA scores "
+              f"{_fmt(sw['lora_mean'], 2)} on it. *adapters* is the mean number kept per prompt, *top weight* the "
+              "mean fusion weight of the most probable adapter (1.0 = the single adapter alone). Teacher-forced "
+              "scoring is not part of the sweep.", "",
+              "| weighting | p | mean | vs LoRA | adapters / prompt | single-adapter prompts (%) | top weight | "
+              "router acc. (%) | time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sw["rows"]:
+        lines.append(f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['p']:g} | {_fmt(r['mean'], 2)} | "
+                     f"{r['gap_to_lora']:+.2f} | {_fmt(r['mean_adapters'], 2)} | {_fmt(r['single_adapter_share'])} | "
+                     f"{_fmt(r['mean_top_weight'], 2)} | {_fmt(r['router_accuracy'])} | {_fmt(r['seconds'])} |")
+    lines.append("")
+    return lines
 
 
 def plot_results(results: dict, fig_dir: str | os.PathLike, rel_to: str | os.PathLike | None = None) -> dict[str, str]:

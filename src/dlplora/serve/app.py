@@ -16,21 +16,8 @@ Adapter choice per request (every response carries ``routing``: the adapters use
 * ``"adapters": {"name": weight, ...}`` (extension field): this weighted mix, used as given
   (``{}`` = the base model).
 
-Continuous batching (:class:`Scheduler`): one background thread owns the model. The running batch
-is one KV cache (left-padded rows) with a 2-D attention mask and explicit per-row position ids. At
-every decode-step boundary the scheduler
-
-1. drops rows that finished (EOS, token limit, stop string), were cancelled (client gone) or timed
-   out: their rows are cut out of the cache, and leading all-padding columns are trimmed;
-2. admits waiting requests (FIFO, up to ``max_batch_size`` rows): the newcomers are prefilled
-   together in their own left-padded batch with their own routing, their first token is sampled,
-   then their cache is merged into the running one (the shorter of the two is left-padded with
-   zeros along the sequence axis, the mask with 0, and both are concatenated along the batch axis);
-3. re-sets the fused layers' per-row routing when the batch composition changed (one
-   ``{name: weight}`` set per row: ``unmerged`` bmm path for a mixed batch; when every row uses the
-   same set, ``auto`` mode uses the shared path, or merges the weights when the fewest tokens any
-   row still has to generate is enough to repay the merge);
-4. runs one decode step for every row and samples each row with its own settings.
+Continuous batching: one background thread owns the model and decodes every running request together
+(:mod:`dlplora.serve.scheduler`); requests are parsed by :mod:`dlplora.serve.protocol`.
 
 Sampling is greedy unless the request gives ``temperature`` (> 0; then ``top_p`` and ``seed``
 apply, with one generator per request). A row's results do not depend on its neighbours (padding
@@ -171,14 +158,91 @@ class _StatusCounter:
             self.metrics.count_request(endpoint, status["code"])
 
 
+async def generate(state: ServerState, request: Request, chat: bool):
+    """POST /v1/chat/completions (`chat`) or /v1/completions: parse, choose and route, queue for the scheduler,
+    then answer with the whole completion or stream it (SSE)."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+
+    body = await read_json(request, state.config.max_body_bytes)
+    params = parse_generation(body, chat, state.config.max_tokens_limit)
+    aset, source = state.choose(params)
+    limit = state.config.max_tokens_limit
+    default_max = limit if chat else min(limit, COMPLETIONS_DEFAULT_MAX_TOKENS)
+    ids, routing, max_new, aset = await run_in_threadpool(state.prepare, params, aset, source, default_max)
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def emit(kind, payload):
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
+
+    req = GenRequest(ids=ids, adapters=aset, max_new=max_new, emit=emit, temperature=params.temperature,
+                     top_p=params.top_p, seed=params.seed, stop=params.stop,
+                     deadline=time.monotonic() + state.config.request_timeout)
+    try:
+        state.scheduler.submit(req)
+    except QueueFull:
+        raise APIError(503, f"the server is busy: {state.config.max_queue} requests are already waiting; "
+                            f"retry shortly", "server_overloaded", code="queue_full",
+                       headers={"Retry-After": "1"}) from None
+    state.metrics.count_routing(routing)
+    out = ResponseWriter(params, req.id, int(time.time()), params.model or state.base_name, routing)
+
+    if not params.stream:
+        try:
+            while True:
+                try:
+                    kind, payload = await asyncio.wait_for(queue.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        req.cancel()
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if kind == "error":
+                    raise payload
+                if kind == "done":
+                    break
+        except asyncio.CancelledError:
+            req.cancel()
+            raise
+        return out.completion(payload, ids)
+
+    async def events():
+        try:
+            if chat:
+                yield out.chunk("", first=True)
+            while True:
+                kind, payload = await queue.get()
+                if kind == "delta":
+                    yield out.chunk(payload)
+                elif kind == "error":
+                    yield out.error_chunk(payload)
+                    break
+                else:
+                    yield out.chunk(None if chat else "", finish=payload["finish_reason"])
+                    if params.include_usage:
+                        yield out.usage_chunk(payload)
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            if not req.finished:
+                req.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def create_app(engine, config: ServeConfig | None = None):
     """The FastAPI app for `engine` (a :class:`dlplora.engine.DLPLoRA`); the scheduler thread starts
     with the app's lifespan and stops with it."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     state = ServerState(engine, config or ServeConfig())
@@ -233,86 +297,13 @@ def create_app(engine, config: ServeConfig | None = None):
         state.metrics.running = state.scheduler.running
         return PlainTextResponse(state.metrics.render(engine.names), media_type="text/plain; version=0.0.4")
 
-    # -------------------------------------------------- generation
-    async def _generate(request: Request, chat: bool):
-        body = await read_json(request, state.config.max_body_bytes)
-        params = parse_generation(body, chat, state.config.max_tokens_limit)
-        aset, source = state.choose(params)
-        limit = state.config.max_tokens_limit
-        default_max = limit if chat else min(limit, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        ids, routing, max_new, aset = await run_in_threadpool(state.prepare, params, aset, source, default_max)
-
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(kind, payload):
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
-            except RuntimeError:  # the event loop is gone (shutdown)
-                pass
-
-        req = GenRequest(ids=ids, adapters=aset, max_new=max_new, emit=emit, temperature=params.temperature,
-                         top_p=params.top_p, seed=params.seed, stop=params.stop,
-                         deadline=time.monotonic() + state.config.request_timeout)
-        try:
-            state.scheduler.submit(req)
-        except QueueFull:
-            raise APIError(503, f"the server is busy: {state.config.max_queue} requests are already waiting; "
-                                f"retry shortly", "server_overloaded", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
-        state.metrics.count_routing(routing)
-        out = ResponseWriter(params, req.id, int(time.time()), params.model or state.base_name, routing)
-
-        if not params.stream:
-            try:
-                while True:
-                    try:
-                        kind, payload = await asyncio.wait_for(queue.get(), 0.5)
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            req.cancel()
-                            return JSONResponse({}, status_code=499)
-                        continue
-                    if kind == "error":
-                        raise payload
-                    if kind == "done":
-                        break
-            except asyncio.CancelledError:
-                req.cancel()
-                raise
-            return out.completion(payload, ids)
-
-        async def events():
-            try:
-                if chat:
-                    yield out.chunk("", first=True)
-                while True:
-                    kind, payload = await queue.get()
-                    if kind == "delta":
-                        yield out.chunk(payload)
-                    elif kind == "error":
-                        yield out.error_chunk(payload)
-                        break
-                    else:
-                        yield out.chunk(None if chat else "", finish=payload["finish_reason"])
-                        if params.include_usage:
-                            yield out.usage_chunk(payload)
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                if not req.finished:
-                    req.cancel()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _generate(request, chat=True)
+        return await generate(state, request, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _generate(request, chat=False)
+        return await generate(state, request, chat=False)
 
     app.add_middleware(_StatusCounter, metrics=state.metrics)
     return app
