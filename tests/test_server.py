@@ -229,8 +229,11 @@ def test_bad_requests_answer_openai_errors_and_the_server_stays_healthy(http, cl
     _err(http.post(url, json=_chat("hi", model="alpha", top_p=0)), 400, "top_p")
     _err(http.post(url, json=_chat("hi", model="alpha", n=2)), 400, "n")
     long = " ".join(["quick brown fox"] * 400)  # far over the tiny model's 512-token context
-    err = _err(http.post(url, json=_chat(long, model="alpha", max_tokens=8)), 400)
+    err = _err(http.post(url, json=_chat(long, model="alpha", max_tokens=8)), 400, "messages")
     assert err["code"] == "context_length_exceeded" and "context window" in err["message"]
+    assert "max_tokens 8" in err["message"] and "max_new_tokens" not in err["message"]
+    err = _err(http.post("/v1/completions", json={"model": "alpha", "prompt": long, "max_tokens": 8}), 400, "prompt")
+    assert err["code"] == "context_length_exceeded"
     _err(http.post("/v1/completions", json={"model": "alpha", "prompt": ""}), 400, "prompt")
     _err(http.post("/v1/completions", json={"model": "alpha", "prompt": [1, 2, 3]}), 400, "prompt")
     big = json.dumps(_chat("x" * (1 << 20), model="alpha")).encode()
