@@ -12,10 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 from dlplora.engine import DLPLoRA
-from dlplora.library import Library
 from dlplora.serve import ServeConfig, ServerThread, create_app
 from dlplora.testing import random_peft_library
 

@@ -121,7 +121,8 @@ def _read_weights(cfg: AdapterConfig, shapes_only: bool) -> dict:
             for k in fh.keys():
                 out[k] = tuple(fh.get_slice(k).get_shape()) if shapes_only else fh.get_tensor(k)
     except Exception as exc:  # truncated or garbage file
-        raise DLPLoRAError(f"{cfg.where}: could not read {cfg.weights_file}: it is unreadable or corrupt ({exc})") from exc
+        raise DLPLoRAError(f"{cfg.where}: could not read {cfg.weights_file}: it is unreadable or corrupt "
+                           f"({exc})") from exc
     return out
 
 
@@ -195,4 +196,5 @@ def validate_adapter(path: str | os.PathLike, model=None, base: dict | None = No
                                f"layer is {layer.in_features}->{layer.out_features} and the rank is {r}, so A must be "
                                f"[{r}, {layer.in_features}] and B [{layer.out_features}, {r}]")
         targets.add(mod_name.rsplit(".", 1)[-1])
-    return {"rank": cfg.rank, "alpha": cfg.raw.get("lora_alpha", cfg.rank), "targets": sorted(targets), "use_rslora": cfg.use_rslora}
+    return {"rank": cfg.rank, "alpha": cfg.raw.get("lora_alpha", cfg.rank), "targets": sorted(targets),
+            "use_rslora": cfg.use_rslora}

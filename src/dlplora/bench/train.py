@@ -6,7 +6,8 @@ import time
 
 import torch
 
-from ..train.lora import TrainConfig, collate, cpu_has_native_bf16, encode_example, make_peft_model, naive_loss, target_only_loss
+from ..train.lora import (TrainConfig, collate, cpu_has_native_bf16, encode_example, make_peft_model, naive_loss,
+                          target_only_loss)
 
 
 def bench_train(model_path=None, task: str = "winowhy", batch_size: int = 8, repeats: int = 3, max_len: int = 192,

@@ -12,7 +12,6 @@ predictions (recorded with them, so it survives a resume) plus, for dlp, the rou
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 

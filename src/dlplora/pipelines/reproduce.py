@@ -8,7 +8,6 @@ matches the library, and the evaluation caches every prediction (WORK/cache).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
