@@ -9,10 +9,11 @@ import json
 import pytest
 import torch
 
-from dlplora.engine import DLPLoRA, decode_loop, parse_adapters
+from dlplora.decoding import decode_loop
+from dlplora.engine import DLPLoRA, parse_adapters
 from dlplora.errors import DLPLoRAError
 from dlplora.library import Library
-from dlplora.testing import tiny_model_dir
+from dlplora.testing import random_peft_library, tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,20 +28,7 @@ def _base(model_dir):
 
 
 def make_library(root, model_dir, specs=SPECS, std=0.5):
-    from peft import LoraConfig, get_peft_model
-
-    lib = Library(root, {"format": 1, "base_model": {"name": "tiny", "path": str(model_dir)}, "adapters": {}})
-    for seed, (name, (r, alpha, targets)) in enumerate(specs.items()):
-        torch.manual_seed(seed + 10)
-        pm = get_peft_model(_base(model_dir), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_" in n:
-                    p.normal_(0, std)
-        pm.save_pretrained(root / "adapters" / name)
-        lib.manifest["adapters"][name] = {"path": f"adapters/{name}", "rank": r, "alpha": alpha, "targets": targets}
-    lib.save()
-    return root
+    return random_peft_library(root, model_dir, specs, std=std, factors=("lora_A", "lora_B"), seed=10)
 
 
 def FakeRouting(names=(), indices=(), weights=(), probs=()):
@@ -289,7 +277,7 @@ def test_cli_generate_and_chat(lib, capsys, monkeypatch):
 def test_bench_fusion_runs_on_a_tiny_model(lib, capsys):
     import argparse
 
-    from dlplora import bench_fusion
+    from dlplora.bench import fusion as bench_fusion
 
     parser = argparse.ArgumentParser()
     bench_fusion.add_arguments(parser)
@@ -298,8 +286,17 @@ def test_bench_fusion_runs_on_a_tiny_model(lib, capsys):
     res = bench_fusion.run(args)
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(res))
-    for key in ("dlp_vs_single_lora", "mixed_batch_throughput_vs_single", "mixed_batch_throughput_vs_peft_mixed"):
-        assert last[key] > 0
+    # every time is the minimum of its interleaved repeats, and every ratio is the ratio of those times
+    for scenario, times in last["seconds"].items():
+        for contender, t in times.items():
+            runs = last["all_seconds"][scenario][contender]
+            assert len(runs) == last["repeats"] and t == pytest.approx(min(runs), abs=1e-4)  # raw: rounded
+    b1, mixed = last["seconds"]["batch1"], last["seconds"]["mixed_batch"]
+    assert last["dlp_vs_single_lora"] == pytest.approx(b1["dlp"] / b1["single_lora"], abs=1e-3)
+    assert last["mixed_batch_throughput_vs_single"] == pytest.approx(mixed["single_lora"] / mixed["dlp_mixed"], abs=1e-3)
+    assert last["mixed_batch_throughput_vs_peft_mixed"] == pytest.approx(mixed["peft_mixed"] / mixed["dlp_mixed"],
+                                                                         abs=1e-3)
+    assert last["targets"]["dlp_vs_single_lora <= 1.05"] == (last["dlp_vs_single_lora"] <= 1.05)
     assert set(last["scaling"]) == {"4", "6"} and last["batch1_mode"] == "shared"  # 4 tokens: no merge
     assert last["mixed_batch_mode"] == "unmerged" and 2 <= last["mixed_batch_adapters_per_row"][0] <= 3
     # the stand-in router picks 2-3 adapters with weights summing to 1
@@ -310,24 +307,15 @@ def test_bench_fusion_runs_on_a_tiny_model(lib, capsys):
 @pytest.mark.integration
 def test_real_backbone_single_adapter_matches_peft(tmp_path):
     """SmolLM2-135M with one random q/v adapter: the engine's greedy tokens == PEFT's."""
-    from peft import LoraConfig, get_peft_model
+    from peft import PeftModel
 
     from dlplora.backbone import load_backbone
     from dlplora.fusion import LoRAFusion, load_peft_adapter
     from dlplora.tasks import chat_prompt
 
     model, tok, info = load_backbone()
-    torch.manual_seed(0)
-    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
-    root = tmp_path / "lib"
-    pm.save_pretrained(root / "adapters" / "rand")
-    Library(root, {"format": 1, "base_model": {"name": info.name, "fingerprint": info.fingerprint},
-                   "adapters": {"rand": {"path": "adapters/rand", "rank": 8, "alpha": 16,
-                                         "targets": ["q_proj", "v_proj"]}}}).save()
+    root = random_peft_library(tmp_path / "lib", info.path, {"rand": (8, 16, ("q_proj", "v_proj"))}, model=model)
+    pm = PeftModel.from_pretrained(model, str(root / "adapters" / "rand")).eval()
     ids = tok(chat_prompt(tok, "Name a primary colour."), add_special_tokens=False, return_tensors="pt")
     with torch.inference_mode():
         ref = pm.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)

@@ -9,7 +9,7 @@ import torch
 
 from dlplora.errors import DLPLoRAError
 from dlplora.fusion import FusedLoRALinear, LoRAFusion, load_peft_adapter, random_adapter
-from dlplora.testing import tiny_model_dir
+from dlplora.testing import random_peft_adapter, tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,17 +33,8 @@ def _base(model_dir):
 
 
 def _make_adapter(model_dir, out, rank, alpha, targets, rslora, seed):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    pm = get_peft_model(_base(model_dir), LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
-                                                    lora_dropout=0.0, use_rslora=rslora))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n or "lora_A" in n:
-                p.normal_(0, 0.3)
-    pm.save_pretrained(out)
-    return out
+    return random_peft_adapter(model_dir, out, rank, alpha, targets, seed=seed, std=0.3, factors=("lora_A", "lora_B"),
+                               use_rslora=rslora)
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +231,11 @@ def test_load_errors(setup, tmp_path):
     (bad / "adapter_config.json").write_text("{not json")
     with pytest.raises(DLPLoRAError, match="corrupt"):
         load_peft_adapter(bad, "bad")
-    with pytest.raises(DLPLoRAError, match="missing"):
+    with pytest.raises(DLPLoRAError, match="no such adapter directory"):
         load_peft_adapter(tmp_path / "nothing", "nothing")
+    (bad / "adapter_config.json").unlink()
+    with pytest.raises(DLPLoRAError, match="adapter_config.json is missing"):
+        load_peft_adapter(bad, "bad")
     # the model is untouched after a failed fusion
     assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())
 

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from dlplora.library import train_library
-from dlplora.training import TrainConfig
+from dlplora.train import TrainConfig, train_library
 
 ray = pytest.importorskip("ray")
 
@@ -55,5 +55,12 @@ def test_train_two_adapters_on_local_ray_cluster(ray_cluster, tiny_model, tiny_d
     manifest = json.loads((lib_dir / "library.json").read_text())
     assert set(manifest["adapters"]) == {"quiz", "sums"}
     for name in ("quiz", "sums"):
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), lib_dir / "adapters" / name)
-        assert model.active_adapter == "default"
+        # the trained adapter changes the model: its logits differ from the base model's
+        ids = torch.tensor([[5, 17, 42, 99, 7]])
+        base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+        with torch.inference_mode():
+            base_logits = base(input_ids=ids).logits
+            model = PeftModel.from_pretrained(base, lib_dir / "adapters" / name).eval()
+            tuned_logits = model(input_ids=ids).logits
+        assert not torch.allclose(tuned_logits, base_logits, atol=1e-6), f"{name}: the adapter has no effect"
+        assert manifest["adapters"][name]["steps"] == 2 and manifest["adapters"][name]["final_loss"] > 0

@@ -207,3 +207,10 @@ def load_backbone(model: str | os.PathLike | None = None, dtype=None):
         context_length=getattr(config, "max_position_embeddings", 0) or 0,
     )
     return net, tokenizer, info
+
+
+def decoder_and_head(model):
+    """The transformer body and the vocabulary head of a causal LM, under any PEFT wrapping (so a loss or a
+    score can apply the head to a few positions only)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model, inner.lm_head

@@ -9,8 +9,9 @@
 The router (:mod:`dlplora.plugin`) runs once per prompt / user turn, on the turn's text plus a window
 of earlier user turns (``route_window``); the chosen weighted set is fixed on the fused layers before
 the first token and kept for every token of the turn. Generation is a batched greedy / sampled loop
-with a KV cache, left padding, EOS, stop strings and a per-row token limit; :func:`decode_loop` is the
-same loop the benchmarks use for every contender.
+with a KV cache, left padding, EOS, stop strings and a per-row token limit: the primitives of
+:mod:`dlplora.decoding`, the same loop the benchmarks use for every contender. How the engine routes
+(top-p, weighting, fusion mode, chat window) is one :class:`dlplora.config.RoutingConfig`.
 """
 
 from __future__ import annotations
@@ -19,149 +20,45 @@ import math
 import os
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .errors import DLPLoRAError
-from .fusion import LoRAFusion, MODES, load_peft_adapter
+from .config import DEFAULT_MAX_NEW_TOKENS, RoutingConfig, check_mode
+from .decoding import StopStreamer, decode_loop, eos_token_ids
+from .errors import ContextLengthError, DLPLoRAError, RequestError
+from .fusion import LoRAFusion, load_peft_adapter
 
-WEIGHTINGS = ("softmax", "renorm")
-DEFAULT_MAX_NEW_TOKENS = 128
-
-
-# ---------------------------------------------------------------- the shared decode loop
-
-def _cache_kwarg() -> str:
-    """transformers 5 calls the KV cache argument `cache`; older versions `past_key_values`."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-def _new_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.inference_mode()
-def decode_loop(model, rows: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], eos_ids: Sequence[int],
-                pad_id: int, temperature: float = 0.0, top_p: float = 1.0, generator=None,
-                on_step: Callable[[int, list[list[int]], list[bool]], None] | None = None,
-                forward_kwargs: dict | None = None) -> tuple[list[list[int]], list[str]]:
-    """Batched generation with a KV cache and left padding.
-
-    Returns (generated token ids per row, EOS excluded; finish reason per row: "stop" or "length").
-    `on_step(step, generated, done)` runs after every step and may set ``done[i] = True`` (stop strings).
-    """
-    b = len(rows)
-    limits = [max_new_tokens] * b if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    dev = next(model.parameters()).device
-    width = max(len(r) for r in rows)
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    kw = dict(forward_kwargs or {})
-    kw[_cache_kwarg()] = _new_cache(model)
-    kw["use_cache"] = True
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, **kw)
-    logits = out.logits[:, -1]
-    next_pos = pos[:, -1:] + 1
-    eos = set(int(e) for e in eos_ids)
-    generated: list[list[int]] = [[] for _ in range(b)]
-    done = [lim <= 0 for lim in limits]
-    reasons = ["length"] * b
-    for step in range(max(limits + [0])):
-        if all(done):
-            break
-        tok = _sample(logits, temperature, top_p, generator)
-        toks = tok.tolist()
-        for i, t in enumerate(toks):
-            if done[i]:
-                continue
-            if t in eos:
-                done[i], reasons[i] = True, "stop"
-                continue
-            generated[i].append(t)
-            if len(generated[i]) >= limits[i]:
-                done[i] = True
-        if on_step is not None:
-            before = list(done)
-            on_step(step, generated, done)
-            for i in range(b):
-                if done[i] and not before[i]:
-                    reasons[i] = "stop"
-        if all(done):
-            break
-        feed = torch.tensor([pad_id if d else t for t, d in zip(toks, done)], dtype=torch.long, device=dev)
-        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], dim=1)
-        out = model(input_ids=feed[:, None], attention_mask=mask, position_ids=next_pos, logits_to_keep=1, **kw)
-        logits = out.logits[:, -1]
-        next_pos = next_pos + 1
-    return generated, reasons
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gc = getattr(model, "generation_config", None)
-    e = getattr(gc, "eos_token_id", None) if gc is not None else None
-    if isinstance(e, int):
-        ids.add(e)
-    elif isinstance(e, (list, tuple)):
-        ids.update(int(x) for x in e)
-    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    for name in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
-        if name in specials:
-            ids.add(int(tokenizer.convert_tokens_to_ids(name)))
-    return sorted(ids)
+# DLPLoRA(..., route_window=N) and from_library(..., route_window=N) name RoutingConfig.window so
+_ROUTING_ALIASES = {"route_window": "window"}
 
 
 # ---------------------------------------------------------------- requests
 
-def _as_set(value, where: str) -> dict[str, float]:
+def adapter_set(value, where: str) -> dict[str, float]:
     """An explicit adapter set: {name: weight}, or an object with .names and .weights (a Routing)."""
     if hasattr(value, "names") and hasattr(value, "weights"):
         names, weights = list(value.names), list(value.weights)
         if len(names) != len(weights):
-            raise DLPLoRAError(f"{where}: {len(weights)} weights for {len(names)} adapters")
+            raise RequestError(f"{where}: {len(weights)} weights for {len(names)} adapters", "adapters")
         value = dict(zip(names, weights))
     if not isinstance(value, Mapping):
-        raise DLPLoRAError(f"{where}: adapters must be a {{name: weight}} mapping, got {type(value).__name__}")
+        raise RequestError(f"{where}: adapters must be a {{name: weight}} mapping, got {type(value).__name__}",
+                           "adapters")
     out = {}
     for name, w in value.items():
         if not isinstance(name, str):
-            raise DLPLoRAError(f"{where}: adapter names must be strings, got {name!r}")
+            raise RequestError(f"{where}: adapter names must be strings, got {name!r}", "adapters")
         try:
             w = float(w)
         except (TypeError, ValueError):
-            raise DLPLoRAError(f"{where}: weight of adapter {name!r} is not a number: {w!r}") from None
+            raise RequestError(f"{where}: weight of adapter {name!r} is not a number: {w!r}", "adapters") from None
         if math.isnan(w) or math.isinf(w):
-            raise DLPLoRAError(f"{where}: weight of adapter {name!r} is {w}; weights must be finite")
+            raise RequestError(f"{where}: weight of adapter {name!r} is {w}; weights must be finite", "adapters")
         if w < 0:
-            raise DLPLoRAError(f"{where}: weight of adapter {name!r} is negative ({w}); weights must be >= 0")
+            raise RequestError(f"{where}: weight of adapter {name!r} is negative ({w}); weights must be >= 0", "adapters")
         if w > 0:
             out[name] = out.get(name, 0.0) + w
     return out
@@ -203,28 +100,40 @@ def _is_history(h) -> bool:
     return isinstance(h, (list, tuple)) and (len(h) == 0 or isinstance(h[0], Mapping))
 
 
+def routing_config(routing: RoutingConfig | None = None, **overrides) -> RoutingConfig:
+    """`routing` (default: the defaults) with keyword overrides (p=, top_k=, weighting=, floor=, mode=, window= or
+    route_window=) applied and checked."""
+    changes = {_ROUTING_ALIASES.get(k, k): v for k, v in overrides.items()}
+    return (routing or RoutingConfig()).replace(**changes) if changes else (routing or RoutingConfig())
+
+
+@dataclass
+class Request:
+    """One checked generation request: the prompt's token ids, the explicit adapter set (None = route it),
+    the text the router reads, and the token budget."""
+
+    ids: list[int]
+    adapters: dict[str, float] | None
+    route_text: str
+    max_new: int
+    source: str = "explicit"
+
+
 # ---------------------------------------------------------------- the engine
 
 class DLPLoRA:
     """A backbone with a library of LoRA adapters fused in, and a router that picks a weighted set
     of them for every prompt."""
 
-    def __init__(self, model, tokenizer, fusion: LoRAFusion, router=None, p: float = 0.6, top_k: int | None = None,
-                 weighting: str = "softmax", floor: float = 0.0, mode: str = "auto", route_window: int = 0,
-                 info=None, library=None):
-        if weighting not in WEIGHTINGS:
-            raise DLPLoRAError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
-        if mode not in MODES:
-            raise DLPLoRAError(f"unknown fusion mode {mode!r}; choose one of {', '.join(MODES)}")
-        if not 0 < p <= 1:
-            raise DLPLoRAError(f"p must be in (0, 1], got {p}")
+    def __init__(self, model, tokenizer, fusion: LoRAFusion, router=None, routing: RoutingConfig | None = None,
+                 info=None, library=None, **routing_overrides):
+        """`routing`: how prompts are routed and fused (default RoutingConfig()); keyword overrides of its fields
+        (p=, top_k=, weighting=, floor=, mode=, route_window=) are accepted too."""
         self.model = model
         self.tokenizer = tokenizer
         self.fusion = fusion
         self.router = router
-        self.p, self.top_k, self.weighting, self.floor = p, top_k, weighting, floor
-        self.mode = mode
-        self.route_window = route_window
+        self.routing = routing_config(routing, **routing_overrides)
         self.info = info
         self.library = library
         self.lock = threading.RLock()
@@ -237,15 +146,27 @@ class DLPLoRA:
     def names(self) -> list[str]:
         return list(self.fusion.names)
 
+    # the routing settings as attributes (engine.p = 0.9 works): each reads and replaces self.routing
+    p = property(lambda self: self.routing.p, lambda self, v: self._set_routing(p=v))
+    top_k = property(lambda self: self.routing.top_k, lambda self, v: self._set_routing(top_k=v))
+    weighting = property(lambda self: self.routing.weighting, lambda self, v: self._set_routing(weighting=v))
+    floor = property(lambda self: self.routing.floor, lambda self, v: self._set_routing(floor=v))
+    mode = property(lambda self: self.routing.mode, lambda self, v: self._set_routing(mode=v))
+    route_window = property(lambda self: self.routing.window, lambda self, v: self._set_routing(window=v))
+
+    def _set_routing(self, **change) -> None:
+        self.routing = self.routing.replace(**change)
+
     # -------------------------------------------------- construction
     @classmethod
     def from_library(cls, lib_dir: str | os.PathLike, model: str | os.PathLike | None = None,
-                     plugin_dir: str | os.PathLike | None = None, p: float = 0.6, top_k: int | None = None,
-                     weighting: str = "softmax", floor: float = 0.0, mode: str = "auto", route_window: int = 0,
-                     dtype=None, router=None, adapters: Sequence[str] | None = None) -> "DLPLoRA":
+                     plugin_dir: str | os.PathLike | None = None, routing: RoutingConfig | None = None, dtype=None,
+                     router=None, adapters: Sequence[str] | None = None, **routing_overrides) -> "DLPLoRA":
         """Load the library's backbone (or `model`), fuse its adapters (all, or the names in `adapters`)
         and load its plugin (LIB/plugin, or `plugin_dir`; none is fine when every request names its
-        adapters). `router` replaces the plugin by any object with the plugin's ``route`` method."""
+        adapters). `router` replaces the plugin by any object with the plugin's ``route`` method.
+        `routing` and its keyword overrides (p=, top_k=, ...) as in :class:`DLPLoRA`."""
+        routing = routing_config(routing, **routing_overrides)  # bad values fail before any loading
         from .backbone import load_backbone
         from .library import Library
 
@@ -270,32 +191,31 @@ class DLPLoRA:
                 from .plugin import Plugin
 
                 router = Plugin.load(pdir, expected_labels=lib.names)
-        return cls(net, tok, fusion, router=router, p=p, top_k=top_k, weighting=weighting, floor=floor, mode=mode,
-                   route_window=route_window, info=info, library=lib)
+        return cls(net, tok, fusion, router=router, routing=routing, info=info, library=lib)
 
     # -------------------------------------------------- routing
     def routing_text(self, text: str, history: Sequence[Mapping] | None = None, window: int | None = None) -> str:
         """What the router reads for a turn: the last `window` user turns of history, then the turn."""
-        window = self.route_window if window is None else window
+        window = self.routing.window if window is None else window
         earlier = [m.get("content", "") for m in (history or []) if m.get("role") == "user"]
         earlier = earlier[-window:] if window > 0 else []
         return "\n".join(earlier + [text])
 
-    def route(self, texts: Sequence[str]) -> list[dict[str, float]]:
-        """The router's weighted set for each text ({} = base model)."""
+    def route(self, texts: Sequence[str], routing: RoutingConfig | None = None) -> list[dict[str, float]]:
+        """The router's weighted set for each text ({} = base model); `routing` overrides the engine's
+        selection settings for this call."""
         if self.router is None:
             lib = self.library.root if self.library is not None else "LIB"
             raise DLPLoRAError(f"the library has no plugin to route prompts; train one with "
                                f"`dlp-lora train-plugin --library {lib}` or pass adapters explicitly "
                                f"(--adapters name=weight)")
-        routings = self.router.route(list(texts), p=self.p, top_k=self.top_k, weighting=self.weighting,
-                                     floor=self.floor)
+        routings = self.router.route(list(texts), **(routing or self.routing).selection())
         if len(routings) != len(texts):
             raise DLPLoRAError(f"the router returned {len(routings)} routings for {len(texts)} texts")
         out = []
         for r in routings:
-            s = _as_set(r, "router")
-            unknown = [n for n in s if n not in self.fusion._index]
+            s = adapter_set(r, "router")
+            unknown = [n for n in s if n not in self.fusion]
             if unknown:
                 raise DLPLoRAError(f"the plugin chose adapters {', '.join(unknown)} that are not loaded; "
                                    f"retrain it with `dlp-lora train-plugin` for this library")
@@ -306,26 +226,30 @@ class DLPLoRA:
     def apply(self, sets: Sequence[Mapping[str, float]], mode: str | None = None):
         """Run forward passes of ``engine.model`` with one weighted set per batch row (for scoring)."""
         with self.lock:
-            with self.fusion.routing([_as_set(s, "adapters") for s in sets], mode=mode or self.mode) as used:
+            with self.fusion.routing([adapter_set(s, "adapters") for s in sets], mode=mode or self.mode) as used:
                 yield used
 
     # -------------------------------------------------- requests
-    def _prepare(self, prompt, adapters, history, raw: bool, max_new: int) -> dict:
-        """Check one request; returns {ids, set (or None = route), route_text} or raises DLPLoRAError."""
+    def prepare_request(self, prompt: str, adapters=None, history=None, raw: bool = False,
+                        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Request:
+        """Check and tokenize one request (no routing, no generation). Raises :class:`RequestError` naming
+        the field at fault (:class:`ContextLengthError` when it does not fit the context window)."""
+        max_new = max_new_tokens
         if not isinstance(prompt, str):
-            raise DLPLoRAError(f"the prompt must be a string, got {type(prompt).__name__}")
+            raise RequestError(f"the prompt must be a string, got {type(prompt).__name__}", "prompt")
         if not prompt.strip():
-            raise DLPLoRAError("the prompt is empty")
+            raise RequestError("the prompt is empty", "prompt")
         if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
-            raise DLPLoRAError(f"max_new_tokens must be a positive integer, got {max_new!r}")
+            raise RequestError(f"max_new_tokens must be a positive integer, got {max_new!r}", "max_new_tokens")
         if history is not None and not _is_history(history):
-            raise DLPLoRAError("history must be a list of {'role': ..., 'content': ...} messages")
+            raise RequestError("history must be a list of {'role': ..., 'content': ...} messages", "history")
         aset = None
         if adapters is not None:
-            aset = _as_set(adapters, "adapters")
-            unknown = [n for n in aset if n not in self.fusion._index]
+            aset = adapter_set(adapters, "adapters")
+            unknown = [n for n in aset if n not in self.fusion]
             if unknown:
-                raise DLPLoRAError(f"unknown adapter {unknown[0]!r}; the library holds: {', '.join(self.names)}")
+                raise RequestError(f"unknown adapter {unknown[0]!r}; the library holds: {', '.join(self.names)}",
+                                   "adapters")
         if raw:
             text = prompt if not history else "".join(m.get("content", "") + "\n" for m in history) + prompt
             ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -337,18 +261,17 @@ class DLPLoRA:
         if self.context_length:
             room = self.context_length - max_new
             if room <= 0:
-                raise DLPLoRAError(f"max_new_tokens {max_new} leaves no room in the context window "
-                                   f"of {self.context_length} tokens")
+                raise ContextLengthError(f"max_new_tokens {max_new} leaves no room in the context window "
+                                         f"of {self.context_length} tokens", "max_new_tokens")
             if len(ids) > room:
-                raise DLPLoRAError(f"the prompt is {len(ids)} tokens; with max_new_tokens {max_new} it must be at "
-                                   f"most {room} (context window {self.context_length})")
-        return {"ids": ids, "set": aset, "route_text": self.routing_text(prompt, history)}
+                raise ContextLengthError(f"the prompt is {len(ids)} tokens; with max_new_tokens {max_new} it must be "
+                                         f"at most {room} (context window {self.context_length})", "prompt")
+        return Request(ids=ids, adapters=aset, route_text=self.routing_text(prompt, history), max_new=max_new)
 
     def validate(self, prompts: Sequence[str], adapters=None, history=None, raw: bool = False,
                  max_new_tokens: int | Sequence[int] = DEFAULT_MAX_NEW_TOKENS) -> list[str | None]:
         """Check each request without generating: per row None (fine) or the error message."""
-        reqs, errors = self._prepare_all(prompts, adapters, history, raw, max_new_tokens)
-        return errors
+        return self._prepare_all(prompts, adapters, history, raw, max_new_tokens)[1]
 
     def _prepare_all(self, prompts, adapters, history, raw, max_new_tokens):
         if isinstance(prompts, str):
@@ -360,10 +283,9 @@ class DLPLoRA:
         reqs, errors = [], []
         for i in range(n):
             try:
-                r = self._prepare(prompts[i], adapters_l[i], history_l[i], raw, max_l[i])
-                if r["set"] is None and self.router is None:
+                r = self.prepare_request(prompts[i], adapters_l[i], history_l[i], raw, max_l[i])
+                if r.adapters is None and self.router is None:
                     self.route([])  # raises the "train a plugin" error
-                r["max_new"] = max_l[i]
                 reqs.append(r)
                 errors.append(None)
             except DLPLoRAError as exc:
@@ -397,8 +319,8 @@ class DLPLoRA:
             raise DLPLoRAError(f"temperature must be >= 0, got {temperature}")
         if not 0 < top_p <= 1:
             raise DLPLoRAError(f"top_p must be in (0, 1], got {top_p}")
-        if mode is not None and mode not in MODES:
-            raise DLPLoRAError(f"unknown fusion mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode is not None:
+            check_mode(mode)
         if isinstance(stop, str):
             stop = [stop]
         stop = [s for s in (stop or []) if s]
@@ -410,18 +332,15 @@ class DLPLoRA:
         reqs, errors = self._prepare_all(prompts, adapters, history, raw, max_new_tokens)
 
         # route the rows without an explicit set, all in one call
-        to_route = [i for i, r in enumerate(reqs) if r is not None and r["set"] is None]
+        to_route = [i for i, r in enumerate(reqs) if r is not None and r.adapters is None]
         if to_route:
             try:
-                sets = self.route([reqs[i]["route_text"] for i in to_route])
+                sets = self.route([reqs[i].route_text for i in to_route])
                 for i, s in zip(to_route, sets):
-                    reqs[i]["set"], reqs[i]["source"] = s, "plugin"
+                    reqs[i].adapters, reqs[i].source = s, "plugin"
             except DLPLoRAError as exc:
                 for i in to_route:
                     reqs[i], errors[i] = None, str(exc)
-        for r in reqs:
-            if r is not None:
-                r.setdefault("source", "explicit")
 
         if on_error == "raise":
             bad = [(i, e) for i, e in enumerate(errors) if e]
@@ -438,64 +357,49 @@ class DLPLoRA:
                 results[i] = o
         return results
 
-    def _run(self, reqs, temperature, top_p, stop, mode, seed, on_token) -> list[dict]:
+    def _run(self, reqs: list[Request], temperature, top_p, stop, mode, seed, on_token) -> list[dict]:
         tok = self.tokenizer
         gen = None
         if temperature > 0:
             gen = torch.Generator(device=next(self.model.parameters()).device)
             gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 31, (1,)).item()))
-        texts = [""] * len(reqs)
-        emitted = [0] * len(reqs)
-        hold = max([len(s) for s in stop] + [1]) - 1
+        streamers = [StopStreamer(stop) for _ in reqs]
+        closed = [False] * len(reqs)
 
         def decode(ids):
             return tok.decode(ids, skip_special_tokens=True)
-
-        closed = [False] * len(reqs)
 
         def on_step(step, generated, done):
             for i, ids in enumerate(generated):
                 if closed[i]:
                     continue
-                text = decode(ids)
-                cut = min([text.find(s) for s in stop if s in text] or [-1]) if stop else -1
-                if cut >= 0:
-                    text = text[:cut]
-                    done[i] = True
-                texts[i] = text
-                if on_token is not None:
-                    safe = len(text) if done[i] else len(text) - hold
-                    while not done[i] and safe > emitted[i] and text[safe - 1] == "\ufffd":
-                        safe -= 1
-                    if safe > emitted[i]:
-                        on_token(i, text[emitted[i]:safe])
-                        emitted[i] = safe
+                delta, stopped = streamers[i].update(decode(ids), final=done[i])
+                done[i] = done[i] or stopped
+                if on_token is not None and delta:
+                    on_token(i, delta)
                 closed[i] = done[i]
 
         with self.lock:
-            used = self.fusion.set_routing([r["set"] for r in reqs], mode=mode,
-                                           expected_tokens=max(r["max_new"] for r in reqs))
+            used = self.fusion.set_routing([r.adapters for r in reqs], mode=mode,
+                                           expected_tokens=max(r.max_new for r in reqs))
             try:
                 generated, reasons = decode_loop(
-                    self.model, [r["ids"] for r in reqs], [r["max_new"] for r in reqs], self.eos_ids,
+                    self.model, [r.ids for r in reqs], [r.max_new for r in reqs], self.eos_ids,
                     tok.pad_token_id, temperature=temperature, top_p=top_p, generator=gen,
                     on_step=on_step if (stop or on_token is not None) else None)
             finally:
                 self.fusion.clear()
         out = []
         for i, (r, ids, why) in enumerate(zip(reqs, generated, reasons)):
-            text = decode(ids)
-            if stop:
-                cut = min([text.find(s) for s in stop if s in text] or [-1])
-                if cut >= 0:
-                    text, why = text[:cut], "stop"
-            if on_token is not None and len(text) > emitted[i]:
-                on_token(i, text[emitted[i]:])
-                emitted[i] = len(text)
+            delta, stopped = streamers[i].update(decode(ids), final=True)
+            if stopped:
+                why = "stop"
+            if on_token is not None and delta:
+                on_token(i, delta)
             adapters = [{"name": n, "weight": round(float(w), 6)}
-                        for n, w in sorted(r["set"].items(), key=lambda kv: -kv[1])]
-            out.append({"text": text, "routing": {"adapters": adapters, "source": r["source"]},
-                        "tokens": len(ids), "prompt_tokens": len(r["ids"]), "finish_reason": why,
+                        for n, w in sorted(r.adapters.items(), key=lambda kv: -kv[1])]
+            out.append({"text": streamers[i].text, "routing": {"adapters": adapters, "source": r.source},
+                        "tokens": len(ids), "prompt_tokens": len(r.ids), "finish_reason": why,
                         "mode": used or "base"})
         return out
 

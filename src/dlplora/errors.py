@@ -10,6 +10,14 @@ class DLPLoRAError(Exception):
     """A problem with the user's input or environment, explained in the message."""
 
 
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise DLPLoRAError(message)
+class RequestError(DLPLoRAError):
+    """A bad generation request. `field` names the part at fault: "prompt", "history", "adapters" or
+    "max_new_tokens" (the server maps it to the request's JSON field)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+class ContextLengthError(RequestError):
+    """The prompt and the requested new tokens do not fit the model's context window."""

@@ -25,114 +25,28 @@ over adapters or rows. Modes:
               ``MERGE_MIN_TOKENS`` tokens (or when the length is not given), else shared;
               different sets: unmerged.
 
-Adapters are read straight from the PEFT files (``adapter_config.json`` and
-``adapter_model.safetensors``) and checked against the model's layers.
+Adapters are read straight from the PEFT files by :func:`dlplora.adapters.load_peft_adapter` and
+checked here against the model's layers.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .adapters import AdapterWeights, load_peft_adapter
+from .config import FUSION_MODES as MODES
 from .errors import DLPLoRAError
 
-MODES = ("auto", "unmerged", "shared", "merged")
+__all__ = ["MODES", "MERGE_MIN_TOKENS", "AdapterWeights", "FusedLoRALinear", "LoRAFusion", "RoutingState",
+           "load_peft_adapter", "random_adapter"]
 # auto mode merges only when at least this many tokens will be generated (merging + restoring costs
 # about as much as ~25 decode steps of the shared low-rank path on SmolLM2-135M, CPU)
 MERGE_MIN_TOKENS = 32
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-
-
-# ---------------------------------------------------------------- reading PEFT adapters
-
-@dataclass
-class AdapterWeights:
-    """One PEFT LoRA adapter as plain tensors: ``layers[module] = (A [r, in], B [out, r], scale)``."""
-
-    name: str
-    path: str
-    rank: int
-    alpha: float
-    use_rslora: bool
-    targets: list[str]
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
-
-
-def _pattern_value(patterns: Mapping[str, float] | None, module: str, default: float) -> float:
-    """PEFT's rank_pattern / alpha_pattern lookup (a regex matched at the end of the module name)."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def load_peft_adapter(path: str | os.PathLike, name: str | None = None) -> AdapterWeights:
-    """Read a PEFT LoRA directory into an :class:`AdapterWeights` (CPU, fp32)."""
-    path = Path(path)
-    name = name or path.name
-    cfg_path = path / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise DLPLoRAError(f"adapter {name!r}: {cfg_path} is missing, so {path} is not a PEFT adapter directory")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DLPLoRAError(f"adapter {name!r}: {cfg_path} is corrupt: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise DLPLoRAError(f"adapter {name!r}: {cfg_path} is not a JSON object")
-    ptype = str(cfg.get("peft_type", "LORA")).upper()
-    if ptype != "LORA":
-        raise DLPLoRAError(f"adapter {name!r}: peft_type {ptype} is not supported (only LoRA)")
-    if cfg.get("use_dora"):
-        raise DLPLoRAError(f"adapter {name!r}: DoRA adapters are not supported by the fused engine")
-    if cfg.get("fan_in_fan_out"):
-        raise DLPLoRAError(f"adapter {name!r}: fan_in_fan_out adapters (Conv1D models) are not supported")
-    weights_file = path / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        raise DLPLoRAError(f"adapter {name!r}: {weights_file} is missing (save adapters with safe_serialization)")
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(weights_file), device="cpu")
-    except Exception as exc:  # truncated or garbage file
-        raise DLPLoRAError(f"adapter {name!r}: could not read {weights_file}: {exc}") from exc
-
-    rank = int(cfg.get("r", 8))
-    alpha = float(cfg.get("lora_alpha", rank))
-    rslora = bool(cfg.get("use_rslora", False))
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = _KEY.match(key)
-        if m is None:
-            if "lora_embedding" in key or "magnitude" in key:
-                raise DLPLoRAError(f"adapter {name!r}: tensor {key} (embedding LoRA / DoRA) is not supported")
-            continue  # e.g. modules_to_save copies: not part of the low-rank delta
-        pairs.setdefault(m["module"], {})[m["ab"]] = t
-    if not pairs:
-        raise DLPLoRAError(f"adapter {name!r}: {weights_file} holds no lora_A/lora_B tensors")
-    layers = {}
-    for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise DLPLoRAError(f"adapter {name!r}: layer {module} has only lora_{''.join(ab)} (file incomplete?)")
-        a, b = ab["A"], ab["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise DLPLoRAError(f"adapter {name!r}: layer {module}: lora_A {tuple(a.shape)} and lora_B "
-                               f"{tuple(b.shape)} do not form a low-rank pair")
-        r = a.shape[0]
-        lalpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha))
-        scale = lalpha / math.sqrt(r) if rslora else lalpha / r
-        layers[module] = (a.float(), b.float(), scale)
-    targets = sorted({m.rsplit(".", 1)[-1] for m in layers})
-    return AdapterWeights(name=name, path=str(path), rank=rank, alpha=alpha, use_rslora=rslora,
-                          targets=targets, layers=layers)
 
 
 def random_adapter(model: nn.Module, name: str, rank: int = 8, alpha: float = 16.0,
@@ -159,7 +73,6 @@ class RoutingState:
     def __init__(self):
         self.mode: str | None = None  # None = base model
         self.batch = 0
-        self.version = 0
 
     def __repr__(self):
         return f"RoutingState(mode={self.mode}, batch={self.batch})"
@@ -329,6 +242,10 @@ class LoRAFusion:
         return cls(model, [load_peft_adapter(d, n) for n, d in dirs.items()])
 
     # -------------------------------------------------- routing
+    def __contains__(self, name) -> bool:
+        """Whether an adapter of this name is loaded."""
+        return name in self._index
+
     def index(self, name: str) -> int:
         try:
             return self._index[name]
@@ -391,7 +308,6 @@ class LoRAFusion:
                 layer.route(indices, weights, mode)
         self.state.mode = mode
         self.state.batch = indices.shape[0]
-        self.state.version += 1
         self.mode = mode
         return mode
 
@@ -417,7 +333,3 @@ class LoRAFusion:
             _set_module(self.model, name, layer.base)
         self.layers = {}
         return self.model
-
-    @property
-    def num_adapters(self) -> int:
-        return len(self.names)

@@ -1,7 +1,9 @@
-"""Tiny random-weight models for tests and dry runs (no download).
+"""Tiny random-weight models, random adapters and libraries for tests, benchmarks and dry runs (no download).
 
 :func:`tiny_model_dir` writes a Llama (or Qwen2) model of a few hundred thousand parameters with a
 word-level tokenizer and a ChatML chat template into a directory that ``from_pretrained`` loads.
+:func:`random_peft_adapter` saves a PEFT LoRA with random factors; :func:`random_peft_library` builds an
+adapter library of them (the way `dlp-lora library add` does).
 """
 
 from __future__ import annotations
@@ -86,3 +88,54 @@ def write_prepared(data_dir: str | Path, task: str, train: list[dict], test: lis
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return data_dir
+
+
+def random_peft_adapter(model, out: str | Path, rank: int = 8, alpha: float | None = None,
+                        targets=("q_proj", "v_proj"), seed: int = 0, std: float = 0.02, factors=("lora_B",),
+                        use_rslora: bool = False) -> Path:
+    """Save to `out` a PEFT LoRA for `model` (a loaded model, left as it was, or a model directory) whose
+    `factors` ("lora_A", "lora_B") are drawn from N(0, std); the others keep PEFT's init (B = 0: no effect).
+    `alpha` defaults to 2 * rank."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(model, (str, Path)):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    torch.manual_seed(seed)
+    pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha,
+                                          target_modules=list(targets), lora_dropout=0.0, use_rslora=use_rslora))
+    with torch.no_grad():
+        for name, param in pm.named_parameters():
+            if any(f in name for f in factors):
+                param.normal_(0, std)
+    pm.save_pretrained(out)
+    pm.unload()  # the plain model back
+    return Path(out)
+
+
+def random_peft_library(root: str | Path, model_dir: str | Path, specs, std: float = 0.02, factors=("lora_B",),
+                        seed: int = 0, model=None) -> Path:
+    """An adapter library at `root` for the base model in `model_dir`, of random PEFT LoRAs added (and validated)
+    like `dlp-lora library add` does. `specs`: {name: (rank, alpha, targets)}, or a count N for N adapters
+    rand0.. of rank 8 on q_proj/v_proj. Adapter i uses seed `seed + i`; `model` (the loaded `model_dir`) saves
+    a load. Returns `root`."""
+    import tempfile
+
+    from .library import add_adapter
+
+    if isinstance(specs, int):
+        specs = {f"rand{i}": (8, 16, ("q_proj", "v_proj")) for i in range(specs)}
+    if model is None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with tempfile.TemporaryDirectory(prefix="dlp-random-adapters-") as tmp:
+        for i, (name, (rank, alpha, targets)) in enumerate(specs.items()):
+            src = random_peft_adapter(model, Path(tmp) / name, rank=rank, alpha=alpha, targets=targets, seed=seed + i,
+                                      std=std, factors=factors)
+            add_adapter(root, name, src, model=str(model_dir))
+    return Path(root)
+

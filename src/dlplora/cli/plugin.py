@@ -7,8 +7,8 @@ import os
 import sys
 import time
 
-from .cli import add_routing_arguments
-from .errors import DLPLoRAError
+from ..errors import DLPLoRAError
+from .common import add_routing_arguments
 
 
 def _print_json(obj) -> None:
@@ -16,11 +16,11 @@ def _print_json(obj) -> None:
 
 
 def cmd_train_plugin(args) -> None:
-    from .plugin import train_plugin_from_data
+    from ..plugin import train_plugin_from_data
 
     lib = None
     if args.library:
-        from .library import Library
+        from ..library import Library
 
         lib = Library.open(args.library)
         names = lib.names
@@ -37,7 +37,7 @@ def cmd_train_plugin(args) -> None:
         if not args.data or not args.tasks:
             raise DLPLoRAError("give --library LIB (its adapter names are the labels), or --data DIR with --tasks "
                                "(e.g. --tasks all)")
-        from .tasks import parse_tasks
+        from ..tasks import parse_tasks
 
         names = parse_tasks(args.tasks)
         data = args.data
@@ -51,7 +51,7 @@ def cmd_train_plugin(args) -> None:
                                             encoder=args.encoder, ood_draws=args.ood_draws)
     path = plugin.save(out)
     t0 = time.perf_counter()
-    from .plugin import Plugin
+    from ..plugin import Plugin
 
     Plugin.load(out, expected_labels=names)
     report["load_ms"] = round((time.perf_counter() - t0) * 1000, 1)
@@ -94,11 +94,11 @@ def print_leave_out(lo: dict) -> None:
 
 
 def cmd_route(args) -> None:
-    from .plugin import Plugin
+    from ..plugin import Plugin
 
     expected = None
     if args.library:
-        from .library import Library
+        from ..library import Library
 
         lib = Library.open(args.library)
         expected = lib.names

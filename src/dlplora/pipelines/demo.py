@@ -11,37 +11,28 @@ Everything is cached: a second run reuses the data, adapters and plugin.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
-from .paths import atomic_write_text
+from ..paths import atomic_write_text
+from . import plugin_ready
 
 # Short-prompt tasks where a briefly trained adapter clearly beats the base model (it learns the answer format).
 DEMO_TASKS = ("contextual_parametric_knowledge_conflicts", "winowhy", "object_counting", "strategyqa")
 
 
-def _plugin_ready(lib, plugin_dir: Path) -> bool:
-    cfg = plugin_dir / "plugin.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("labels") == lib.names
-    except json.JSONDecodeError:
-        return False
-
-
 def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TASKS, data_dir=None, steps: int = 12,
              max_len: int = 160, top_layers: int | None = 10, n_eval: int = 16, conversation: list[str] | None = None, log=print) -> dict:
-    from .backbone import load_tokenizer
-    from .engine import DLPLoRA
-    from .evaluation import evaluate_composite
-    from .library import Library, train_library
-    from .plugin import train_plugin_from_data
-    from .tasks import load_split, prepare
-    from .training import TrainConfig
+    from ..backbone import load_tokenizer
+    from ..engine import DLPLoRA
+    from ..eval.harness import run_evaluation
+    from ..eval.settings import EvalConfig
+    from ..library import Library
+    from ..plugin import train_plugin_from_data
+    from ..tasks import prepare
+    from ..train import TrainConfig, train_library
 
     t_start = time.time()
     out = Path(out).resolve()
@@ -55,7 +46,7 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     if data_dir is None:
         data_dir = out / "data"
         if not all((data_dir / t / "test.jsonl").is_file() for t in tasks):
-            from .tasks import format_summary
+            from ..tasks import format_summary
 
             # the tokenizer alone is enough for the prompt-length statistics (the engine loads the model later)
             log(format_summary(prepare(list(tasks), data_dir, extra_data=extra_data,
@@ -73,7 +64,7 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     lib = Library.open(lib_dir)
     stage("adapters", t0)
     t0 = time.time()
-    if _plugin_ready(lib, lib.plugin_dir()):
+    if plugin_ready(lib):
         log(f"reusing the plugin in {lib.plugin_dir()}")
     else:
         plugin, report = train_plugin_from_data(data_dir, lib.names)
@@ -85,18 +76,17 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     log(f"== 3. composite evaluation: {n_eval} test prompts per task, shuffled, no task labels for DLP-LoRA")
     t0 = time.time()
     engine = DLPLoRA.from_library(lib_dir, model=model)
-    # A rerun on the same library, plugin and prompts reuses the previous evaluation.
-    cache_path = out / "evaluation_cache.json"
-    key = hashlib.sha256(json.dumps([lib.manifest, (lib.plugin_dir() / "plugin.json").read_text(), list(tasks),
-                                     n_eval], sort_keys=True, default=str).encode()).hexdigest()
-    cached = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    if cached.get("key") == key:
-        results = cached["results"]
-        log(f"reusing the evaluation of a previous run with the same library and plugin (delete {cache_path} to redo it)")
-    else:
-        examples = {t: load_split(data_dir, t, "test")[:n_eval] for t in tasks}
-        results = evaluate_composite(engine, examples, methods=("base", "lora", "dlp"), log=log)
-        atomic_write_text(cache_path, json.dumps({"key": key, "results": results}, default=float))
+    # The evaluation harness of `dlp-lora eval`, composite setting, three methods; its prediction cache makes a rerun
+    # on the same library, plugin and prompts reuse the previous predictions (and their recorded times).
+    cache_dir = out / "eval-cache"
+    reused = cache_dir.is_dir() and any(cache_dir.glob("*.jsonl"))
+    run = run_evaluation(EvalConfig(library=lib_dir, data=data_dir, out=out, settings=("composite-26",),
+                                    methods=("base", "lora", "dlp"), weightings=("softmax",), tasks=list(tasks),
+                                    limit=n_eval, model=model, cache_dir=cache_dir, progress=False, write=False),
+                         engine=engine, log=log)
+    results = run["settings"]["composite-26"]["methods"]
+    if reused and run["cache"]["new_predictions"] == 0:
+        log(f"reusing the evaluation of a previous run with the same library and plugin (delete {cache_dir} to redo it)")
     table = format_demo_table(results, tasks)
     log(table)
     stage("evaluation", t0)

@@ -6,23 +6,14 @@ import json
 import math
 import os
 
-
-def _top_layers(value: str) -> int | None:
-    from .errors import DLPLoRAError
-
-    if value == "all":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise DLPLoRAError(f"--top-layers must be a positive integer or 'all', got {value!r}") from None
+from ..errors import DLPLoRAError
+from .common import parse_top_layers
 
 
 def cmd_train_loras(args) -> None:
-    from .errors import DLPLoRAError
-    from .library import train_library
-    from .tasks import load_split, parse_tasks, prepare
-    from .training import TrainConfig, parse_targets
+    from ..tasks import load_split, parse_tasks, prepare
+    from ..train import TrainConfig, train_library
+    from ..train.lora import parse_targets
 
     names = parse_tasks(args.tasks, args.data)
     data = args.data
@@ -31,7 +22,7 @@ def cmd_train_loras(args) -> None:
         print(f"no --data given: preparing the tasks into {data}")
         prepare(names, data, extra_data=args.extra_data)
     cfg = TrainConfig(rank=args.rank, alpha=args.alpha, targets=parse_targets(args.targets), lr=args.lr,
-                      batch_size=args.batch_size, max_len=args.max_len, seed=args.seed, top_layers=_top_layers(args.top_layers))
+                      batch_size=args.batch_size, max_len=args.max_len, seed=args.seed, top_layers=parse_top_layers(args.top_layers))
     if args.epochs is not None:
         if args.epochs <= 0:
             raise DLPLoRAError(f"--epochs must be positive, got {args.epochs}")
@@ -51,7 +42,7 @@ def cmd_train_loras(args) -> None:
 
 
 def cmd_library_add(args) -> None:
-    from .library import add_adapter
+    from ..library import add_adapter
 
     entry = add_adapter(args.library, args.name, args.path, model=args.model, force=args.force)
     print(f"added {args.name} to {args.library}: rank {entry['rank']}, targets {','.join(entry['targets'])}")
@@ -60,7 +51,7 @@ def cmd_library_add(args) -> None:
 
 
 def cmd_library_list(args) -> None:
-    from .library import Library
+    from ..library import Library
 
     lib = Library.open(args.library)
     if args.json:

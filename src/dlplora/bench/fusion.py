@@ -4,7 +4,7 @@ Every number is a ratio of contenders measured in the same run, on the same prom
 with the repeats interleaved (round robin, order rotated each repeat) and the minimum taken (all
 times are kept in the JSON as ``all_seconds``). All
 contenders run in fp32 under ``torch.inference_mode`` through the same greedy decode loop with a KV
-cache (:func:`dlplora.engine.decode_loop`); EOS is ignored so every contender generates exactly the
+cache (:func:`dlplora.decoding.decode_loop`); EOS is ignored so every contender generates exactly the
 same number of tokens. The DLP-LoRA contender is measured end to end: ``DLPLoRA.generate`` on the
 prompt text, i.e. tokenising, routing, setting the fused routing, generating and decoding.
 
@@ -25,11 +25,8 @@ import statistics
 import time
 import zlib
 
-
-import torch
-
-from .errors import DLPLoRAError
-from .plugin import Routing
+from ..errors import DLPLoRAError
+from ..plugin import Routing
 
 _TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable type changed how books were "
@@ -52,6 +49,7 @@ class StandInRouter:
         self.sharpness = sharpness
 
     def route(self, texts, p=0.6, top_k=None, weighting="softmax", floor=0.0):
+        import torch
         out = []
         for t in texts:
             g = torch.Generator().manual_seed(zlib.crc32(t.encode()))
@@ -114,6 +112,7 @@ def _interleaved(contenders: dict, repeats: int, log, raw: dict | None = None) -
 
 def _peft_model(model, adapters, ):
     """A PeftModel (on a copy of `model`) holding `adapters` (AdapterWeights), named as they are."""
+    import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
     net = copy.deepcopy(model)
@@ -142,9 +141,12 @@ def _peft_model(model, adapters, ):
 
 
 def run(args) -> dict:
-    from .backbone import load_backbone
-    from .engine import DLPLoRA, decode_loop
-    from .fusion import LoRAFusion, load_peft_adapter, random_adapter
+    import torch
+
+    from ..backbone import load_backbone
+    from ..decoding import decode_loop
+    from ..engine import DLPLoRA
+    from ..fusion import LoRAFusion, load_peft_adapter, random_adapter
 
     quick = bool(getattr(args, "quick", False))
     repeats = args.repeats or (1 if quick else 3)
@@ -162,7 +164,7 @@ def run(args) -> dict:
     lib = None
     model_arg = args.model
     if args.library:
-        from .library import Library
+        from ..library import Library
 
         lib = Library.open(args.library)
         if model_arg is None and lib.base_model.get("path"):
@@ -183,7 +185,7 @@ def run(args) -> dict:
     router, router_kind = None, "stand-in (top-p over random probabilities)"
     if lib is not None and lib.plugin_dir().is_dir() and any(lib.plugin_dir().iterdir()):
         try:
-            from .plugin import Plugin
+            from ..plugin import Plugin
 
             router = Plugin.load(lib.plugin_dir(), expected_labels=lib.names)
             router_kind = f"plugin {lib.plugin_dir()}"
@@ -302,22 +304,3 @@ def run(args) -> dict:
     if getattr(args, "json", False):
         print(json.dumps(results))
     return results
-
-
-def main(argv=None) -> int:  # `python -m dlplora.bench_fusion` until the lead wires `dlp-lora bench fusion`
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(prog="dlp-lora bench fusion", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    try:
-        run(p.parse_args(argv))
-    except DLPLoRAError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import DLPLoRAError
+from ..errors import DLPLoRAError
 
 PROMPTS = [
     "Translate to English: Guten Morgen, wie geht es dir heute?",
@@ -48,31 +48,6 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="fewer requests per level and 16 tokens per request")
     p.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
-
-
-def _make_library(model, root: Path, n: int, rank: int, model_path: str) -> list[str]:
-    """n PEFT LoRA adapters (q_proj, v_proj) with random lora_B, added to a library at `root`."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from .library import add_adapter
-
-    names = []
-    for i in range(n):
-        name = f"rand{i}"
-        torch.manual_seed(100 + i)
-        pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
-                                              lora_dropout=0.0))
-        with torch.no_grad():
-            for pname, param in pm.named_parameters():
-                if "lora_B" in pname:
-                    param.normal_(0, 0.02)
-        src = root / "src" / name
-        pm.save_pretrained(src)
-        model = pm.unload()  # the plain base model back, for the next adapter
-        add_adapter(root / "lib", name, src, model=model_path)
-        names.append(name)
-    return names
 
 
 def _workload(names: list[str], n: int, max_new: int) -> list[tuple[str, dict]]:
@@ -132,11 +107,12 @@ def bench(model=None, adapters: int = 3, rank: int = 8, levels=(1, 8, 32), reque
     import httpx
     import torch
 
-    from .backbone import load_backbone
-    from .engine import DLPLoRA
-    from .fusion import LoRAFusion, load_peft_adapter
-    from .library import Library
-    from .server import ServeConfig, ServerThread, create_app
+    from ..backbone import load_backbone
+    from ..engine import DLPLoRA
+    from ..fusion import LoRAFusion, load_peft_adapter
+    from ..library import Library
+    from ..serve import ServeConfig, ServerThread, create_app
+    from ..testing import random_peft_library
 
     if threads:
         torch.set_num_threads(threads)
@@ -144,8 +120,11 @@ def bench(model=None, adapters: int = 3, rank: int = 8, levels=(1, 8, 32), reque
     net, tok, info = load_backbone(model)
     with tempfile.TemporaryDirectory(prefix="dlp-bench-serve-") as tmp:
         root = Path(tmp)
-        names = _make_library(net, root, adapters, rank, info.path)
+        # n PEFT LoRA adapters (q_proj, v_proj) with random lora_B
+        specs = {f"rand{i}": (rank, 2 * rank, ("q_proj", "v_proj")) for i in range(adapters)}
+        random_peft_library(root / "lib", info.path, specs, std=0.02, seed=100, model=net)
         lib = Library.open(root / "lib")
+        names = lib.names
         fusion = LoRAFusion(net, [load_peft_adapter(lib.adapter_dir(n), n) for n in names])
         engine = DLPLoRA(net, tok, fusion, router=None, info=info, library=lib)
         log(f"backbone {info.name} ({info.params / 1e6:.0f}M params), {len(names)} random rank-{rank} adapters "

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .errors import DLPLoRAError
-from .tasks import answer_text, chat_prompt, user_message
+from ..backbone import decoder_and_head
+from ..errors import DLPLoRAError
+from ..tasks import answer_text, chat_prompt, user_message
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -135,17 +136,9 @@ def collate(encoded: list[tuple[list[int], int]], pad_id: int):
 
 # ---------------------------------------------------------------- the loss
 
-def _decoder_and_head(model):
-    """The transformer body and the vocabulary head, under any PEFT wrapping."""
-    inner = model
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return inner.model, inner.lm_head
-
-
 def target_only_loss(model, ids, mask, rows, pos, tgt, bf16: bool = True):
     """Cross-entropy on the answer tokens, with the vocabulary head applied only at those positions."""
-    body, head = _decoder_and_head(model)
+    body, head = decoder_and_head(model)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
         logits = head(hidden[rows, pos])
@@ -235,66 +228,3 @@ def train_adapter(peft_model, tokenizer, examples: list[dict], cfg: TrainConfig,
     return TrainResult(steps=cfg.steps, examples=len(seen), tokens=tokens, target_tokens=target_tokens,
                        final_loss=round(sum(tail) / len(tail), 4), first_loss=round(losses[0], 4),
                        wall_seconds=round(time.time() - t0, 1), losses=[round(x, 4) for x in losses])
-
-
-# ---------------------------------------------------------------- benchmark: ours vs the naive loop
-
-def bench_train(model_path=None, task: str = "winowhy", batch_size: int = 8, repeats: int = 3, max_len: int = 192,
-                bf16: bool | None = None, examples: list[dict] | None = None, log=print) -> dict:
-    """Tokens/s of our training step vs a naive PEFT fp32 loop (full logits, `labels=`), side by side on the
-    same batch, repeats interleaved. `bf16` None = our default (on only with native CPU bf16)."""
-    from .backbone import load_backbone
-    from .tasks import load_examples
-
-    model, tok, info = load_backbone(model_path)
-    examples = (examples or load_examples(task))[:batch_size]
-    cfg = TrainConfig(max_len=max_len, batch_size=batch_size, bf16=bf16)  # our defaults (top 10 layers)
-    encoded = [encode_example(tok, ex, cfg.max_len, cfg.max_answer_tokens) for ex in examples]
-    batch = collate(encoded, tok.pad_token_id)
-    n_tokens = int(batch[1].sum())
-    # Two adapters on one PEFT model: "default" in every layer (the paper's setup), "top" = our default.
-    from peft import LoraConfig
-
-    pm = make_peft_model(model, TrainConfig(max_len=max_len, batch_size=batch_size, top_layers=None))
-    n_layers = model.config.num_hidden_layers
-    pm.add_adapter("top", LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets),
-                                     lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
-                                     layers_to_transform=list(range(n_layers - cfg.top_layers, n_layers))))
-
-    def run(adapter, fn):
-        def step(m):
-            m.set_adapter(adapter)
-            return fn(m)
-        return step
-
-    contenders = {
-        "naive_fp32_full_logits": run("default", lambda m: naive_loss(m, *batch)),
-        "ours_all_layers": run("default", lambda m: target_only_loss(m, *batch, bf16=cfg.bf16)),
-        "ours_default_top_layers": run("top", lambda m: target_only_loss(m, *batch, bf16=cfg.bf16)),
-    }
-    opt = torch.optim.AdamW([p for n, p in pm.named_parameters() if "lora_" in n], lr=1e-5)
-    times = {k: [] for k in contenders}
-    for rep in range(repeats + 1):  # the first round warms up and is not counted
-        for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            loss = fn(pm)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if rep:
-                times[name].append(time.perf_counter() - t0)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    tps = {k: n_tokens / v for k, v in med.items()}
-    result = {"model": info.name, "task": task, "batch_size": batch_size, "tokens_per_batch": n_tokens,
-              "target_tokens": int(len(batch[4])), "repeats": repeats,
-              "tokens_per_second": {k: round(v, 1) for k, v in tps.items()},
-              "speedup": round(tps["ours_default_top_layers"] / tps["naive_fp32_full_logits"], 2),
-              "speedup_same_adapter": round(tps["ours_all_layers"] / tps["naive_fp32_full_logits"], 2),
-              "top_layers": cfg.top_layers,
-              "ours_uses_bf16": cfg.bf16, "cpu_native_bf16": cpu_has_native_bf16(),
-              "torch_threads": torch.get_num_threads()}
-    for k, v in tps.items():
-        log(f"{k:>26}: {v:8.1f} tok/s  (median step {med[k]:.2f}s)")
-    log(f"speedup (ours, default config / naive): {result['speedup']:.2f}x; "
-        f"same all-layer adapter, target-only logits alone: {result['speedup_same_adapter']:.2f}x")
-    return result

@@ -2,46 +2,45 @@
 
 from __future__ import annotations
 
-import json
 import os
 
-
-def _print_json(obj) -> None:
-    print(json.dumps(obj, ensure_ascii=False, default=float))
+from ..config import DEFAULT_P
+from .common import command_line, parse_top_layers, print_json
 
 
 def cmd_eval(args) -> None:
-    from .evaluation import parse_methods, parse_p_values, parse_settings, parse_weightings, run_evaluation
-    from .reproduce import command_line
+    from ..eval.harness import run_evaluation
+    from ..eval.settings import EvalConfig, parse_methods, parse_p_values, parse_settings, parse_weightings
 
     log = (lambda *a, **k: None) if args.json else print
-    results = run_evaluation(args.library, data=args.data, out=args.out, settings=parse_settings(args.setting),
-                             methods=parse_methods(args.methods), tasks=args.tasks, limit=args.limit, p=args.p,
-                             weightings=parse_weightings(args.weightings), teacher_forced=args.teacher_forced,
-                             model=args.model, seed=args.seed, batch_size=args.batch_size, route_window=args.route_window,
-                             turns=args.turns, conversations=args.conversations, arrow_top_k=args.arrow_top_k,
-                             progress=not args.no_progress, command=command_line(), cache_dir=args.cache,
-                             note=args.note, p_sweep=parse_p_values(args.p_sweep), log=log)
+    config = EvalConfig(library=args.library, data=args.data, out=args.out, settings=parse_settings(args.setting),
+                        methods=parse_methods(args.methods), tasks=args.tasks, limit=args.limit, p=args.p,
+                        weightings=parse_weightings(args.weightings), teacher_forced=args.teacher_forced,
+                        model=args.model, seed=args.seed, batch_size=args.batch_size, route_window=args.route_window,
+                        turns=args.turns, conversations=args.conversations, arrow_top_k=args.arrow_top_k,
+                        progress=not args.no_progress, command=command_line(), cache_dir=args.cache, note=args.note,
+                        p_sweep=parse_p_values(args.p_sweep))
+    results = run_evaluation(config, log=log)
     if not args.json:
         print(f"wrote {os.path.join(args.out, 'results.json')}, RESULTS.md and figures/ "
               f"({results['cache']['new_predictions']} new predictions, {results['cache']['hits']} from the cache)")
     else:
-        _print_json(results)
+        print_json(results)
 
 
 def cmd_reproduce(args) -> None:
-    from .cli_library import _top_layers
-    from .reproduce import command_line, run_reproduce
+    from ..pipelines.reproduce import ReproduceConfig, run_reproduce
 
-    run_reproduce(out=args.out, work=args.work, extra_data=args.extra_data, tasks=args.tasks, limit=args.limit,
-                  steps=args.steps, model=args.model, settings=args.setting, methods=args.methods, p=args.p,
-                  weightings=args.weightings, teacher_forced=not args.no_teacher_forced, top_layers=_top_layers(args.top_layers),
-                  batch_size=args.batch_size, progress=not args.no_progress, command=command_line(),
-                  p_sweep=args.p_sweep, conversations=args.conversations)
+    run_reproduce(ReproduceConfig(
+        out=args.out, work=args.work, extra_data=args.extra_data, tasks=args.tasks, limit=args.limit, steps=args.steps,
+        model=args.model, settings=args.setting, methods=args.methods, p=args.p, weightings=args.weightings,
+        teacher_forced=not args.no_teacher_forced, top_layers=parse_top_layers(args.top_layers),
+        batch_size=args.batch_size, progress=not args.no_progress, command=command_line(), p_sweep=args.p_sweep,
+        conversations=args.conversations))
 
 
 def cmd_report(args) -> None:
-    from .evaluation import rewrite_report
+    from ..eval.report import rewrite_report
 
     print(f"wrote {rewrite_report(args.results)} and figures/")
 
@@ -51,7 +50,7 @@ def _common(p, model_help: str) -> None:
                    help="comma-separated: base, lora (oracle adapter), dlp (plugin), arrow (PEFT Arrow), merge-all "
                         "(default: all)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="test examples per task (default: all)")
-    p.add_argument("--p", type=float, default=0.6, help="DLP top-p threshold (default 0.6)")
+    p.add_argument("--p", type=float, default=DEFAULT_P, help=f"DLP top-p threshold (default {DEFAULT_P})")
     p.add_argument("--p-sweep", default="", metavar="P1,P2,...",
                    help="also run dlp at these top-p values on the widest composite setting (a table of the effect of "
                         "p: score, adapters per prompt, fusion weight)")

@@ -12,11 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 from dlplora.engine import DLPLoRA
-from dlplora.library import Library
-from dlplora.server import ServeConfig, ServerThread, create_app
+from dlplora.serve import ServeConfig, ServerThread, create_app
+from dlplora.testing import random_peft_library
 
 openai = pytest.importorskip("openai")
 
@@ -30,22 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make_library(root, model_dir):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    lib = Library(root, {"format": 1, "base_model": {"name": "tiny", "path": str(model_dir)}, "adapters": {}})
-    for seed, (name, (r, alpha, targets)) in enumerate(SPECS.items()):
-        torch.manual_seed(seed + 10)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
-        pm.save_pretrained(root / "adapters" / name)
-        lib.manifest["adapters"][name] = {"path": f"adapters/{name}", "rank": r, "alpha": alpha, "targets": targets}
-    lib.save()
-    return root
+    return random_peft_library(root, model_dir, SPECS, std=0.5, seed=10)
 
 
 def _train_plugin(lib_root):
@@ -243,8 +227,11 @@ def test_bad_requests_answer_openai_errors_and_the_server_stays_healthy(http, cl
     _err(http.post(url, json=_chat("hi", model="alpha", top_p=0)), 400, "top_p")
     _err(http.post(url, json=_chat("hi", model="alpha", n=2)), 400, "n")
     long = " ".join(["quick brown fox"] * 400)  # far over the tiny model's 512-token context
-    err = _err(http.post(url, json=_chat(long, model="alpha", max_tokens=8)), 400)
+    err = _err(http.post(url, json=_chat(long, model="alpha", max_tokens=8)), 400, "messages")
     assert err["code"] == "context_length_exceeded" and "context window" in err["message"]
+    assert "max_tokens 8" in err["message"] and "max_new_tokens" not in err["message"]
+    err = _err(http.post("/v1/completions", json={"model": "alpha", "prompt": long, "max_tokens": 8}), 400, "prompt")
+    assert err["code"] == "context_length_exceeded"
     _err(http.post("/v1/completions", json={"model": "alpha", "prompt": ""}), 400, "prompt")
     _err(http.post("/v1/completions", json={"model": "alpha", "prompt": [1, 2, 3]}), 400, "prompt")
     big = json.dumps(_chat("x" * (1 << 20), model="alpha")).encode()
@@ -418,3 +405,25 @@ def test_serve_cli_checks_limits_and_serves_in_a_subprocess(libs, capsys):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_bench_serve_and_its_alias_on_a_tiny_model(tiny_model):
+    from dlplora.bench.serve import bench
+    from dlplora.cli import build_parser
+
+    a = build_parser().parse_args(["bench", "serve", "--quick", "--concurrency", "2"])
+    b = build_parser().parse_args(["bench-serve", "--quick", "--concurrency", "2"])
+    assert a.func is b.func and {k: v for k, v in vars(a).items() if k not in ("command", "subcommand")} == \
+        {k: v for k, v in vars(b).items() if k not in ("command", "subcommand")}
+    res = bench(str(tiny_model), adapters=2, rank=4, levels=(2,), requests=4, max_new_tokens=3, max_batch_size=4,
+                log=lambda *a: None)
+    (row,) = res["levels"]
+    assert row["concurrency"] == 2 and row["requests"] == 4
+    for label, cap in (("on", 4), ("off", 1)):
+        r = row[label]
+        assert r["errors"] == 0 and r["max_batch_size"] == cap and 1 <= r["mean_batch_rows"] <= min(cap, 2)
+        assert 0 < r["completion_tokens"] <= 4 * 3  # EOS may end a request early
+        assert r["tokens_per_s"] == pytest.approx(r["completion_tokens"] / r["wall_s"], rel=0.01)
+        assert r["p50_latency_s"] <= r["p95_latency_s"]
+    assert row["throughput_ratio_on_vs_off"] == pytest.approx(row["on"]["tokens_per_s"] / row["off"]["tokens_per_s"],
+                                                              abs=0.01)

@@ -1,4 +1,5 @@
-"""CLI: `bench train`, `bench fusion` (speed ratios measured side by side in one run)."""
+"""`dlp-lora bench train|fusion|serve` (speed ratios measured side by side in one run), and `dlp-lora bench-serve`,
+the older name of `bench serve`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 
 def cmd_bench_train(args) -> None:
-    from .training import bench_train
+    from ..bench.train import bench_train
 
     result = bench_train(args.model, task=args.task, batch_size=args.batch_size, repeats=args.repeats,
                          max_len=args.max_len, bf16={"auto": None, "on": True, "off": False}[args.bf16])
@@ -29,11 +30,18 @@ def register(sub, model_help: str) -> None:
                    help="bf16 autocast for our step (auto: only where the CPU has native bf16)")
     t.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     t.set_defaults(func=cmd_bench_train)
-    from . import bench_fusion, bench_serve
+    from ..bench import fusion, serve
 
     f = b.add_parser("fusion", help="fused multi-LoRA inference vs single PEFT LoRA, side by side")
-    bench_fusion.add_arguments(f)
-    f.set_defaults(func=bench_fusion.run)
-    s = b.add_parser("serve", help="server throughput and latency, batching on vs off (same as `bench-serve`)")
-    bench_serve.add_arguments(s)
-    s.set_defaults(func=bench_serve.run)
+    fusion.add_arguments(f)
+    f.set_defaults(func=fusion.run)
+    description = serve.__doc__.strip().splitlines()[0]
+    s = b.add_parser("serve", help="server throughput and latency, batching on vs off (same as `bench-serve`)",
+                     description=description)
+    serve.add_arguments(s)
+    s.set_defaults(func=serve.run)
+    # the same command under its first name, kept as an alias
+    alias = sub.add_parser("bench-serve", help="server throughput and latency, batching on vs off, side by side "
+                                               "(= `bench serve`)", description=description)
+    serve.add_arguments(alias)
+    alias.set_defaults(func=serve.run)

@@ -1,23 +1,22 @@
-"""CLI: `dlp-lora serve` (the OpenAI-compatible server) and `dlp-lora bench-serve` (its benchmark)."""
+"""`dlp-lora serve`: the OpenAI-compatible server."""
 
 from __future__ import annotations
 
-from .cli import add_routing_arguments
-from .errors import DLPLoRAError
+from ..errors import DLPLoRAError
+from .common import LIBRARY_MODEL_HELP, add_routing_arguments, routing_from_args
 
 
 def cmd_serve(args) -> None:
-    from .engine import DLPLoRA
-    from .server import ServeConfig, serve
+    from ..engine import DLPLoRA
+    from ..serve import ServeConfig, serve
 
     if not 0 < args.port < 65536:
         raise DLPLoRAError(f"--port must be in 1..65535, got {args.port}")
     config = ServeConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                          max_tokens_limit=args.max_tokens_limit, request_timeout=args.request_timeout,
                          max_body_bytes=args.max_body_bytes, model_name=args.served_model_name).check()
-    engine = DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin, p=args.p, top_k=args.top_k,
-                                  weighting=args.weighting, floor=args.floor, mode=args.mode,
-                                  route_window=args.route_window)
+    engine = DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin,
+                                  routing=routing_from_args(args))
     if args.threads:
         import torch
 
@@ -38,8 +37,7 @@ def register(sub, model_help: str) -> None:
                     "'adapters': {name: weight} pins a weighted mix. Concurrent requests share decode steps "
                     "(continuous batching, one adapter set per row). Greedy unless 'temperature' is given.")
     s.add_argument("--library", required=True, metavar="LIB", help="adapter library directory (with library.json)")
-    s.add_argument("--model", help="base model: a local Hugging Face directory or hub id (default: the library's "
-                                    "base model, else the embedded SmolLM2-135M-Instruct)")
+    s.add_argument("--model", help=LIBRARY_MODEL_HELP)
     s.add_argument("--plugin", metavar="DIR", help="router directory (default: LIB/plugin; none = pinned only)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="default 8000")
@@ -63,10 +61,3 @@ def register(sub, model_help: str) -> None:
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.set_defaults(func=cmd_serve)
-
-    from . import bench_serve
-
-    b = sub.add_parser("bench-serve", help="server throughput and latency, batching on vs off, side by side",
-                       description=bench_serve.__doc__.strip().splitlines()[0])
-    bench_serve.add_arguments(b)
-    b.set_defaults(func=bench_serve.run)

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
-from .cli import add_routing_arguments
-from .errors import DLPLoRAError
+from ..errors import DLPLoRAError
+from .common import LIBRARY_MODEL_HELP, add_routing_arguments, routing_from_args
 
 
 def _engine(args):
-    from .engine import DLPLoRA
+    from ..engine import DLPLoRA
 
-    return DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin, p=args.p, top_k=args.top_k,
-                                weighting=args.weighting, floor=args.floor, mode=args.mode,
-                                route_window=getattr(args, "route_window", 0))
+    return DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin, routing=routing_from_args(args))
 
 
 def _fmt_routing(routing: dict) -> str:
@@ -32,7 +30,7 @@ def _public(result: dict) -> dict:
 
 
 def cmd_generate(args) -> None:
-    from .engine import parse_adapters
+    from ..engine import parse_adapters
 
     if not args.prompts:
         raise DLPLoRAError("give at least one prompt, e.g. dlp-lora generate --library LIB \"What is 2+2?\"")
@@ -54,7 +52,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from .engine import parse_adapters
+    from ..engine import parse_adapters
 
     adapters = parse_adapters(args.adapters) if args.adapters is not None else None
     engine = _engine(args)
@@ -91,8 +89,7 @@ def cmd_chat(args) -> None:
 
 def _common(p, model_help: str) -> None:
     p.add_argument("--library", required=True, metavar="LIB", help="adapter library directory (with library.json)")
-    p.add_argument("--model", help="base model: a local Hugging Face directory or hub id (default: the library's "
-                                    "base model, else the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help=LIBRARY_MODEL_HELP)
     p.add_argument("--plugin", metavar="DIR", help="router directory (default: LIB/plugin)")
     add_routing_arguments(p)
     p.add_argument("--adapters", metavar="NAME=W,...",

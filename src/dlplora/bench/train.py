@@ -1,0 +1,71 @@
+"""`dlp-lora bench train`: our LoRA training step against a naive PEFT fp32 loop, side by side."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..train.lora import (TrainConfig, collate, cpu_has_native_bf16, encode_example, make_peft_model, naive_loss,
+                          target_only_loss)
+
+
+def bench_train(model_path=None, task: str = "winowhy", batch_size: int = 8, repeats: int = 3, max_len: int = 192,
+                bf16: bool | None = None, examples: list[dict] | None = None, log=print) -> dict:
+    """Tokens/s of our training step vs a naive PEFT fp32 loop (full logits, `labels=`), side by side on the
+    same batch, repeats interleaved. `bf16` None = our default (on only with native CPU bf16)."""
+    from ..backbone import load_backbone
+    from ..tasks import load_examples
+
+    model, tok, info = load_backbone(model_path)
+    examples = (examples or load_examples(task))[:batch_size]
+    cfg = TrainConfig(max_len=max_len, batch_size=batch_size, bf16=bf16)  # our defaults (top 10 layers)
+    encoded = [encode_example(tok, ex, cfg.max_len, cfg.max_answer_tokens) for ex in examples]
+    batch = collate(encoded, tok.pad_token_id)
+    n_tokens = int(batch[1].sum())
+    # Two adapters on one PEFT model: "default" in every layer (the paper's setup), "top" = our default.
+    from peft import LoraConfig
+
+    pm = make_peft_model(model, TrainConfig(max_len=max_len, batch_size=batch_size, top_layers=None))
+    n_layers = model.config.num_hidden_layers
+    pm.add_adapter("top", LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets),
+                                     lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
+                                     layers_to_transform=list(range(n_layers - cfg.top_layers, n_layers))))
+
+    def run(adapter, fn):
+        def step(m):
+            m.set_adapter(adapter)
+            return fn(m)
+        return step
+
+    contenders = {
+        "naive_fp32_full_logits": run("default", lambda m: naive_loss(m, *batch)),
+        "ours_all_layers": run("default", lambda m: target_only_loss(m, *batch, bf16=cfg.bf16)),
+        "ours_default_top_layers": run("top", lambda m: target_only_loss(m, *batch, bf16=cfg.bf16)),
+    }
+    opt = torch.optim.AdamW([p for n, p in pm.named_parameters() if "lora_" in n], lr=1e-5)
+    times = {k: [] for k in contenders}
+    for rep in range(repeats + 1):  # the first round warms up and is not counted
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            loss = fn(pm)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    tps = {k: n_tokens / v for k, v in med.items()}
+    result = {"model": info.name, "task": task, "batch_size": batch_size, "tokens_per_batch": n_tokens,
+              "target_tokens": int(len(batch[4])), "repeats": repeats,
+              "tokens_per_second": {k: round(v, 1) for k, v in tps.items()},
+              "speedup": round(tps["ours_default_top_layers"] / tps["naive_fp32_full_logits"], 2),
+              "speedup_same_adapter": round(tps["ours_all_layers"] / tps["naive_fp32_full_logits"], 2),
+              "top_layers": cfg.top_layers,
+              "ours_uses_bf16": cfg.bf16, "cpu_native_bf16": cpu_has_native_bf16(),
+              "torch_threads": torch.get_num_threads()}
+    for k, v in tps.items():
+        log(f"{k:>26}: {v:8.1f} tok/s  (median step {med[k]:.2f}s)")
+    log(f"speedup (ours, default config / naive): {result['speedup']:.2f}x; "
+        f"same all-layer adapter, target-only logits alone: {result['speedup_same_adapter']:.2f}x")
+    return result

@@ -1,0 +1,7 @@
+"""`python -m dlplora.cli` = `dlp-lora`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,64 @@
+"""What several commands share: the model option's help, the routing options, JSON output."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+from ..config import DEFAULT_P, WEIGHTINGS, RoutingConfig
+from ..errors import DLPLoRAError
+
+MODEL_HELP = "base model: a local Hugging Face directory or hub id (default: embedded SmolLM2-135M-Instruct)"
+LIBRARY_MODEL_HELP = ("base model: a local Hugging Face directory or hub id (default: the library's base model, else "
+                      "the embedded SmolLM2-135M-Instruct)")
+
+
+def print_json(obj) -> None:
+    """A JSON object as the last line of a command's output."""
+    print(json.dumps(obj, ensure_ascii=False, default=float))
+
+
+def add_routing_arguments(parser) -> None:
+    """The router's selection options, the same for `route`, `generate`, `chat` and `serve`."""
+    parser.add_argument("--p", type=float, default=DEFAULT_P, help=f"top-p threshold in (0, 1] (default {DEFAULT_P})")
+    parser.add_argument("--top-k", type=int, default=None, help="keep at most K adapters (default: no limit)")
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default="softmax",
+                        help="kept probabilities -> weights: softmax (paper eq. 5, default) or renorm")
+    parser.add_argument("--floor", type=float, default=0.0,
+                        help="route to the base model when the best probability is below this (default 0: off)")
+
+
+def routing_from_args(args) -> RoutingConfig:
+    """The RoutingConfig of the routing options (and --mode, --route-window where the command has them)."""
+    return RoutingConfig(p=args.p, top_k=args.top_k, weighting=args.weighting, floor=args.floor,
+                         mode=getattr(args, "mode", "auto"), window=getattr(args, "route_window", 0) or 0)
+
+
+def parse_top_layers(value: str) -> int | None:
+    """--top-layers: a positive integer, or 'all' (None)."""
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise DLPLoRAError(f"--top-layers must be a positive integer or 'all', got {value!r}") from None
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed, without the value of --note (a paragraph that belongs in the report, not here)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--note":
+            kept.append("--note '...'")
+            skip = True
+            continue
+        if a.startswith("--note="):
+            kept.append("--note '...'")
+            continue
+        kept.append(shlex.quote(a))
+    return "dlp-lora " + " ".join(kept)

@@ -1,0 +1,82 @@
+"""Shared constants and the routing configuration.
+
+Everything that more than one layer checks lives here once: the fusion weightings, the fusion modes,
+the default top-p and the range checks of the router's selection arguments. :class:`RoutingConfig`
+bundles how the engine routes a prompt (the plugin's selection arguments, the fusion mode and the
+chat routing window); the engine, the CLI and the server build one instead of passing six keywords.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from .errors import DLPLoRAError
+
+DEFAULT_P = 0.6
+WEIGHTINGS = ("softmax", "renorm")  # kept probabilities -> fusion weights: softmax (paper eq. 5) or renormalised
+FUSION_MODES = ("auto", "unmerged", "shared", "merged")  # see dlplora.fusion
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def check_p(p, what: str = "top-p threshold p") -> float:
+    """p must be a number in (0, 1]; returns it as a float."""
+    if p is None or isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < float(p) <= 1.0:
+        shown = f"{p:g}" if isinstance(p, (int, float)) and not isinstance(p, bool) else repr(p)
+        raise DLPLoRAError(f"{what} must be a number in (0, 1], got {shown}")
+    return float(p)
+
+
+def check_selection_args(p: float | None, top_k: int | None, weighting: str, floor: float) -> None:
+    """The router's selection arguments: top-p in (0, 1] (unless top_k replaces it), top_k >= 1, a known
+    weighting and a confidence floor in [0, 1]."""
+    if top_k is None:
+        check_p(p)
+    elif isinstance(top_k, bool) or not hasattr(top_k, "__index__") or top_k < 1:
+        raise DLPLoRAError(f"top-k must be an integer >= 1, got {top_k!r}")
+    if weighting not in WEIGHTINGS:
+        raise DLPLoRAError(f"unknown weighting {weighting!r}; choose one of: {', '.join(WEIGHTINGS)}")
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not (0.0 <= float(floor) <= 1.0):
+        raise DLPLoRAError(f"confidence floor must be a number in [0, 1], got {floor!r}")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in FUSION_MODES:
+        raise DLPLoRAError(f"unknown fusion mode {mode!r}; choose one of {', '.join(FUSION_MODES)}")
+    return mode
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How the engine picks and applies adapters for a prompt (see ``dlp-lora generate --help``)."""
+
+    p: float = field(default=DEFAULT_P, metadata={"help": "top-p threshold in (0, 1]"})
+    top_k: int | None = field(default=None, metadata={"help": "keep at most K adapters (replaces p)"})
+    weighting: str = field(default="softmax", metadata={"help": "kept probabilities -> weights: softmax or renorm"})
+    floor: float = field(default=0.0, metadata={"help": "route to the base model below this best probability"})
+    mode: str = field(default="auto", metadata={"help": "fusion mode: auto, unmerged, shared or merged"})
+    window: int = field(default=0, metadata={"help": "earlier user turns the router reads with a chat turn"})
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> "RoutingConfig":
+        check_selection_args(self.p, self.top_k, self.weighting, self.floor)
+        check_mode(self.mode)
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise DLPLoRAError(f"the routing window must be an integer >= 0, got {self.window!r}")
+        return self
+
+    def replace(self, **changes) -> "RoutingConfig":
+        """A copy with some fields changed; an unknown field name is an error."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"RoutingConfig has no field(s) {', '.join(unknown)}")
+        return replace(self, **changes)
+
+    def selection(self) -> dict:
+        """The keyword arguments of the router's ``route`` (p, top_k, weighting, floor)."""
+        return {"p": self.p, "top_k": self.top_k, "weighting": self.weighting, "floor": self.floor}
+
+    def to_dict(self) -> dict:
+        return asdict(self)

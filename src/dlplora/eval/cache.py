@@ -1,0 +1,75 @@
+"""The prediction cache: every prediction, keyed by (library, method, example, kind, adapter set), as JSON lines
+in OUT/cache/<method>.jsonl, so a rerun or a crashed run resumes. A prediction records its compute time, so a
+method's time survives a resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+class PredictionCache:
+    """Predictions as JSON lines, one file per method: {"k": key, "v": value, "s": seconds}.
+    A truncated last line (a crash mid-write) is ignored."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.data: dict[str, dict] = {}
+        self.hits = 0
+        self.new = 0
+        for f in sorted(self.dir.glob("*.jsonl")):
+            for line in f.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.data[rec["k"]] = rec
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    def get(self, key: str) -> dict | None:
+        rec = self.data.get(key)
+        if rec is not None:
+            self.hits += 1
+        return rec
+
+    def put_many(self, method: str, records: list[dict]) -> None:
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in method)
+        with open(self.dir / f"{safe}.jsonl", "a", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                self.data[rec["k"]] = rec
+            fh.flush()
+        self.new += len(records)
+
+
+def set_tag(s: dict) -> str:
+    """The adapter set in a cache key: a prediction is reused only for the same weighted set."""
+    return ",".join(f"{n}={w:.4g}" for n, w in sorted(s.items())) if s else "-"
+
+
+def cache_namespace(method: str) -> str:
+    """The two DLP weightings run the same fused engine: a prompt that both route to the same weighted set (e.g. one
+    adapter at weight 1) is the same computation, so they share predictions (and their recorded time). Every other
+    method keeps its own, so base / LoRA / DLP times are measured side by side."""
+    return "dlp" if method.startswith("dlp") else method
+
+
+def library_signature(library) -> str:
+    """Changes when the adapters or the plugin change: part of every cache key."""
+    h = hashlib.sha1()
+    scored = ("score", "beats_base")  # written back by evaluations: not part of what the adapters compute
+    adapters = {n: {k: v for k, v in e.items() if k not in scored} for n, e in library.manifest.get("adapters", {}).items()}
+    h.update(json.dumps(adapters, sort_keys=True).encode())
+    for n in library.names:
+        f = library.adapter_dir(n) / "adapter_model.safetensors"
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{n}:{st.st_size}:{int(st.st_mtime)}".encode())
+    pj = library.plugin_dir() / "model.safetensors"
+    if pj.is_file():
+        st = pj.stat()
+        h.update(f"plugin:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:10]

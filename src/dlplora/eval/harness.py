@@ -1,0 +1,395 @@
+"""The evaluation harness (`dlp-lora eval`, `dlp-lora reproduce`, `dlp-lora demo`): settings x methods.
+
+Scoring: multiple choice by log-likelihood ranking (BIG-bench multiple_choice_grade, the main figure)
+plus exact match of a greedy generated answer; exact-match tasks by greedy generation; generative tasks
+by greedy generation then BLEU / ROUGE-1 / ROUGE-L (+ final-answer accuracy for GSM8K); optionally a
+clearly labelled teacher-forced variant (argmax at the gold target positions, as the paper's code did).
+
+Every prediction is cached (:mod:`.cache`); a method's "seconds" is the sum of the compute time of its
+predictions (recorded with them, so it survives a resume) plus, for dlp, the routing time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..config import check_p
+from ..errors import DLPLoRAError
+from ..tasks import user_message
+from .cache import PredictionCache, cache_namespace, library_signature, set_tag
+from .metrics import scoring_kind, summarise
+from .report import write_outputs
+from .runners import FusedRunner, PeftRunner, build_arrow_model
+from .scoring import choice_predictions, gen_budget, teacher_forced_predictions
+from .settings import (RESULTS_FORMAT, SINGLE_METHODS, EvalConfig, build_conversations, build_stream, dlp_variant,
+                       fixed_sets, setting_tasks, top_names)
+
+
+def _chunks(seq, n):
+    for s in range(0, len(seq), n):
+        yield seq[s:s + n]
+
+
+def run_method_items(runner, method: str, items: list[dict], sets: list[dict], cache: PredictionCache, sig: str,
+                     teacher_forced: bool = False, batch_size: int = 8, progress: bool = True, desc: str = "") -> list[dict]:
+    """Predictions for `items` (in their order, batched as they come): per item {"choice", "gen", "tf"}
+    (as applicable) and "seconds" (compute time, from the cache for cached predictions)."""
+    from tqdm.auto import tqdm
+
+    tok = runner.tokenizer
+    jobs = []  # (what, item index)
+    for i, it in enumerate(items):
+        kind = scoring_kind(it["task"], it["ex"])
+        if kind == "choice":
+            jobs.append(("choice", i))
+        jobs.append(("gen", i))
+        if teacher_forced and kind == "gen" and not it.get("history"):
+            jobs.append(("tf", i))
+    preds = [{"seconds": 0.0} for _ in items]
+    todo: dict[str, list[int]] = {"choice": [], "gen": [], "tf": []}
+    ns = cache_namespace(method)
+    for what, i in jobs:
+        rec = cache.get(f"{sig}|{ns}|{items[i]['uid']}|{what}|{set_tag(sets[i])}")
+        if rec is None:
+            todo[what].append(i)
+        else:
+            preds[i][what] = rec["v"]
+            preds[i]["seconds"] += float(rec.get("s", 0.0))
+    # Batch like with like: generation by budget then prompt length, scoring by prompt length. A batch decodes until
+    # its longest budget and pads to its longest prompt, so a shuffled stream batched as it comes wastes most of its
+    # compute on finished rows and padding. The order depends only on the items, so every method gets the same batches.
+    plen = {i: len(items[i]["ex"].get("input", "")) + sum(len(h.get("content", "")) for h in items[i].get("history") or [])
+            for i in range(len(items))}
+    budget = {i: gen_budget(tok, items[i]) for i in todo["gen"]}
+    todo["gen"].sort(key=lambda i: (budget[i], plen[i]))
+    todo["choice"].sort(key=lambda i: plen[i])
+    todo["tf"].sort(key=lambda i: plen[i])
+    n_todo = sum(len(v) for v in todo.values())
+    bar = tqdm(total=len(jobs), initial=len(jobs) - n_todo, desc=desc or method, unit="pred", disable=not progress,
+               leave=False, dynamic_ncols=True)
+    try:
+        for what in ("choice", "gen", "tf"):
+            for idx in _chunks(todo[what], batch_size):
+                t0 = time.perf_counter()
+                exs = [items[i]["ex"] for i in idx]
+                row_sets = [sets[i] for i in idx]
+                hists = [items[i].get("history") or [] for i in idx]
+                if what == "choice":
+                    vals = choice_predictions(runner, exs, row_sets, hists, batch_size=2 * batch_size)
+                elif what == "gen":
+                    vals = runner.generate([user_message(ex) for ex in exs], hists, row_sets, [budget[i] for i in idx])
+                else:
+                    vals = teacher_forced_predictions(runner, exs, row_sets, batch_size=batch_size)
+                dt = (time.perf_counter() - t0) / len(idx)
+                recs = []
+                for i, v in zip(idx, vals):
+                    preds[i][what] = v
+                    preds[i]["seconds"] += dt
+                    recs.append({"k": f"{sig}|{ns}|{items[i]['uid']}|{what}|{set_tag(sets[i])}", "v": v, "s": round(dt, 5)})
+                cache.put_many(ns, recs)
+                bar.update(len(idx))
+    finally:
+        bar.close()
+    return preds
+
+
+def plugin_summary(library) -> dict | None:
+    """The plugin's own record (params, held-out routing accuracy, training time) from its plugin.json."""
+    cfg = library.plugin_dir() / "plugin.json"
+    if not cfg.is_file():
+        return None
+    try:
+        d = json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        return None
+    return {"params": d.get("params"), "report": d.get("report"), "default_p": d.get("default_p")}
+
+
+def run_evaluation(config: EvalConfig | None = None, *, engine=None, arrow=None, log=print, **fields) -> dict:
+    """Run the settings x methods grid of `config` (or an EvalConfig of the keyword `fields`); write
+    OUT/results.json, OUT/RESULTS.md and OUT/figures/*.png unless ``config.write`` is off. `engine` (a
+    DLPLoRA) and `arrow` (a (model, tokenizer) pair) may be given to reuse loaded models. ``config.p_sweep``:
+    extra top-p values for `dlp` (each weighting) on the widest composite setting evaluated (results["p_sweep"])."""
+    if config is not None and not isinstance(config, EvalConfig):
+        raise TypeError(f"run_evaluation takes an EvalConfig, got {type(config).__name__}")
+    t_start = time.perf_counter()
+    run = _Run(config if config is not None else EvalConfig(**fields), engine, arrow, log)
+    c = run.config
+    results = {"format": RESULTS_FORMAT, "config": run.config_record(), "settings": {}, "skipped": run.skipped}
+    # The widest composite runs first: the narrower settings then reuse its predictions, so every method of every
+    # setting is timed on the same shuffled, mixed-task batches (single would otherwise batch base / LoRA by task).
+    for setting in sorted(run.settings, key=lambda x: x != "composite-26"):
+        results["settings"][setting] = run.setting(setting)
+    results["settings"] = {x: results["settings"][x] for x in run.settings}  # report in the order asked
+    flagged = run.record_single_scores(results["settings"].get("single"))
+    if flagged is not None:
+        results["flagged_adapters"] = flagged
+    if run.p_sweep and "dlp" in run.methods and "dlp" not in run.skipped:
+        results["p_sweep"] = run.sweep_p()
+    results["cache"] = {"dir": str(run.cache.dir), "hits": run.cache.hits, "new_predictions": run.cache.new}
+    results["run_seconds"] = round(time.perf_counter() - t_start, 1)
+    if c.note:
+        results["note"] = c.note
+    if c.write:
+        write_outputs(results, c.out, preamble=c.note)
+    return results
+
+
+class _Run:
+    """One evaluation run: the checked configuration, the loaded models, the prediction cache; one method per
+    piece of the grid."""
+
+    def __init__(self, config: EvalConfig, engine, arrow, log):
+        from ..engine import DLPLoRA
+        from ..library import Library
+        from ..tasks import load_split
+
+        self.config = c = config
+        self.log = log
+        self.lib = Library.open(c.library)
+        self.data = c.data or self.lib.manifest.get("data_dir")
+        self.names = self.lib.names
+        self.tasks = self._check(c)
+        self.p = check_p(c.p, "--p")
+        self.p_sweep = sorted({check_p(x, "--p-sweep values") for x in c.p_sweep or ()} | ({self.p} if c.p_sweep else set()))
+        self.settings, self.methods, self.weightings = list(c.settings), list(c.methods), list(c.weightings)
+        self.examples = {t: load_split(self.data, t, "test")[:c.limit] if c.limit else load_split(self.data, t, "test")
+                         for t in self.tasks}
+        self.cache = PredictionCache(c.cache_dir or Path(c.out) / "cache")
+        self.engine = engine if engine is not None else DLPLoRA.from_library(self.lib.root, model=c.model, p=self.p)
+        self.fused = FusedRunner(self.engine)
+        self.sig = library_signature(self.lib)
+        self.skipped: dict[str, str] = {}
+        if "dlp" in self.methods and self.engine.router is None:
+            self.skipped["dlp"] = "the library has no plugin (train one with `dlp-lora train-plugin`)"
+        self.arrow_runner = None
+        if "arrow" in self.methods:
+            try:
+                if arrow is None:
+                    arrow = build_arrow_model(self.lib, model=c.model, top_k=c.arrow_top_k, seed=c.seed)
+                self.arrow_runner = PeftRunner(*arrow)
+            except (DLPLoRAError, ValueError, RuntimeError, KeyError) as exc:
+                self.skipped["arrow"] = f"could not build PEFT's Arrow model: {exc}"
+        for m, why in self.skipped.items():
+            log(f"skipping {m}: {why}")
+        _warm_up(self.fused, self.arrow_runner, self.names)
+
+    def _check(self, c: EvalConfig) -> list[str]:
+        """The tasks to evaluate, after checking the data, the library and the limit."""
+        from ..tasks import parse_tasks
+
+        if not self.data:
+            raise DLPLoRAError(f"no test data: pass --data PREPARED_DIR (the library {c.library} records no data_dir)")
+        if not Path(self.data).is_dir():
+            raise DLPLoRAError(f"prepared data directory {self.data} does not exist; run `dlp-lora data prepare "
+                               f"--out {self.data}`")
+        if not self.names:
+            raise DLPLoRAError(f"the library {c.library} holds no adapters")
+        tasks = list(self.names)
+        if c.tasks:
+            wanted = parse_tasks(c.tasks, self.data) if isinstance(c.tasks, str) else list(c.tasks)
+            missing = [t for t in wanted if t not in self.names]
+            if missing:
+                raise DLPLoRAError(f"task(s) {', '.join(missing)} have no adapter in the library {c.library} "
+                                   f"(it holds: {', '.join(self.names)})")
+            tasks = [t for t in self.names if t in wanted]
+        if c.limit is not None and c.limit < 1:
+            raise DLPLoRAError(f"--limit must be at least 1, got {c.limit}")
+        return tasks
+
+    def config_record(self) -> dict:
+        c, names, engine = self.config, self.names, self.engine
+        return {"library": str(Path(c.library).resolve()), "data": str(Path(self.data).resolve()), "adapters": names,
+                "backbone": (engine.info.to_dict() if getattr(engine, "info", None) is not None else None),
+                "tasks": self.tasks, "limit": c.limit, "p": self.p, "weightings": self.weightings,
+                "methods": self.methods, "settings": self.settings, "teacher_forced": c.teacher_forced,
+                "seed": c.seed, "batch_size": c.batch_size, "route_window": c.route_window, "turns": c.turns,
+                "arrow": {"top_k": min(c.arrow_top_k, len(names)), "temperature": 1.0,
+                          "implementation": "peft ArrowConfig / arrow_router LoRA variant"},
+                "merge_all": f"every row uses all {len(names)} adapters with weight 1/{len(names)}",
+                "command": c.command, "library_signature": self.sig, "p_sweep": self.p_sweep,
+                "plugin": plugin_summary(self.lib)}
+
+    def variants(self, setting: str) -> list[tuple[str, str, str | None]]:
+        """(reported name, method, weighting) of every method run in `setting`."""
+        out = []
+        for m in self.methods:
+            if m in self.skipped or (setting == "single" and m not in SINGLE_METHODS):
+                continue
+            if m == "dlp":
+                out += [(dlp_variant(w), "dlp", w) for w in self.weightings]
+            else:
+                out.append((m, m, None))
+        return out
+
+    def _dlp_sets(self, texts: list[str], p: float, weighting: str) -> list[dict]:
+        """The router's sets for `texts` at top-p `p` with `weighting` (top-p selection: no top-k)."""
+        return self.engine.route(texts, routing=self.engine.routing.replace(p=p, weighting=weighting, top_k=None))
+
+    def _runner_and_sig(self, method: str):
+        if method == "arrow":
+            return self.arrow_runner, f"{self.sig}-k{min(self.config.arrow_top_k, len(self.names))}s{self.config.seed}"
+        return self.fused, self.sig
+
+    def setting(self, setting: str) -> dict:
+        """Every method of one setting."""
+        c, examples = self.config, self.examples
+        s_tasks = setting_tasks(setting, examples)
+        if not s_tasks:
+            self.log(f"== {setting}: no task of this group in the library; skipped")
+            return {"tasks": [], "skipped": "no task of this group in the library"}
+        s_res: dict = {"tasks": s_tasks, "n": {t: len(examples[t]) for t in s_tasks}, "methods": {}}
+        if setting == "multiturn":
+            convs = build_conversations(examples, s_tasks, turns=c.turns, seed=c.seed, limit=c.conversations)
+            s_res.update({"conversations": len(convs), "turns": c.turns, "route_window": c.route_window})
+            if not convs:
+                s_res["skipped"] = "needs at least 2 tasks"
+                return s_res
+            self.log(f"== {setting}: {', '.join(s_tasks)} ({len(convs)} conversations of {c.turns} turns)")
+        else:
+            stream = build_stream(examples, s_tasks, seed=c.seed) if setting != "single" else \
+                [{"uid": f"{t}/{ex.get('id', i)}", "task": t, "ex": ex, "history": []}
+                 for t in s_tasks for i, ex in enumerate(examples[t])]
+            self.log(f"== {setting}: {', '.join(s_tasks)} ({len(stream)} prompts)")
+        for name, method, weighting in self.variants(setting):
+            if setting == "multiturn":
+                entry = self.multiturn(name, method, weighting, convs, s_tasks, f"{setting} {name}")
+            else:
+                entry = self.stream(name, method, weighting, stream, s_tasks, f"{setting} {name}")
+            s_res["methods"][name] = entry
+            extra = ""
+            if "router_accuracy" in entry:
+                extra = (f"; router picked the true task {entry['router_accuracy']:.0f}%, "
+                         f"{entry['mean_adapters']:.2f} adapters")
+            self.log(f"  {name:>10}: mean {entry['mean']:.2f} in {entry['seconds']:.1f}s{extra}")
+        return s_res
+
+    def stream(self, name, method, weighting, stream, tasks, desc) -> dict:
+        """One method over a stream of single-turn items."""
+        c = self.config
+        runner, sig = self._runner_and_sig(method)
+        t0 = time.perf_counter()
+        route_log = None
+        if method == "dlp":
+            sets = self._dlp_sets([user_message(it["ex"]) for it in stream], self.p, weighting)  # the prompt text only
+            route_log = top_names(sets)
+        else:
+            sets = fixed_sets(method, stream, self.names)
+        route_s = time.perf_counter() - t0
+        preds = run_method_items(runner, name, stream, sets, self.cache, sig, teacher_forced=c.teacher_forced,
+                                 batch_size=c.batch_size, progress=c.progress, desc=desc)
+        entry = summarise(tasks, stream, preds, sets, route_s, route_log)
+        if method == "dlp":
+            entry.update({"weighting": weighting, "p": self.p, "routing_seconds": round(route_s, 4)})
+        return entry
+
+    def multiturn(self, name, method, weighting, convs, tasks, desc) -> dict:
+        """Turn by turn over all conversations: each turn's history is the earlier turns with this method's own
+        answers; the router reads engine.routing_text(turn, history, route_window)."""
+        c, engine = self.config, self.engine
+        runner, sig = self._runner_and_sig(method)
+        all_items, all_preds, all_sets, route_log = [], [], [], []
+        histories = [[] for _ in convs]
+        route_s = 0.0
+        turns = len(convs[0])
+        for t in range(turns):
+            items = []
+            for k, conv in enumerate(convs):
+                step = conv[t]
+                uid = "mt-w%d|%s" % (c.route_window, ">".join(x["uid"] for x in conv[: t + 1]))
+                items.append({"uid": uid, "task": step["task"], "ex": step["ex"], "history": list(histories[k]),
+                              "turn": t})
+            t0 = time.perf_counter()
+            if method == "dlp":
+                texts = [engine.routing_text(user_message(it["ex"]), it["history"], window=c.route_window)
+                         for it in items]
+                sets = self._dlp_sets(texts, self.p, weighting)
+                route_log += top_names(sets)
+            else:
+                sets = fixed_sets(method, items, engine.names)
+            route_s += time.perf_counter() - t0
+            preds = run_method_items(runner, name, items, sets, self.cache, sig, teacher_forced=False,
+                                     batch_size=c.batch_size, progress=c.progress, desc=f"{desc} turn {t + 1}")
+            for k, (it, pr) in enumerate(zip(items, preds)):
+                histories[k] = histories[k] + [{"role": "user", "content": user_message(it["ex"])},
+                                               {"role": "assistant", "content": pr.get("gen", "")}]
+            all_items += items
+            all_preds += preds
+            all_sets += sets
+        entry = summarise(tasks, all_items, all_preds, all_sets, route_s, route_log if method == "dlp" else None)
+        per_turn = []
+        for t in range(turns):
+            idx = [i for i, it in enumerate(all_items) if it["turn"] == t]
+            sub = summarise(tasks, [all_items[i] for i in idx], [all_preds[i] for i in idx],
+                            [all_sets[i] for i in idx], 0.0, [route_log[i] for i in idx] if method == "dlp" else None)
+            per_turn.append({k: v for k, v in sub.items() if k in ("mean", "router_accuracy", "mean_adapters", "items")})
+        entry["per_turn"] = per_turn
+        if method == "dlp":
+            entry.update({"weighting": weighting, "p": self.p, "routing_seconds": round(route_s, 4)})
+        return entry
+
+    def record_single_scores(self, single: dict | None) -> list[str] | None:
+        """The single setting's adapter vs base scores, written to the library's manifest; returns the adapters
+        that do not beat the base model (None when the setting did not run base and lora)."""
+        methods = (single or {}).get("methods") or {}
+        if "base" not in methods or "lora" not in methods:
+            return None
+        pairs = {t: (r, methods["base"]["tasks"][t]) for t, r in methods["lora"]["tasks"].items()
+                 if "main" in r and "main" in methods["base"]["tasks"].get(t, {})}
+        flagged = self.lib.record_scores(pairs, source=f"dlp-lora eval --setting single "
+                                                       f"(limit {self.config.limit or 'all'})")
+        self.log(f"recorded adapter vs base scores of {len(pairs)} adapters in {self.lib.root / 'library.json'}")
+        for t in flagged:
+            a, b = pairs[t]
+            self.log(f"  [FLAG] {t}: adapter {a['main']:.1f} does not beat base {b['main']:.1f} ({a['metric']})")
+        return flagged
+
+    def sweep_p(self) -> dict:
+        """`dlp` at each top-p value (and weighting) on the widest composite setting evaluated, against the oracle
+        LoRA on the same stream. Teacher-forced scoring is skipped here (generation and choice ranking only)."""
+        c, log = self.config, self.log
+        order = ["composite-26", "composite-17", "composite-9"]
+        setting = next((s for s in order if s in self.settings), "composite-26")
+        s_tasks = setting_tasks(setting, self.examples)
+        stream = build_stream(self.examples, s_tasks, seed=c.seed)
+        texts = [user_message(it["ex"]) for it in stream]
+        log(f"== p sweep on {setting}: p in {', '.join(f'{x:g}' for x in self.p_sweep)}")
+        lora_sets = fixed_sets("lora", stream, self.engine.names)
+        preds = run_method_items(self.fused, "lora", stream, lora_sets, self.cache, self.sig, batch_size=c.batch_size,
+                                 progress=c.progress, desc="p sweep lora")
+        lora = summarise(s_tasks, stream, preds, lora_sets, 0.0)
+        rows = []
+        for weighting in self.weightings:
+            name = dlp_variant(weighting)
+            for pv in self.p_sweep:
+                t0 = time.perf_counter()
+                sets = self._dlp_sets(texts, pv, weighting)
+                route_s = time.perf_counter() - t0
+                preds = run_method_items(self.fused, name, stream, sets, self.cache, self.sig, batch_size=c.batch_size,
+                                         progress=c.progress, desc=f"p sweep {name} p={pv:g}")
+                e = summarise(s_tasks, stream, preds, sets, route_s, top_names(sets))
+                top_w = [max(s.values()) for s in sets if s]
+                row = {"p": pv, "weighting": weighting, "method": name, "mean": e["mean"], "seconds": e["seconds"],
+                       "router_accuracy": e["router_accuracy"], "mean_adapters": e["mean_adapters"],
+                       "max_adapters": max((len(s) for s in sets), default=0),
+                       "single_adapter_share": 100 * sum(len(s) == 1 for s in sets) / max(1, len(sets)),
+                       "mean_top_weight": sum(top_w) / max(1, len(top_w)),
+                       "gap_to_lora": e["mean"] - lora["mean"],
+                       "tasks": {t: r.get("main") for t, r in e["tasks"].items()}}
+                rows.append(row)
+                log(f"  {name:>10} p={pv:<4g}: mean {e['mean']:.2f} (LoRA {lora['mean']:.2f}), "
+                    f"{e['mean_adapters']:.2f} adapters, top weight {row['mean_top_weight']:.2f}")
+        return {"setting": setting, "tasks": s_tasks, "lora_mean": lora["mean"], "lora_seconds": lora["seconds"],
+                "rows": rows}
+
+
+def _warm_up(fused, arrow_runner, names) -> None:
+    """One short generation per code path (base, one adapter, mixed rows, Arrow) before anything is timed:
+    first calls pay one-off kernel and allocation costs that would otherwise land on whichever method runs first."""
+    mixed = [{names[0]: 1.0}, {n: 1.0 / len(names) for n in names}]
+    for sets in ([{}], [{names[0]: 1.0}], mixed):
+        fused.generate(["warm up"] * len(sets), [[] for _ in sets], sets, [2] * len(sets))
+    if arrow_runner is not None:
+        arrow_runner.generate(["warm up"], [[]], [{}], [2])

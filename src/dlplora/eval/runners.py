@@ -1,0 +1,97 @@
+"""Runners: how an evaluation method runs forward passes and generation.
+
+A runner has ``model``, ``tokenizer``, ``context(sets)`` (a context manager under which forward passes of
+``model`` use one adapter set per batch row) and ``generate(texts, histories, sets, max_new)``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from ..decoding import decode_loop, eos_token_ids
+from ..errors import DLPLoRAError
+from ..tasks import chat_prompt
+
+
+class FusedRunner:
+    """Forward passes and generation on the DLP-LoRA engine with one weighted adapter set per row."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.model = engine.model
+        self.tokenizer = engine.tokenizer
+
+    def context(self, sets):
+        return self.engine.apply(sets)
+
+    def generate(self, texts, histories, sets, max_new) -> list[str]:
+        out = self.engine.generate(list(texts), adapters=[dict(s) for s in sets], history=[list(h) for h in histories],
+                                   max_new_tokens=[int(m) for m in max_new], on_error="return")
+        return [o.get("text", "").strip() for o in out]
+
+
+class PeftRunner:
+    """A model used as it is: a plain or PEFT model, or one that routes by itself (Arrow); adapter sets are
+    ignored. Generation uses the engine's decode loop (same greedy decoding, KV cache and EOS handling as the
+    other methods)."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.eos_ids = eos_token_ids(model, tokenizer)
+
+    def context(self, sets):
+        return nullcontext()
+
+    @torch.inference_mode()
+    def generate(self, texts, histories, sets, max_new) -> list[str]:
+        tok = self.tokenizer
+        rows = [tok(chat_prompt(tok, t, list(h)), add_special_tokens=False)["input_ids"] for t, h in zip(texts, histories)]
+        gen, _ = decode_loop(self.model, rows, [int(m) for m in max_new], self.eos_ids, tok.pad_token_id)
+        return [tok.decode(g, skip_special_tokens=True).strip() for g in gen]
+
+
+def build_arrow_model(library, model=None, top_k: int = 3, temperature: float = 1.0, seed: int = 0):
+    """PEFT's Arrow (``ArrowConfig`` + the ``arrow_router`` LoRA variant) over the library's adapters, on a
+    fresh copy of the backbone. Built like ``peft.create_arrow_model`` (which loads every adapter as
+    ``task_i`` and adds the ``arrow_router`` adapter), except that the router targets exactly the modules
+    the adapters cover: create_arrow_model targets every module with a matching leaf name, which fails for
+    adapters restricted to some layers (``layers_to_transform``, our --top-layers). Returns (model, names)."""
+    from peft import ArrowConfig, LoraConfig, PeftModel
+
+    from ..backbone import load_backbone
+
+    names = library.names
+    where = model
+    if where is None:
+        base_path = library.base_model.get("path")
+        where = base_path if base_path and Path(base_path).is_dir() else None
+    net, tok, _ = load_backbone(where)
+    pm = PeftModel.from_pretrained(net, str(library.adapter_dir(names[0])), adapter_name="task_0")
+    for i, n in enumerate(names[1:], 1):
+        pm.load_adapter(str(library.adapter_dir(n)), adapter_name=f"task_{i}")
+    task_names = [f"task_{i}" for i in range(len(names))]
+    covered: dict[str, set] = {}
+    ranks = set()
+    for mod_name, mod in pm.get_base_model().named_modules():
+        if hasattr(mod, "lora_A"):
+            for tn in task_names:
+                if tn in mod.lora_A:
+                    covered.setdefault(tn, set()).add(mod_name)
+                    ranks.add(mod.lora_A[tn].weight.shape[0])
+    mods = covered.get("task_0", set())
+    if len(ranks) != 1 or any(covered.get(tn, set()) != mods for tn in task_names):
+        raise DLPLoRAError("Arrow needs adapters of one rank on the same modules; this library mixes ranks or "
+                           "target modules")
+    cfg = ArrowConfig(top_k=min(top_k, len(names)), router_temperature=temperature, rng_seed=seed)
+    cfg.task_adapter_names = task_names
+    cfg.gks_adapter_names = []
+    pm.add_adapter("arrow_router", LoraConfig(arrow_config=cfg, target_modules=sorted(mods), r=ranks.pop()))
+    pm.set_adapter("arrow_router")
+    pm.eval()
+    return pm, tok

@@ -1,0 +1,106 @@
+"""Training: the LoRA trainer (target-only loss, bucketing), a library of adapters (resumable), its benchmark."""
+
+import json
+
+import pytest
+import torch
+
+from dlplora.errors import DLPLoRAError
+from dlplora.train import TrainConfig, train_library
+from dlplora.train.lora import bucketed_batches, collate, encode_example, naive_loss, target_only_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest (and steady when shared)
+
+CFG = dict(steps=3, batch_size=4, max_len=64, rank=4, alpha=8)
+
+
+def test_target_only_loss_equals_full_logits_loss(tiny_model, tiny_data):
+    from dlplora.backbone import load_backbone
+    from dlplora.tasks import load_split
+
+    model, tok, _ = load_backbone(str(tiny_model))
+    rows = load_split(tiny_data, "sums", "train")[:4]
+    batch = collate([encode_example(tok, r, 64, 32) for r in rows], tok.pad_token_id)
+    with torch.no_grad():
+        a = target_only_loss(model, *batch, bf16=False)
+        b = naive_loss(model, *batch)
+    assert torch.allclose(a, b, atol=1e-5)
+    # only answer tokens (+ end of turn) are targets
+    ids, start = encode_example(tok, rows[0], 64, 32)
+    assert tok.decode(ids[start:]).startswith(rows[0]["target"]) and ids[-1] == tok.eos_token_id
+
+
+def test_bucketing_groups_similar_lengths():
+    import random
+
+    lengths = [5, 100, 6, 101, 7, 102, 8, 103]
+    batches = bucketed_batches(lengths, 4, random.Random(0))
+    spans = sorted(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+    assert spans == [3, 3] and sorted(i for b in batches for i in b) == list(range(8))
+
+
+def test_train_library_manifest_resume_and_peft_load(tiny_model, tiny_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lib_dir = tmp_path / "lib"
+    logs = []
+    # quiz/sums are custom tasks: accepted because prepared data exists for them
+    train_library("quiz,sums", tiny_data, lib_dir, model=str(tiny_model), cfg=TrainConfig(**CFG), eval_limit=4,
+                  log=logs.append)
+    m = json.loads((lib_dir / "library.json").read_text())
+    assert set(m["adapters"]) == {"quiz", "sums"}
+    e = m["adapters"]["quiz"]
+    for key in ("task", "path", "base_model", "rank", "targets", "n_train", "steps", "final_loss", "wall_seconds"):
+        assert key in e
+    assert e["rank"] == 4 and e["targets"] == ["q_proj", "v_proj"] and e["steps"] == 3
+    assert e["score"]["metric"] == "accuracy" and "beats_base" in e
+    assert m["adapters"]["sums"]["score"]["metric"] == "rougeL"
+    assert m["base_model"]["fingerprint"]
+    # resumable: a second run skips both
+    logs.clear()
+    train_library("quiz,sums", tiny_data, lib_dir, model=str(tiny_model), cfg=TrainConfig(**CFG), eval_limit=0,
+                  log=logs.append)
+    assert sum("skip" in l for l in logs) == 2
+    # a standard PEFT adapter directory
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    peft_model = PeftModel.from_pretrained(base, lib_dir / "adapters" / "sums")
+    assert any("lora_A" in n for n, _ in peft_model.named_parameters())
+    # no temp dirs left behind
+    assert not [p for p in (lib_dir / "adapters").iterdir() if p.name.startswith(".")]
+
+
+def test_bad_training_input(tiny_model, tiny_data, tmp_path):
+    with pytest.raises(DLPLoRAError, match="--rank must be a positive"):
+        train_library("winowhy", tiny_data, tmp_path / "l", model=str(tiny_model), cfg=TrainConfig(rank=0))
+    with pytest.raises(DLPLoRAError, match="unknown task"):
+        train_library("nope", tiny_data, tmp_path / "l", model=str(tiny_model), cfg=TrainConfig())
+    with pytest.raises(DLPLoRAError, match="no prepared train data for task winowhy"):
+        train_library("winowhy", tiny_data, tmp_path / "l", model=str(tiny_model), cfg=TrainConfig())
+
+
+def test_unknown_target_module(tiny_model, tiny_data, tmp_path):
+    from dlplora.train.lora import check_targets, parse_targets
+    from dlplora.backbone import load_backbone
+
+    model, _, _ = load_backbone(str(tiny_model))
+    with pytest.raises(DLPLoRAError, match="target module.*c_attn"):
+        check_targets(model, parse_targets("q_proj,c_attn"))
+    assert "gate_proj" in parse_targets("all-linear")
+    check_targets(model, parse_targets("all-linear"))
+
+
+def test_bench_train_runs_all_contenders_on_tiny(tiny_model, tiny_data):
+    from dlplora.tasks import load_split
+    from dlplora.bench.train import bench_train
+
+    res = bench_train(str(tiny_model), examples=load_split(tiny_data, "sums", "train"), batch_size=4, repeats=1,
+                      max_len=64, log=lambda *_: None)
+    assert set(res["tokens_per_second"]) == {"naive_fp32_full_logits", "ours_all_layers", "ours_default_top_layers"}
+    tps = res["tokens_per_second"]
+    # the speed-ups are the ratios of the measured throughputs, on one batch of real (non-padding) tokens
+    assert res["speedup"] == pytest.approx(tps["ours_default_top_layers"] / tps["naive_fp32_full_logits"], rel=0.02)
+    assert res["speedup_same_adapter"] == pytest.approx(tps["ours_all_layers"] / tps["naive_fp32_full_logits"],
+                                                        rel=0.02)
+    assert 0 < res["target_tokens"] < res["tokens_per_batch"] <= 4 * 64
+    assert res["top_layers"] == 10
