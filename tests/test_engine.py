@@ -223,8 +223,10 @@ def test_chat_keeps_history_reroutes_and_streams(engine):
         pieces.clear()
         r2 = chat.send("now a poem", on_token=pieces.append)
         assert "".join(pieces) == r2["text"]
-        # the second turn is routed on the previous user turn + this one
-        assert engine.router.calls[-1][0] == ["a math question\nnow a poem"]
+        # the second turn is routed on the previous user turn + this one, joined by the turn separator
+        from dlplora.config import TURN_SEPARATOR
+
+        assert engine.router.calls[-1][0] == ["a math question" + TURN_SEPARATOR + "now a poem"]
         assert len(engine.router.calls) == 2
         assert [m["role"] for m in chat.history] == ["user", "assistant", "user", "assistant"]
         assert r2["prompt_tokens"] > r1["prompt_tokens"]

@@ -136,7 +136,7 @@ def test_tokenizer_chunks_agree_with_one_batch():
 
 
 def test_tokenizer_turns_and_nul_bytes():
-    from dlplora.plugin.features import TURN_SEPARATOR
+    from dlplora.config import TURN_SEPARATOR
 
     tok = HashedNgramTokenizer(bits=14, history_bytes=64)
     assert tok.slots == ("head", "tail", "history")
@@ -326,7 +326,8 @@ MCQ_ROW = {"input": "Nalo enoni paimbo.", "task_prefix": "Given a sentence, sele
 def test_views_drop_the_scaffolding_they_name():
     import random
 
-    from dlplora.plugin.views import TURN_SEPARATOR, augment, compose
+    from dlplora.config import TURN_SEPARATOR
+    from dlplora.plugin.views import augment, compose
     from dlplora.tasks import user_message
 
     rng = random.Random(0)
@@ -435,7 +436,7 @@ def test_format_1_plugins_still_load(small_plugin, tmp_path):
 
 
 def test_background_file_is_read_and_checked(tmp_path):
-    from dlplora.plugin.background import _render, read_background
+    from dlplora.background import render_example, read_background
 
     p = tmp_path / "bg.jsonl"
     p.write_text('{"text": "line one\u2028still one", "task": "other/sub"}\n{"input": "two", "task": "mine"}\n')
@@ -449,5 +450,5 @@ def test_background_file_is_read_and_checked(tmp_path):
         read_background(p)
     with pytest.raises(DLPLoRAError, match="does not exist"):
         read_background(tmp_path / "nope.jsonl")
-    text = _render({"task_prefix": "Pick one.\n"}, {"input": "2+2", "target_scores": {"4": 1, "5": 0}})
+    text = render_example({"task_prefix": "Pick one.\n"}, {"input": "2+2", "target_scores": {"4": 1, "5": 0}})
     assert text == "Pick one.\n\nQ: 2+2\n  choice: 4\n  choice: 5\nA:"

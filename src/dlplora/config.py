@@ -16,6 +16,10 @@ DEFAULT_P = 0.6
 WEIGHTINGS = ("softmax", "renorm")  # kept probabilities -> fusion weights: softmax (paper eq. 5) or renormalised
 FUSION_MODES = ("auto", "unmerged", "shared", "merged")  # see dlplora.fusion
 DEFAULT_MAX_NEW_TOKENS = 128
+# Joins earlier user turns and the current one in the text the router reads (DLPLoRA.routing_text); the
+# plugin's featuriser splits on it to tell the current turn from its context. The record separator is
+# not typed by users, and it is whitespace to str.split(), so it never becomes part of an n-gram.
+TURN_SEPARATOR = "\n\x1e\n"
 
 
 def check_p(p, what: str = "top-p threshold p") -> float:

@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .config import DEFAULT_MAX_NEW_TOKENS, RoutingConfig, check_mode
+from .config import DEFAULT_MAX_NEW_TOKENS, TURN_SEPARATOR, RoutingConfig, check_mode
 from .decoding import StopStreamer, decode_loop, eos_token_ids
 from .errors import ContextLengthError, DLPLoRAError, RequestError
 from .fusion import LoRAFusion, load_peft_adapter
@@ -195,11 +195,12 @@ class DLPLoRA:
 
     # -------------------------------------------------- routing
     def routing_text(self, text: str, history: Sequence[Mapping] | None = None, window: int | None = None) -> str:
-        """What the router reads for a turn: the last `window` user turns of history, then the turn."""
+        """What the router reads for a turn: the last `window` user turns of history, then the turn,
+        joined by the plugin's turn separator (so it can tell the current turn from its context)."""
         window = self.routing.window if window is None else window
         earlier = [m.get("content", "") for m in (history or []) if m.get("role") == "user"]
         earlier = earlier[-window:] if window > 0 else []
-        return "\n".join(earlier + [text])
+        return TURN_SEPARATOR.join(earlier + [text])
 
     def route(self, texts: Sequence[str], routing: RoutingConfig | None = None) -> list[dict[str, float]]:
         """The router's weighted set for each text ({} = base model); `routing` overrides the engine's

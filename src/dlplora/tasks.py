@@ -175,8 +175,41 @@ def fetch_bigbench_sdist(tmp: str, log=print) -> Path:
     return found[0]
 
 
+def background_path() -> Path:
+    """The cached background prompts (BIG-bench tasks outside the suite; see :mod:`dlplora.background`)."""
+    from .background import BACKGROUND_FILE
+
+    return bigbench_dir() / BACKGROUND_FILE
+
+
+def _cache_background(tarball: Path, log=print) -> None:
+    from .background import build_background, write_background
+
+    rows = build_background(tarball, exclude=list(TASKS))
+    write_background(background_path(), rows)
+    log(f"cached {len(rows)} background prompts from {len({r['task'].split('/')[0] for r in rows})} other "
+        f"BIG-bench tasks in {background_path()}")
+
+
+def ensure_background(log=print, fetch: bool | None = None) -> Path | None:
+    """The cached background pool. Built from the bigbench sdist when missing and `fetch` is true;
+    `fetch=None` fetches only where the BIG-bench tasks are already cached (this user works with them),
+    so that a library of the user's own tasks never triggers the 358 MB download. None = no pool."""
+    path = background_path()
+    if path.is_file():
+        return path
+    if fetch is None:
+        fetch = bigbench_dir().is_dir()
+    if not fetch:
+        return None
+    with tempfile.TemporaryDirectory(prefix="dlp-bigbench-") as tmp:
+        _cache_background(fetch_bigbench_sdist(tmp, log), log)
+    return path
+
+
 def ensure_bigbench(log=print) -> Path:
-    """Fetch the bigbench sdist once (pip download), extract the task.json files we use, delete the tarball."""
+    """Fetch the bigbench sdist once (pip download), extract the task.json files we use and the
+    background prompts of the other tasks, delete the tarball."""
     needed = _needed_bigbench_files()
     if all(p.is_file() for p in needed.values()):
         return bigbench_dir()
@@ -202,6 +235,8 @@ def ensure_bigbench(log=print) -> Path:
         missing = [k for k, p in needed.items() if not p.is_file()]
         if missing:
             raise DLPLoRAError(f"the BIG-bench archive {tarball} lacks {', '.join(missing)}")
+        if not background_path().is_file():
+            _cache_background(tarball, log)
     log(f"cached {got} BIG-bench task files in {bigbench_dir()}")
     return bigbench_dir()
 

@@ -3,10 +3,10 @@
 Modules, in the order the data flows (see docs/plugin.md)::
 
     views.py       the ways a user writes a task's prompt (training augmentation, robustness table)
-    background.py  prompts of tasks outside the library (the "none of these" class)
     features.py    the plugin's own tokenizer: hashed word/byte n-grams per segment (head, body, tail)
     encoders.py    texts -> the MLP's input (hashed n-gram embeddings, or frozen backbone embeddings)
-    router.py      network, top-p selection and weights (paper eq. 4-5), base-model decision, load/save
+    model.py       the network (encoder module, LayerNorm, 4-layer MLP) and input checks
+    router.py      top-p selection and weights (paper eq. 4-5), base-model decision, load/save, routing
     train.py       training set, optimisation, calibration of the base-model threshold
     evaluate.py    accuracy per view, leave-tasks-out, routing latency
 
@@ -23,8 +23,9 @@ from typing import Sequence
 from ..errors import DLPLoRAError
 from .evaluate import BASE, bench_routing, evaluate, leave_out, view_table
 from .features import FEATURIZER, Features, HashedNgramTokenizer
-from .router import (CONFIG_FILE, DEFAULT_P, FORMAT, RETRAIN_HINT, WEIGHTS_FILE, WEIGHTINGS, Plugin, Routing,
-                     check_selection_args, select)
+from ..config import DEFAULT_P, WEIGHTINGS, check_selection_args
+from .model import FORMAT
+from .router import CONFIG_FILE, RETRAIN_HINT, WEIGHTS_FILE, Plugin, Routing, select
 from .train import build_training_set, calibrate_base_threshold
 from .views import VIEWS, render_view
 
@@ -49,16 +50,22 @@ def load_task_rows(data_dir: str | os.PathLike, tasks: Sequence[str], split: str
 
 
 def resolve_background(background, names: Sequence[str], log=None) -> list[str]:
-    """Background ("none of these") texts: "auto" = the cached BIG-bench pool (built on first use),
-    None/"none" = no none class, a path = a JSONL file, or a list of texts. Rows of tasks that are
-    adapters here are left out."""
-    from .background import ensure_background, read_background
+    """Background ("none of these") texts: "auto" = the cached BIG-bench pool (:mod:`dlplora.background`;
+    built when missing if the BIG-bench tasks are cached, else none), None/"none" = no none class, a
+    path = a JSONL file, or a list of texts. Rows of tasks that are adapters here are left out."""
+    from ..background import read_background
+    from ..tasks import ensure_background
 
     if background is None or background == "none":
         return []
     if isinstance(background, (list, tuple)):
         return [str(t) for t in background]
     path = ensure_background(log=log or (lambda *_: None)) if background == "auto" else background
+    if path is None:
+        if log:
+            log("no background prompts cached (the BIG-bench tasks are not in use): training without the "
+                "'none of these' class; give --background FILE to add one")
+        return []
     return [r["text"] for r in read_background(path, exclude_tasks=names)]
 
 

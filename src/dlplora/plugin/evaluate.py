@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DLPLoRAError
-from .router import Plugin, _check_texts
+from .model import check_texts
+from .router import Plugin
 from .views import VIEWS, view_texts
 
 BASE = "<base>"  # the prediction "use the base model" in tables and confusions
@@ -104,7 +105,7 @@ def bench_routing(plugin: Plugin, texts: Sequence[str], batch_size: int = 64, re
             return bench_routing(plugin, texts, batch_size, repeats, None, **route_kw)
         finally:
             torch.set_num_threads(old)
-    texts = _check_texts(texts)
+    texts = check_texts(texts)
     if not texts:
         raise DLPLoRAError("bench_routing needs at least one prompt")
     plugin.route(texts[:batch_size], **route_kw)  # warm-up

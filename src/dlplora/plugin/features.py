@@ -18,15 +18,12 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import TURN_SEPARATOR
 from ..errors import DLPLoRAError
 
 FEATURIZER = "hashed-ngrams-v1"
 RETRAIN_HINT = "retrain with `dlp-lora train-plugin --library LIB`"
 SLOTS = ("head", "body", "tail", "history")
-# Joins earlier user turns and the current one in the text the router reads (DLPLoRA.routing_text).
-# The record separator is not typed by users; it is whitespace to str.split(), so it never leaks into
-# the n-grams.
-TURN_SEPARATOR = "\n\x1e\n"
 
 _M64 = (1 << 64) - 1
 _PRIME = np.uint64(1099511628211)  # the 64-bit FNV prime

@@ -9,49 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ..config import DEFAULT_P, check_selection_args
 from ..errors import DLPLoRAError
 from ..paths import read_json
 from .encoders import encoder_from_config
+from .model import FORMAT, FORMATS, build_net, check_texts
 
-FORMAT = 2
-FORMATS = (1, 2)  # format 1: hashed head/tail plugins without the "none of these" class
 CONFIG_FILE = "plugin.json"
 WEIGHTS_FILE = "model.safetensors"
-DEFAULT_P = 0.6
-WEIGHTINGS = ("softmax", "renorm")
 RETRAIN_HINT = "retrain with `dlp-lora train-plugin --library LIB`"
-
-
-def build_net(encoder, hidden: Sequence[int], n_out: int, dropout: float, emb_weight=None):
-    """Encoder module (a trained embedding table, or nothing for frozen features) + LayerNorm + MLP."""
-    from torch import nn
-
-    class RouterNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            emb = encoder.module(emb_weight)
-            if emb is not None:
-                self.emb = emb
-            self.norm = nn.LayerNorm(encoder.out_dim)
-            layers: list[nn.Module] = []
-            d = encoder.out_dim
-            for h in hidden:
-                layers += [nn.Linear(d, h), nn.GELU(), nn.LayerNorm(h), nn.Dropout(dropout)]
-                d = h
-            layers.append(nn.Linear(d, n_out))
-            self.mlp = nn.Sequential(*layers)
-
-        def forward(self, batch):
-            return self.mlp(self.norm(encoder.forward(getattr(self, "emb", None), batch)))
-
-    return RouterNet()
 
 
 # ---------------------------------------------------------------- selection (paper eq. 4-5)
@@ -78,19 +50,6 @@ class Routing:
 
     def __bool__(self) -> bool:
         return bool(self.indices)
-
-
-def check_selection_args(p: float | None, top_k: int | None, weighting: str, floor: float) -> None:
-    if top_k is None:
-        if p is None or isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 < float(p) <= 1.0):
-            raise DLPLoRAError(f"top-p threshold p must be a number in (0, 1], got {p!r}")
-    else:
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-            raise DLPLoRAError(f"top-k must be an integer >= 1, got {top_k!r}")
-    if weighting not in WEIGHTINGS:
-        raise DLPLoRAError(f"unknown weighting {weighting!r}; choose one of: {', '.join(WEIGHTINGS)}")
-    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not (0.0 <= float(floor) <= 1.0):
-        raise DLPLoRAError(f"confidence floor must be a number in [0, 1], got {floor!r}")
 
 
 def select(probs: Sequence[float], p: float | None = DEFAULT_P, top_k: int | None = None, weighting: str = "softmax",
@@ -131,35 +90,6 @@ def select(probs: Sequence[float], p: float | None = DEFAULT_P, top_k: int | Non
 
 
 # ---------------------------------------------------------------- the plugin
-
-def _check_labels(label_names: Sequence[str]) -> list[str]:
-    names = [str(n) for n in label_names] if label_names is not None else []
-    if not names:
-        raise DLPLoRAError("the plugin needs adapter names to route to, got none (is the library empty? "
-                           "add adapters with `dlp-lora train-loras` first)")
-    if any(not n.strip() for n in names):
-        raise DLPLoRAError("adapter names must be non-empty")
-    dup = sorted(n for n, c in Counter(names).items() if c > 1)
-    if dup:
-        raise DLPLoRAError(f"duplicate adapter names: {', '.join(dup)}; each adapter needs a unique name")
-    if len(names) < 2:
-        raise DLPLoRAError(f"a router needs at least 2 adapters to choose between, got only {names[0]!r} "
-                           "(with one adapter, apply it directly)")
-    return names
-
-
-def _check_texts(texts) -> list[str]:
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise DLPLoRAError(f"prompt {i} is not a string ({type(t).__name__})")
-        if not t.strip():
-            raise DLPLoRAError(f"prompt {i} is empty; give the router some text to route")
-    return texts
-
-
 
 class Plugin:
     """A trained router. Build one with :meth:`train` (see :mod:`.train`) or :meth:`load`.
@@ -267,7 +197,7 @@ class Plugin:
         """The network's softmax, shape (len(texts), N adapters [+ 1 for "none of these", last])."""
         import torch
 
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         n_out = len(self.labels) + (1 if self.none_class else 0)
         if not texts:
             return np.zeros((0, n_out), dtype=np.float32)

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import DLPLoRAError
 from .encoders import make_encoder
-from .router import DEFAULT_P, FORMAT, _check_labels, _check_texts, build_net, check_selection_args
+from ..config import DEFAULT_P, check_selection_args
+from .model import FORMAT, build_net, check_labels, check_texts
 from .views import augment, compose
 
 # Share of the held-back in-library prompts (as rendered and in every view) that the calibrated
@@ -152,8 +153,8 @@ def train_router(cls, texts: Sequence[str], labels: Sequence, label_names: Seque
     import torch
     from torch import nn
 
-    names = _check_labels(label_names)
-    texts = _check_texts(texts)
+    names = check_labels(label_names)
+    texts = check_texts(texts)
     labels = list(labels)
     if len(labels) != len(texts):
         raise DLPLoRAError(f"{len(texts)} training texts but {len(labels)} labels")

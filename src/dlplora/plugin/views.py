@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from .features import TURN_SEPARATOR
+from ..config import TURN_SEPARATOR
 
 VIEWS = ("rendered", "no_task_prefix", "no_choices", "no_io_prefixes", "input_only", "first_half", "history", "noise")
 _PUNCT = ".,;:?!"

@@ -4,7 +4,8 @@ The router's "none of these" class learns from them to send prompts that belong 
 base model. The default pool comes from the same PyPI sdist as the BIG-bench tasks (``bigbench==1.0.0``):
 up to ``PER_TASK`` examples of each of the ~147 BIG-bench JSON tasks that are *not* among the 26
 tasks, rendered as BIG-bench renders them (task prefix, input with its prefixes, choices). It is
-built once and cached as ``<cache>/bigbench-1.0.0/background.jsonl`` (about 2 MB).
+built from the sdist in the same pass that extracts the BIG-bench tasks (:func:`dlplora.tasks.ensure_bigbench`)
+and cached as ``<cache>/bigbench-1.0.0/background.jsonl`` (about 3 MB).
 
 A user can pass any other JSONL of ``{"text": ...}`` (or ``{"input": ...}``) lines with
 ``train-plugin --background FILE``.
@@ -16,13 +17,11 @@ import json
 import os
 import random
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import DLPLoRAError
-from ..paths import atomic_write_text
-from ..tasks import TASKS, bigbench_dir, fetch_bigbench_sdist
+from .errors import DLPLoRAError
+from .paths import atomic_write_text
 
 BACKGROUND_FILE = "background.jsonl"
 PER_TASK = 40
@@ -30,11 +29,7 @@ MAX_FILE_BYTES = 40_000_000  # skip the few huge task files (they would only slo
 SEED = 7
 
 
-def background_path() -> Path:
-    return bigbench_dir() / BACKGROUND_FILE
-
-
-def _render(data: dict, ex: dict) -> str | None:
+def render_example(data: dict, ex: dict) -> str | None:
     inp = ex.get("input")
     if not isinstance(inp, str) or not inp.strip():
         return None
@@ -47,7 +42,7 @@ def _render(data: dict, ex: dict) -> str | None:
     return text.strip()[:4000] or None
 
 
-def build_background(tarball: str | os.PathLike, per_task: int = PER_TASK, exclude: Sequence[str] = tuple(TASKS),
+def build_background(tarball: str | os.PathLike, exclude: Sequence[str], per_task: int = PER_TASK,
                      seed: int = SEED) -> list[dict]:
     """Sample `per_task` rendered examples from every BIG-bench JSON task (over its subtasks) whose
     task is not in `exclude` -> [{"task", "text"}]."""
@@ -72,7 +67,7 @@ def build_background(tarball: str | os.PathLike, per_task: int = PER_TASK, exclu
                     continue
                 picked = rng.sample(examples, min(per_task, len(examples)))
                 for ex in picked:
-                    t = _render(data, ex) if isinstance(ex, dict) else None
+                    t = render_example(data, ex) if isinstance(ex, dict) else None
                     if t:
                         by_task.setdefault(task, []).append({"task": rel.rsplit("/task.json", 1)[0], "text": t})
     except (tarfile.TarError, OSError, EOFError) as exc:
@@ -80,16 +75,9 @@ def build_background(tarball: str | os.PathLike, per_task: int = PER_TASK, exclu
     return [r for task in sorted(by_task) for r in rng.sample(by_task[task], min(per_task, len(by_task[task])))]
 
 
-def ensure_background(log=print) -> Path:
-    """The cached background pool, built once from the bigbench sdist (downloaded if needed)."""
-    path = background_path()
-    if path.is_file():
-        return path
-    with tempfile.TemporaryDirectory(prefix="dlp-bigbench-") as tmp:
-        rows = build_background(fetch_bigbench_sdist(tmp, log))
+def write_background(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    log(f"cached {len(rows)} background prompts from {len({r['task'] for r in rows})} BIG-bench tasks in {path}")
     return path
 
 

@@ -1,0 +1,64 @@
+"""The router network and the checks on what it is given (adapter names, prompts)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+from ..errors import DLPLoRAError
+
+FORMAT = 2
+FORMATS = (1, 2)  # format 1: hashed head/tail plugins without the "none of these" class
+
+
+def build_net(encoder, hidden: Sequence[int], n_out: int, dropout: float, emb_weight=None):
+    """Encoder module (a trained embedding table, or nothing for frozen features) + LayerNorm + MLP."""
+    from torch import nn
+
+    class RouterNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            emb = encoder.module(emb_weight)
+            if emb is not None:
+                self.emb = emb
+            self.norm = nn.LayerNorm(encoder.out_dim)
+            layers: list[nn.Module] = []
+            d = encoder.out_dim
+            for h in hidden:
+                layers += [nn.Linear(d, h), nn.GELU(), nn.LayerNorm(h), nn.Dropout(dropout)]
+                d = h
+            layers.append(nn.Linear(d, n_out))
+            self.mlp = nn.Sequential(*layers)
+
+        def forward(self, batch):
+            return self.mlp(self.norm(encoder.forward(getattr(self, "emb", None), batch)))
+
+    return RouterNet()
+
+
+def check_labels(label_names: Sequence[str]) -> list[str]:
+    names = [str(n) for n in label_names] if label_names is not None else []
+    if not names:
+        raise DLPLoRAError("the plugin needs adapter names to route to, got none (is the library empty? "
+                           "add adapters with `dlp-lora train-loras` first)")
+    if any(not n.strip() for n in names):
+        raise DLPLoRAError("adapter names must be non-empty")
+    dup = sorted(n for n, c in Counter(names).items() if c > 1)
+    if dup:
+        raise DLPLoRAError(f"duplicate adapter names: {', '.join(dup)}; each adapter needs a unique name")
+    if len(names) < 2:
+        raise DLPLoRAError(f"a router needs at least 2 adapters to choose between, got only {names[0]!r} "
+                           "(with one adapter, apply it directly)")
+    return names
+
+
+def check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DLPLoRAError(f"prompt {i} is not a string ({type(t).__name__})")
+        if not t.strip():
+            raise DLPLoRAError(f"prompt {i} is empty; give the router some text to route")
+    return texts
