@@ -31,11 +31,11 @@ def make_library(root, model_dir, specs=SPECS, std=0.5):
     return random_peft_library(root, model_dir, specs, std=std, factors=("lora_A", "lora_B"), seed=10)
 
 
-def FakeRouting(names=(), indices=(), weights=(), probs=()):
+def FakeRouting(names=(), indices=(), weights=(), probs=(), reason=None):
     """The plugin's own Routing type, as a real router returns it."""
     from dlplora.plugin import Routing
 
-    return Routing(list(names), list(indices), list(weights), list(probs))
+    return Routing(list(names), list(indices), list(weights), list(probs), base_reason=reason)
 
 
 class FakeRouter:
@@ -53,7 +53,7 @@ class FakeRouter:
             elif "poem" in t:
                 out.append(FakeRouting(["gamma"], [2], [1.0], [0.9]))
             else:
-                out.append(FakeRouting())
+                out.append(FakeRouting(reason="the prompt matches none of the adapters' tasks"))
         return out
 
 
@@ -123,6 +123,7 @@ def test_router_runs_once_per_batch_and_sets_routing(engine):
                                  "source": "plugin"}
     assert res[1]["routing"]["adapters"] == [{"name": "gamma", "weight": 1.0}]
     assert res[2]["routing"]["adapters"] == [] and res[2]["mode"] == "unmerged"
+    assert res[2]["routing"]["base_model"] is True and "none of the adapters" in res[2]["routing"]["base_reason"]
     explicit = engine.generate(prompts[:1], adapters={"alpha": 0.7, "beta": 0.3}, max_new_tokens=6)[0]
     assert explicit["text"] == res[0]["text"]
     # explicit adapters bypass the router; a list may mix explicit rows and routed rows

@@ -32,8 +32,11 @@ def _make_library(root, model_dir):
     return random_peft_library(root, model_dir, SPECS, std=0.5, seed=10)
 
 
+OTHER = ("weather", "rain", "football", "goal", "guitar", "song", "forest", "river")  # no adapter's words
+
+
 def _train_plugin(lib_root):
-    from dlplora.plugin import Plugin
+    from dlplora.plugin import Plugin, calibrate_base_threshold
 
     rng = random.Random(0)
     texts, labels = [], []
@@ -41,8 +44,12 @@ def _train_plugin(lib_root):
         for i in range(40):
             texts.append(" ".join(rng.choice(words) for _ in range(8)) + f" case {i}")
             labels.append(name)
+    for i in range(60):  # the "none of these" class
+        texts.append(" ".join(rng.choice(OTHER) for _ in range(8)))
+        labels.append(None)
     plugin = Plugin.train(texts, labels, list(WORDS), epochs=8, batch_size=32, bits=12, dim=8, hidden=(32, 32, 16),
                           seed=0)
+    calibrate_base_threshold(plugin, [t for t, lab in zip(texts, labels) if lab is not None], false_rate=0.0)
     plugin.save(lib_root / "plugin")
 
 
@@ -163,6 +170,12 @@ def test_plugin_routes_by_content_and_chat_routes_the_last_user_turn(http, serve
                                            "max_tokens": 3}).json()
     assert r["object"] == "text_completion" and r["routing"]["adapters"][0]["name"] == "beta"
     assert isinstance(r["choices"][0]["text"], str) and r["usage"]["completion_tokens"] <= 3
+    assert "base_model" not in r["routing"]
+    # a prompt of no adapter's task goes to the base model, and the response says so and why
+    r = http.post("/v1/chat/completions", json=_chat("weather rain football goal song river", model="dlp-lora",
+                                                     max_tokens=3)).json()
+    assert r["routing"]["adapters"] == [] and r["routing"]["base_model"] is True
+    assert "none of the adapters' tasks" in r["routing"]["base_reason"]
 
 
 # ---------------------------------------------------------------- streaming

@@ -107,6 +107,15 @@ def routing_config(routing: RoutingConfig | None = None, **overrides) -> Routing
     return (routing or RoutingConfig()).replace(**changes) if changes else (routing or RoutingConfig())
 
 
+def routing_field(adapters: list[dict], source: str, base_reason: str | None = None) -> dict:
+    """The `routing` of a response: the weighted adapters, how they were chosen, and, when the router
+    chose the base model, `base_model: true` and its reason."""
+    out = {"adapters": adapters, "source": source}
+    if not adapters and base_reason:
+        out.update(base_model=True, base_reason=base_reason)
+    return out
+
+
 @dataclass
 class Request:
     """One checked generation request: the prompt's token ids, the explicit adapter set (None = route it),
@@ -117,6 +126,7 @@ class Request:
     route_text: str
     max_new: int
     source: str = "explicit"
+    base_reason: str | None = None  # why the router chose the base model
 
 
 # ---------------------------------------------------------------- the engine
@@ -205,6 +215,11 @@ class DLPLoRA:
     def route(self, texts: Sequence[str], routing: RoutingConfig | None = None) -> list[dict[str, float]]:
         """The router's weighted set for each text ({} = base model); `routing` overrides the engine's
         selection settings for this call."""
+        return [s for s, _ in self.route_with_reasons(texts, routing)]
+
+    def route_with_reasons(self, texts: Sequence[str], routing: RoutingConfig | None = None
+                           ) -> list[tuple[dict[str, float], str | None]]:
+        """As :meth:`route`, with the router's reason when it chose the base model (else None)."""
         if self.router is None:
             lib = self.library.root if self.library is not None else "LIB"
             raise DLPLoRAError(f"the library has no plugin to route prompts; train one with "
@@ -220,7 +235,7 @@ class DLPLoRA:
             if unknown:
                 raise DLPLoRAError(f"the plugin chose adapters {', '.join(unknown)} that are not loaded; "
                                    f"retrain it with `dlp-lora train-plugin` for this library")
-            out.append(s)
+            out.append((s, None if s else getattr(r, "base_reason", None) or "the router chose no adapter"))
         return out
 
     @contextmanager
@@ -336,9 +351,9 @@ class DLPLoRA:
         to_route = [i for i, r in enumerate(reqs) if r is not None and r.adapters is None]
         if to_route:
             try:
-                sets = self.route([reqs[i].route_text for i in to_route])
-                for i, s in zip(to_route, sets):
-                    reqs[i].adapters, reqs[i].source = s, "plugin"
+                sets = self.route_with_reasons([reqs[i].route_text for i in to_route])
+                for i, (s, why) in zip(to_route, sets):
+                    reqs[i].adapters, reqs[i].source, reqs[i].base_reason = s, "plugin", why
             except DLPLoRAError as exc:
                 for i in to_route:
                     reqs[i], errors[i] = None, str(exc)
@@ -399,7 +414,7 @@ class DLPLoRA:
                 on_token(i, delta)
             adapters = [{"name": n, "weight": round(float(w), 6)}
                         for n, w in sorted(r.adapters.items(), key=lambda kv: -kv[1])]
-            out.append({"text": streamers[i].text, "routing": {"adapters": adapters, "source": r.source},
+            out.append({"text": streamers[i].text, "routing": routing_field(adapters, r.source, r.base_reason),
                         "tokens": len(ids), "prompt_tokens": len(r.ids), "finish_reason": why,
                         "mode": used or "base"})
         return out

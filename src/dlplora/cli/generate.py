@@ -18,7 +18,8 @@ def _engine(args):
 def _fmt_routing(routing: dict) -> str:
     ads = routing.get("adapters") or []
     if not ads:
-        return "[adapters: none (base model)]"
+        why = routing.get("base_reason")
+        return f"[adapters: none (base model{': ' + why if why else ''})]"
     return "[adapters: " + ", ".join(f"{a['name']}={a['weight']:.3g}" for a in ads) + f"; {routing.get('source')}]"
 
 

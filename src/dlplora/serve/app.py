@@ -38,7 +38,7 @@ import time
 
 from starlette.requests import Request  # module level: FastAPI resolves the handlers' annotations here
 
-from ..engine import adapter_set
+from ..engine import adapter_set, routing_field
 from ..errors import ContextLengthError, DLPLoRAError
 from .config import COMPLETIONS_DEFAULT_MAX_TOKENS, ROUTE_ALIASES, APIError, QueueFull, ServeConfig
 from .metrics import Metrics
@@ -123,14 +123,15 @@ class ServerState:
         if max_tokens is None:
             room = (eng.context_length - len(ids)) if eng.context_length else default_max
             max_tokens = max(1, min(default_max, room))
+        why = None
         if aset is None:
             try:
                 with self.router_lock:
-                    aset = eng.route([req.route_text])[0]
+                    aset, why = eng.route_with_reasons([req.route_text])[0]
             except DLPLoRAError as exc:
                 raise APIError(400, str(exc), param="model") from None
         adapters = [{"name": n, "weight": round(float(w), 6)} for n, w in sorted(aset.items(), key=lambda kv: -kv[1])]
-        return ids, {"adapters": adapters, "source": source}, max_tokens, aset
+        return ids, routing_field(adapters, source, why), max_tokens, aset
 
 
 class _StatusCounter:
