@@ -452,3 +452,31 @@ def test_background_file_is_read_and_checked(tmp_path):
         read_background(tmp_path / "nope.jsonl")
     text = render_example({"task_prefix": "Pick one.\n"}, {"input": "2+2", "target_scores": {"4": 1, "5": 0}})
     assert text == "Pick one.\n\nQ: 2+2\n  choice: 4\n  choice: 5\nA:"
+
+
+def test_train_plugin_from_data_with_background_and_leave_out(tmp_path, capsys):
+    """Five tasks, a background file: the report has every view, the leave-3-out figures, and the
+    CLI's `bench routing` reproduces the saved plugin's table."""
+    from dlplora import cli
+    from dlplora.testing import write_prepared
+
+    vocab = dict(_VOCAB, music=("guitar", "song", "drum", "melody", "chord", "piano", "violin", "choir"),
+                 sport=("football", "goal", "match", "referee", "score", "team", "league", "coach"))
+    data = tmp_path / "data"
+    for i, (t, w) in enumerate(vocab.items()):
+        rows = _vocab_rows(w, 40, i, prefix=f"Task {t}: ")
+        write_prepared(data, t, rows[:30], rows[30:])
+    bg = tmp_path / "bg.jsonl"
+    bg.write_text("".join(json.dumps({"text": " ".join(np.random.default_rng(i).choice(BACKGROUND, size=8))}) + "\n"
+                          for i in range(60)))
+    small = dict(epochs=8, bits=12, dim=8, hidden=(32, 32, 16), batch_size=32)
+    plugin, rep = train_plugin_from_data(data, list(vocab), background=str(bg), ood_draws=1, **small)
+    assert plugin.none_class and rep["background_prompts"] == 60 and set(rep["views"]) == set(VIEWS)
+    assert rep["accuracy"] >= 0.9 and 0.0 <= rep["ood_to_base"] <= 1.0
+    assert len(rep["leave_out"]["draws"]) == 1 and len(rep["leave_out"]["draws"][0]["held_out"]) == 3
+    plugin.save(tmp_path / "plugin")
+    assert cli.main(["bench", "routing", "--plugin", str(tmp_path / "plugin"), "--data", str(data), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["views"] == pytest.approx(rep["views"]) and out["routing_ms_per_prompt"] > 0
+    assert cli.main(["bench", "routing", "--plugin", str(tmp_path / "plugin")]) == 2
+    assert "--data" in capsys.readouterr().err

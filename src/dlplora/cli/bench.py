@@ -1,4 +1,4 @@
-"""`dlp-lora bench train|fusion|serve` (speed ratios measured side by side in one run), and `dlp-lora bench-serve`,
+"""`dlp-lora bench train|fusion|serve|routing` (speed ratios measured side by side in one run), and `dlp-lora bench-serve`,
 the older name of `bench serve`."""
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ def register(sub, model_help: str) -> None:
                    help="bf16 autocast for our step (auto: only where the CPU has native bf16)")
     t.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     t.set_defaults(func=cmd_bench_train)
-    from ..bench import fusion, serve
+    from ..bench import fusion, routing, serve
+
+    r = b.add_parser("routing", help="the plugin's accuracy per view of the test prompts, and its routing latency",
+                     description=routing.__doc__.strip())
+    routing.add_arguments(r)
+    r.set_defaults(func=routing.run)
 
     f = b.add_parser("fusion", help="fused multi-LoRA inference vs single PEFT LoRA, side by side")
     fusion.add_arguments(f)
