@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 
 import numpy as np
 import pytest
@@ -359,7 +360,7 @@ def _vocab_rows(words, n, seed, prefix=""):
 BACKGROUND = ("weather", "rain", "football", "goal", "guitar", "song", "forest", "river", "train", "ticket")
 
 
-def test_none_class_sends_unrelated_prompts_to_base():
+def test_none_class_and_detector_send_unrelated_prompts_to_base():
     from dlplora.plugin import calibrate_base_threshold
     from dlplora.plugin.train import build_training_set
 
@@ -368,23 +369,33 @@ def test_none_class_sends_unrelated_prompts_to_base():
     texts, labels = build_training_set(rows, n_views=1, background=background)
     assert labels.count(None) == 2 * len(background)
     pl = Plugin.train(texts, labels, list(_VOCAB), epochs=8, batch_size=32, bits=12, dim=8, hidden=(32, 32, 16))
-    assert pl.none_class and pl.probs(["add seven"]).shape == (1, 3)
+    assert pl.none_class and pl.probs(["add seven"]).shape == (1, 3) and pl.full_probs(["add seven"]).shape == (1, 4)
     assert np.allclose(pl.probs(["add seven", "rain song"]).sum(1), 1.0, atol=1e-5)
+    assert pl.base_threshold is None and all(pl.route(background[:5], top_k=1))  # no detector yet
     held_in = [r["input"] for t in _VOCAB for r in _vocab_rows(_VOCAB[t], 10, 99 + len(t))]
-    thr = calibrate_base_threshold(pl, held_in, false_rate=0.0)
-    assert 0.0 < thr <= 0.5 and pl.config["base_threshold"] == thr
+    fit_texts = [r["input"] for t in _VOCAB for r in rows[t]]
+    fit_labels = [t for t in _VOCAB for _ in rows[t]]
+    thr = calibrate_base_threshold(pl, fit_texts, fit_labels, held_in, false_rate=0.0)
+    assert thr > 0 and pl.config["base_threshold"] == thr and pl.config["base_detector"] == "mahalanobis"
+    _, dist = pl.scores(held_in)
+    assert dist.max() == pytest.approx(thr)  # false rate 0: the farthest held-back prompt sets the threshold
     unrelated = [" ".join(np.random.default_rng(500 + i).choice(BACKGROUND, size=8)) for i in range(20)]
     routed = pl.route(unrelated)
     assert sum(not r for r in routed) >= 18
     r = next(r for r in routed if not r)
-    assert r.names == [] and "none of the adapters" in r.base_reason and r.p_none > 0.5
-    assert all(pl.route(held_in))  # calibrated at 0 false rate: every in-library prompt keeps an adapter
-    assert pl.predict(unrelated[:1], base="<base>") == ["<base>"]
-    assert pl.route(unrelated[:1], base_threshold=0.0)[0].names  # the check can be turned off
+    assert r.names == [] and "none of the adapters' tasks" in r.base_reason and r.p_none > 0.5
+    assert all(pl.route(held_in))  # every in-library prompt keeps an adapter
+    assert pl.predict(unrelated[:1], base="<base>") == ["<base>"] and pl.predict(held_in[:1], base="<base>") != ["<base>"]
+    assert pl.route(unrelated[:1], base_threshold=math.inf)[0].names  # the check can be turned off
     with pytest.raises(DLPLoRAError, match="base threshold"):
-        pl.route(["rain"], base_threshold=1.0)
+        pl.route(["rain"], base_threshold=-1)
     floor = pl.route(["add seven plus twelve"], floor=1.0)[0]
     assert floor.names == [] and "below the floor" in floor.base_reason
+    # the detector's statistics travel with the plugin
+    with tempfile.TemporaryDirectory() as d:
+        pl.save(d)
+        loaded = Plugin.load(d)
+        assert loaded.base_threshold == thr and [bool(x) for x in loaded.route(unrelated)] == [bool(x) for x in routed]
 
 
 def test_leave_out_measures_prompts_of_held_out_tasks(tmp_path):

@@ -49,7 +49,9 @@ def _train_plugin(lib_root):
         labels.append(None)
     plugin = Plugin.train(texts, labels, list(WORDS), epochs=8, batch_size=32, bits=12, dim=8, hidden=(32, 32, 16),
                           seed=0)
-    calibrate_base_threshold(plugin, [t for t, lab in zip(texts, labels) if lab is not None], false_rate=0.0)
+    inside = [(t, lab) for t, lab in zip(texts, labels) if lab is not None]
+    calibrate_base_threshold(plugin, [t for t, _ in inside], [lab for _, lab in inside], [t for t, _ in inside],
+                             false_rate=0.0)
     plugin.save(lib_root / "plugin")
 
 

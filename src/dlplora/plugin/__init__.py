@@ -82,25 +82,27 @@ def _split_calibration(rows_by_task: dict[str, list[dict]], seed: int) -> tuple[
 
 
 def fit(train_rows: dict[str, list[dict]], *, background: Sequence[str] = (), n_views: int = 2, seed: int = 0,
-        epochs: int = 2, log=None, **train_kw) -> Plugin:
+        epochs: int = 2, detector: bool = True, log=None, **train_kw) -> Plugin:
     """Train a router on prepared rows (labels = task names): views augmentation, the background as
-    the "none of these" class, and the base threshold calibrated on held-back rows in every view."""
+    the "none of these" class, and (`detector`) the base-model detector fitted on the training rows and
+    calibrated on held-back rows in every view."""
     from .views import view_texts
 
     fit_rows, calib_rows = _split_calibration(train_rows, seed)
     texts, labels = build_training_set(fit_rows, n_views=n_views, background=background, seed=seed)
     plugin = Plugin.train(texts, labels, list(train_rows), epochs=epochs, seed=seed, log=log, **train_kw)
     calib = {t: r for t, r in calib_rows.items() if r}
-    if plugin.none_class:
+    if detector:
+        fit_texts, fit_labels = view_texts(fit_rows, "rendered")
         calib_texts = [x for v in VIEWS for x in view_texts(calib, v, seed)[0]] if calib else []
-        calibrate_base_threshold(plugin, calib_texts)
+        calibrate_base_threshold(plugin, fit_texts, fit_labels, calib_texts)
     plugin.config["training"].update({"n_views": n_views, "calibration_rows": sum(map(len, calib_rows.values()))})
     return plugin
 
 
 def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | str, *, epochs: int = 2, seed: int = 0,
                            augment: bool = True, n_views: int = 2, background="auto", robustness: bool = True,
-                           ood_draws: int = 0, log=None, **train_kw) -> tuple[Plugin, dict]:
+                           ood_draws: int = 0, detector: bool = True, log=None, **train_kw) -> tuple[Plugin, dict]:
     """Train a router on the prepared train splits of `tasks` (labels = task names) and measure it on
     their test splits. Returns (plugin, report): `accuracy` (mean over tasks of held-out top-1, as
     rendered), per_task, confusions, params, tasks, train_seconds, and with `robustness` the accuracy
@@ -115,7 +117,8 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
     bg = resolve_background(background, names, log)
     views = n_views if augment else 0
     t0 = time.perf_counter()
-    plugin = fit(train_rows, background=bg, n_views=views, seed=seed, epochs=epochs, log=log, **train_kw)
+    plugin = fit(train_rows, background=bg, n_views=views, seed=seed, epochs=epochs, detector=detector, log=log,
+                 **train_kw)
     train_s = time.perf_counter() - t0
     plugin.config["training"].update({"augment": augment, "data_dir": str(data_dir), "background": len(bg)})
     table = view_table(plugin, test_rows, VIEWS if robustness else ("rendered",))
@@ -125,14 +128,14 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
               "train_examples": plugin.config["training"]["examples"], "test_examples": clean["n"],
               "train_seconds": round(train_s, 2), "epochs": epochs, "seed": seed, "encoder": plugin.encoder.kind,
               "none_class": plugin.none_class, "background_prompts": len(bg),
-              "base_threshold": plugin.base_threshold if plugin.none_class else None,
+              "base_threshold": plugin.base_threshold,
               "views": {v: r["accuracy"] for v, r in table.items()},
               "views_per_task": {v: r["per_task"] for v, r in table.items()},
               "views_confusions": {v: r["confusions"][:5] for v, r in table.items()},
               "views_to_base": {v: r["to_base"] for v, r in table.items()}}
     if ood_draws:
         def train_fn(tr, _te):
-            return fit(tr, background=bg, n_views=views, seed=seed, epochs=epochs, **train_kw)
+            return fit(tr, background=bg, n_views=views, seed=seed, epochs=epochs, detector=detector, **train_kw)
 
         lo = leave_out(train_rows, test_rows, draws=ood_draws, k=3, seed=seed, train_fn=train_fn)
         report["ood_to_base"] = lo["ood_to_base"]

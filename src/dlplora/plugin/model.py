@@ -11,8 +11,11 @@ FORMAT = 2
 FORMATS = (1, 2)  # format 1: hashed head/tail plugins without the "none of these" class
 
 
-def build_net(encoder, hidden: Sequence[int], n_out: int, dropout: float, emb_weight=None):
-    """Encoder module (a trained embedding table, or nothing for frozen features) + LayerNorm + MLP."""
+def build_net(encoder, hidden: Sequence[int], n_out: int, dropout: float, emb_weight=None, detector_classes: int = 0):
+    """Encoder module (a trained embedding table, or nothing for frozen features) + LayerNorm + MLP.
+    With `detector_classes` > 0 the net also holds the base-model detector's statistics (buffers): the
+    mean penultimate feature of each adapter's prompts and the inverse of their pooled covariance."""
+    import torch
     from torch import nn
 
     class RouterNet(nn.Module):
@@ -29,9 +32,22 @@ def build_net(encoder, hidden: Sequence[int], n_out: int, dropout: float, emb_we
                 d = h
             layers.append(nn.Linear(d, n_out))
             self.mlp = nn.Sequential(*layers)
+            if detector_classes:
+                self.register_buffer("ood_means", torch.zeros(detector_classes, d))
+                self.register_buffer("ood_precision", torch.zeros(d, d))
+
+        def features(self, batch):
+            """(logits, penultimate features) of a batch."""
+            h = self.mlp[:-1](self.norm(encoder.forward(getattr(self, "emb", None), batch)))
+            return self.mlp[-1](h), h
 
         def forward(self, batch):
-            return self.mlp(self.norm(encoder.forward(getattr(self, "emb", None), batch)))
+            return self.features(batch)[0]
+
+        def distance(self, h):
+            """Mahalanobis distance of each feature row to the nearest adapter's mean (squared)."""
+            d = h[:, None, :] - self.ood_means[None]
+            return torch.einsum("nkd,de,nke->nk", d, self.ood_precision, d).min(dim=1).values
 
     return RouterNet()
 

@@ -94,11 +94,12 @@ def select(probs: Sequence[float], p: float | None = DEFAULT_P, top_k: int | Non
 class Plugin:
     """A trained router. Build one with :meth:`train` (see :mod:`.train`) or :meth:`load`.
 
-    With a "none of these" class (``config["none_class"]``), the network has one output more than
-    there are adapters, and a prompt whose best adapter gets less than ``config["base_threshold"]`` of
-    that softmax (the rest going to "none of these" or spread over many adapters) goes to the base
-    model; the threshold is calibrated on held-back in-library prompts (:mod:`.train`). :meth:`probs`
-    gives the adapters' probabilities renormalised without the none class."""
+    The base-model detector (``config["base_detector"] == "mahalanobis"``): a prompt whose penultimate
+    MLP features are farther than ``config["base_threshold"]`` (squared Mahalanobis distance, pooled
+    covariance) from every adapter's mean goes to the base model; the threshold is calibrated on
+    held-back in-library prompts (:mod:`.train`). With a "none of these" class (``config["none_class"]``,
+    trained on prompts of other tasks) the network has one output more than there are adapters;
+    :meth:`probs` gives the adapters' probabilities renormalised without it."""
 
     def __init__(self, net, labels: list[str], encoder, config: dict):
         self.net = net
@@ -124,8 +125,13 @@ class Plugin:
         return bool(self.config.get("none_class"))
 
     @property
-    def base_threshold(self) -> float:
-        return float(self.config.get("base_threshold", 0.0)) if self.none_class else 0.0
+    def has_detector(self) -> bool:
+        return self.config.get("base_detector") == "mahalanobis"
+
+    @property
+    def base_threshold(self) -> float | None:
+        """The calibrated distance over which a prompt goes to the base model (None: no detector)."""
+        return float(self.config["base_threshold"]) if self.has_detector else None
 
     @classmethod
     def train(cls, texts: Sequence[str], labels: Sequence, label_names: Sequence[str], **kw) -> "Plugin":
@@ -183,7 +189,9 @@ class Plugin:
             encoder = encoder_from_config(cfg)
             state = load_file(str(w_path))
             n_out = len(labels) + (1 if cfg.get("none_class") else 0)
-            net = build_net(encoder, m["hidden"], n_out, float(m.get("dropout", 0.0)), emb_weight=state.get("emb.weight"))
+            detector = len(labels) if cfg.get("base_detector") == "mahalanobis" else 0
+            net = build_net(encoder, m["hidden"], n_out, float(m.get("dropout", 0.0)), emb_weight=state.get("emb.weight"),
+                            detector_classes=detector)
             net.load_state_dict(state, assign=True)
         except DLPLoRAError:
             raise
@@ -195,15 +203,22 @@ class Plugin:
     # ------------------------------------------------------------ inference
     def full_probs(self, texts: Sequence[str] | str) -> np.ndarray:
         """The network's softmax, shape (len(texts), N adapters [+ 1 for "none of these", last])."""
+        return self.scores(texts)[0]
+
+    def scores(self, texts: Sequence[str] | str, batch: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
+        """(:meth:`full_probs`, the base detector's distance per text or None without a detector)."""
         import torch
 
         texts = check_texts(texts)
         n_out = len(self.labels) + (1 if self.none_class else 0)
-        if not texts:
-            return np.zeros((0, n_out), dtype=np.float32)
+        probs, dists = [np.zeros((0, n_out), dtype=np.float32)], [np.zeros(0, dtype=np.float32)]
         with torch.inference_mode():
-            logits = self.net(self.encoder.encode(texts))
-            return torch.softmax(logits.float(), dim=-1).numpy()
+            for b in range(0, len(texts), batch):
+                logits, h = self.net.features(self.encoder.encode(texts[b: b + batch]))
+                probs.append(torch.softmax(logits.float(), dim=-1).numpy())
+                if self.has_detector:
+                    dists.append(self.net.distance(h.float()).numpy())
+        return np.concatenate(probs), (np.concatenate(dists) if self.has_detector else None)
 
     @staticmethod
     def _split(full: np.ndarray, none_class: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -217,29 +232,35 @@ class Plugin:
         to 1 over the adapters; the none class, if any, is left out: see :meth:`full_probs`)."""
         return self._split(self.full_probs(texts), self.none_class)[0]
 
+    def _to_base(self, dist: np.ndarray | None, base_threshold: float | None) -> np.ndarray:
+        thr = self.base_threshold if base_threshold is None else base_threshold
+        if isinstance(thr, bool) or (thr is not None and (not isinstance(thr, (int, float)) or not thr >= 0)):
+            raise DLPLoRAError(f"base threshold must be a distance >= 0 (inf turns the check off), got {thr!r}")
+        if dist is None or thr is None:
+            return np.zeros(0 if dist is None else len(dist), dtype=bool)
+        return dist > thr
+
     def route(self, texts: Sequence[str] | str, p: float | None = None, top_k: int | None = None,
               weighting: str = "softmax", floor: float = 0.0, base_threshold: float | None = None) -> list[Routing]:
         """Batched routing: one :class:`Routing` per prompt (see :func:`select`). A prompt goes to the
-        base model (empty routing, with `base_reason`) when its best adapter's probability in the
-        softmax with the "none of these" class is under `base_threshold` (default: the calibrated one
-        in plugin.json; 0 turns the check off), or when the best adapter's renormalised probability is
-        under `floor`."""
+        base model (empty routing, with `base_reason`) when the detector finds it farther than
+        `base_threshold` (default: the calibrated one in plugin.json; ``math.inf`` turns the check off)
+        from every adapter's prompts, or when the best adapter's probability is under `floor`."""
         if p is None:
             p = self.default_p
         check_selection_args(p, top_k, weighting, floor)
+        full, dist = self.scores(texts)
+        far = self._to_base(dist, base_threshold)
         thr = self.base_threshold if base_threshold is None else base_threshold
-        if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0.0 <= float(thr) < 1.0:
-            raise DLPLoRAError(f"base threshold must be a number in [0, 1), got {thr!r}")
-        full = self.full_probs(texts)
         pr, pn = self._split(full, self.none_class)
         out = []
         for i, row in enumerate(pr):
             p_none = None if pn is None else float(pn[i])
-            best = float(full[i, :len(self.labels)].max())
-            if p_none is not None and best < thr:
-                out.append(Routing([], [], [], [], base_reason=f"the prompt matches none of the adapters' tasks: the "
-                                   f"best adapter's probability {best:.3f} is under the calibrated {thr:.3f} "
-                                   f"(none of these: {p_none:.3f})", p_none=p_none))
+            if len(far) and far[i]:
+                none = f"; 'none of these' {p_none:.3f}" if p_none is not None else ""
+                out.append(Routing([], [], [], [], base_reason=f"the prompt matches none of the adapters' tasks: its "
+                                   f"distance to the nearest adapter's prompts is {float(dist[i]):.1f}, over the "
+                                   f"calibrated {thr:.1f}{none}", p_none=p_none))
                 continue
             idx, w, kp = select(row, p=p, top_k=top_k, weighting=weighting, floor=floor)
             reason = None if idx else (f"the best adapter's probability {float(row.max()):.3f} is below the "
@@ -249,10 +270,11 @@ class Plugin:
 
     def predict(self, texts: Sequence[str] | str, base: str | None = None) -> list[str | None]:
         """Top-1 adapter name per prompt; with `base` given, prompts that :meth:`route` sends to the
-        base model (by the calibrated threshold) get `base` instead."""
-        full = self.full_probs(texts)
+        base model (by the calibrated detector) get `base` instead."""
+        full, dist = self.scores(texts)
         n = len(self.labels)
         names = [self.labels[i] for i in full[:, :n].argmax(axis=1)]
-        if base is not None and self.none_class:
-            names = [base if q < self.base_threshold else name for name, q in zip(names, full[:, :n].max(axis=1))]
+        if base is not None:
+            far = self._to_base(dist, None)
+            names = [base if len(far) and far[i] else name for i, name in enumerate(names)]
         return names

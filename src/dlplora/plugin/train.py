@@ -24,7 +24,7 @@ from .views import augment, compose
 
 # Share of the held-back in-library prompts (as rendered and in every view) that the calibrated
 # threshold sends to the base model (measured trade-off in docs/plugin.md).
-BASE_FALSE_RATE = 0.01
+BASE_FALSE_RATE = 0.015
 
 
 def build_training_set(rows_by_task: dict[str, list[dict]], *, n_views: int = 2, background: Sequence[str] = (),
@@ -231,18 +231,42 @@ def train_router(cls, texts: Sequence[str], labels: Sequence, label_names: Seque
     return cls(net, names, enc, config)
 
 
-def calibrate_base_threshold(plugin, in_library_texts: Sequence[str], false_rate: float = BASE_FALSE_RATE) -> float:
-    """The base-model threshold on the best adapter's probability (softmax with the "none of these"
-    class) that sends `false_rate` of the in-library texts to the base model, capped at 0.5 (an
-    adapter with half the probability mass is never overruled)."""
-    if not plugin.none_class:
-        return 0.0
-    n = len(plugin.labels)
-    best = np.concatenate([plugin.full_probs(in_library_texts[b: b + 1024])[:, :n].max(axis=1)
-                           for b in range(0, len(in_library_texts), 1024)]) if in_library_texts else np.zeros(0)
-    thr = float(np.quantile(best, false_rate, method="lower")) if len(best) else 0.0
-    thr = min(0.5, thr)
+def calibrate_base_threshold(plugin, fit_texts: Sequence[str], fit_labels: Sequence[str],
+                             held_back_texts: Sequence[str], false_rate: float = BASE_FALSE_RATE) -> float:
+    """Fit the base-model detector and calibrate its threshold.
+
+    The detector: the mean penultimate MLP feature of each adapter's training prompts (`fit_texts`,
+    labelled with adapter names) and the inverse of their pooled covariance; a prompt's score is its
+    squared Mahalanobis distance to the nearest mean (Lee et al., 2018). The threshold is the score
+    that `false_rate` of the held-back in-library prompts (never trained on) exceed."""
+    import torch
+
+    names = plugin.labels
+    y = np.array([names.index(lab) for lab in fit_labels])
+    missing = [names[c] for c in range(len(names)) if not (y == c).any()]
+    if missing:
+        raise DLPLoRAError(f"no prompts to fit the base detector for adapter(s): {', '.join(missing)}")
+    with torch.inference_mode():
+        h = torch.cat([plugin.net.features(plugin.encoder.encode(list(fit_texts[b: b + 1024])))[1].float()
+                       for b in range(0, len(fit_texts), 1024)]).double()
+    yt = torch.from_numpy(y)
+    means = torch.stack([h[yt == c].mean(0) for c in range(len(names))])
+    centred = h - means[yt]
+    cov = centred.T @ centred / max(1, len(h) - len(names))
+    cov += torch.eye(cov.shape[0], dtype=cov.dtype) * (1e-3 * float(cov.diagonal().mean()) + 1e-8)
+    net = plugin.net
+    for name, value in (("ood_means", means.float()), ("ood_precision", torch.linalg.inv(cov).float())):
+        if hasattr(net, name):
+            getattr(net, name).copy_(value)
+        else:
+            net.register_buffer(name, value)
+    plugin.config["base_detector"] = "mahalanobis"
+    plugin.config["base_threshold"] = math.inf
+    _, dist = plugin.scores(list(held_back_texts)) if held_back_texts else (None, np.zeros(0))
+    thr = float(np.quantile(dist, 1.0 - false_rate, method="higher")) if len(dist) else math.inf
     plugin.config["base_threshold"] = thr
-    plugin.config["base_calibration"] = {"false_rate": false_rate, "texts": int(len(best)),
-                                         "rule": "base model when the best adapter's probability < base_threshold"}
+    plugin.config["base_calibration"] = {
+        "false_rate": false_rate, "held_back_prompts": int(len(dist)), "fit_prompts": len(fit_texts),
+        "rule": "base model when the squared Mahalanobis distance of the penultimate features to the nearest "
+                "adapter's mean exceeds base_threshold"}
     return thr
