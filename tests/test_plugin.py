@@ -491,3 +491,35 @@ def test_train_plugin_from_data_with_background_and_leave_out(tmp_path, capsys):
     assert out["views"] == pytest.approx(rep["views"]) and out["routing_ms_per_prompt"] > 0
     assert cli.main(["bench", "routing", "--plugin", str(tmp_path / "plugin")]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_backbone_encoder_trains_and_round_trips(tiny_model, tmp_path):
+    """The frozen-backbone-embedding encoder (the comparison option): shapes, turns, training, load."""
+    from dlplora.config import TURN_SEPARATOR
+    from dlplora.plugin.encoders import BackboneEncoder
+
+    enc = BackboneEncoder(str(tiny_model))
+    x = enc.encode(["add seven", "earlier turn" + TURN_SEPARATOR + "add seven"])
+    d = enc.table.shape[1]
+    assert x.shape == (2, enc.out_dim) and enc.out_dim == 4 * d
+    assert torch_allclose(x[0, :3 * d], x[1, :3 * d]) and float(x[0, 3 * d:].abs().sum()) == 0.0
+    assert float(x[1, 3 * d:].abs().sum()) > 0  # the history window
+    texts, labels = [], []
+    for t in _VOCAB:
+        xs = _texts(t, 30, seed=len(t))
+        texts += xs
+        labels += [t] * len(xs)
+    pl = Plugin.train(texts, labels, list(_VOCAB), epochs=20, batch_size=16, hidden=(32, 32, 16), encoder="backbone",
+                      model=str(tiny_model))
+    held = {t: _texts(t, 10, seed=100 + len(t)) for t in _VOCAB}
+    acc = np.mean([p == t for t, xs in held.items() for p in pl.predict(xs)])
+    assert acc >= 0.9 and pl.config["encoder"]["kind"] == "backbone" and "emb.weight" not in pl.net.state_dict()
+    pl.save(tmp_path / "bb")
+    loaded = Plugin.load(tmp_path / "bb", expected_labels=list(_VOCAB))
+    assert np.allclose(loaded.probs(texts[:4]), pl.probs(texts[:4]), atol=1e-6)
+
+
+def torch_allclose(a, b):
+    import torch
+
+    return bool(torch.allclose(a, b, atol=1e-6))

@@ -77,6 +77,7 @@ def print_view_table(report: dict, names) -> None:
         print(f"{n:{width}}  " + "  ".join(f"{report['views_per_task'][v].get(n, float('nan')):14.3f}" for v in views))
     print(f"{'mean over tasks':{width}}  " + "  ".join(f"{report['views'][v]:14.4f}" for v in views))
     print(f"{'sent to base':{width}}  " + "  ".join(f"{report['views_to_base'][v]:14.4f}" for v in views))
+    print(f"{'mean, no base':{width}}  " + "  ".join(f"{report['views_adapters_only'][v]:14.4f}" for v in views))
     conf = report["views_confusions"].get("rendered") or []
     if conf:
         print("top confusions as rendered (gold -> predicted: count): " +

@@ -130,6 +130,7 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
               "none_class": plugin.none_class, "background_prompts": len(bg),
               "base_threshold": plugin.base_threshold,
               "views": {v: r["accuracy"] for v, r in table.items()},
+              "views_adapters_only": {v: r["adapters_only"] for v, r in table.items()},
               "views_per_task": {v: r["per_task"] for v, r in table.items()},
               "views_confusions": {v: r["confusions"][:5] for v, r in table.items()},
               "views_to_base": {v: r["to_base"] for v, r in table.items()}}

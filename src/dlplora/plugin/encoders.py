@@ -6,8 +6,9 @@ Two kinds, chosen with ``train-plugin --encoder``:
   per segment) with a *trained* embedding table (``EmbeddingBag``, mean); the MLP reads the
   segments' embeddings side by side.
 - ``backbone``: the backbone's BPE tokenizer and its *frozen* input embeddings, mean-pooled over the
-  first 64, the first 256 and the last 64 tokens; only the MLP is trained. A pretrained text
-  representation at no extra download, kept as an option for the comparison in docs/plugin.md.
+  current turn's first 64, first 256 and last 64 tokens and the history's last 64 (zeros without
+  history); only the MLP is trained. A pretrained text representation at no extra download, kept as
+  an option for the comparison in docs/plugin.md.
 
 An encoder turns texts into a *batch* (``encode``), slices a batch by rows (``take``), and maps a
 batch to vectors inside the network (:class:`EncoderModule`).
@@ -19,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import TURN_SEPARATOR
 from ..errors import DLPLoRAError
 from .features import FEATURIZER, RETRAIN_HINT, Features, HashedNgramTokenizer
 
@@ -74,20 +76,24 @@ class BackboneEncoder:
 
     @property
     def out_dim(self) -> int:
-        return self.table.shape[1] * len(_WINDOWS)
+        return self.table.shape[1] * (len(_WINDOWS) + 1)
 
-    def encode(self, texts: Sequence[str]):
+    def _pool(self, ids: list[list[int]], a, b):
         import torch
         import torch.nn.functional as F
 
-        ids = self.tok(list(texts), add_special_tokens=False)["input_ids"]
-        outs = []
-        for _, a, b in _WINDOWS:
-            parts = [(x[a:b] if x[a:b] else x[:1]) or [0] for x in ids]
-            flat = torch.tensor([t for p in parts for t in p], dtype=torch.long)
-            offsets = torch.tensor(np.concatenate([[0], np.cumsum([len(p) for p in parts])[:-1]]), dtype=torch.long)
-            outs.append(F.embedding_bag(flat, self.table, offsets, mode="mean"))
-        return torch.cat(outs, dim=1)
+        parts = [x[a:b] for x in ids]
+        flat = torch.tensor([t for p in parts for t in p], dtype=torch.long)
+        offsets = torch.tensor(np.concatenate([[0], np.cumsum([len(p) for p in parts])[:-1]]), dtype=torch.long)
+        return F.embedding_bag(flat, self.table, offsets, mode="mean")  # an empty bag gives zeros
+
+    def encode(self, texts: Sequence[str]):
+        import torch
+
+        turns = [t.rsplit(TURN_SEPARATOR, 1) if TURN_SEPARATOR in t else ["", t] for t in texts]
+        cur = self.tok([c for _, c in turns], add_special_tokens=False)["input_ids"]
+        hist = self.tok([h for h, _ in turns], add_special_tokens=False)["input_ids"]
+        return torch.cat([self._pool(cur, a, b) for _, a, b in _WINDOWS] + [self._pool(hist, -64, None)], dim=1)
 
     @staticmethod
     def take(batch, rows: np.ndarray):

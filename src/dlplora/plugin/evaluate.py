@@ -51,6 +51,8 @@ def evaluate(plugin: Plugin, rows_by_task: dict[str, list[dict]], view: str = "r
     res = accuracy_table(gold, pred, list(rows_by_task), top_confusions)
     res["view"] = view
     res["to_base"] = sum(p == BASE for p in pred) / max(1, len(pred))
+    # the same prompts with the base decision off: top-1 among the adapters alone
+    res["adapters_only"] = accuracy_table(gold, predict_all(plugin, texts, base=None), list(rows_by_task), 0)["accuracy"]
     return res
 
 
@@ -132,6 +134,7 @@ def routing_benchmark(plugin: Plugin, test_rows: dict[str, list[dict]], batch_si
     texts, _ = view_texts(test_rows, "rendered")
     speed = bench_routing(plugin, texts, batch_size=batch_size, threads=threads)
     return {"accuracy": table["rendered"]["accuracy"], "views": {v: r["accuracy"] for v, r in table.items()},
+            "views_adapters_only": {v: r["adapters_only"] for v, r in table.items()},
             "views_per_task": {v: r["per_task"] for v, r in table.items()},
             "views_to_base": {v: r["to_base"] for v, r in table.items()},
             "views_confusions": {v: r["confusions"][:5] for v, r in table.items()},
