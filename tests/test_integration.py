@@ -38,3 +38,28 @@ def test_model_info_json_path_loads_with_transformers():
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert AutoTokenizer.from_pretrained(info["path"]).eos_token == "<|im_end|>"
     assert AutoModelForCausalLM.from_pretrained(info["path"]).config.num_hidden_layers == 30
+
+
+def test_router_on_real_bigbench_views_and_out_of_library(tmp_path):
+    """The plugin on 5 real BIG-bench tasks with the real background pool: prompts without their
+    scaffolding still route right, and a 6th task that no adapter covers goes mostly to the base model."""
+    import numpy as np
+
+    from dlplora.plugin import load_task_rows, train_plugin_from_data
+    from dlplora.plugin.views import view_texts
+    from dlplora.tasks import prepare
+
+    tasks = ["language_identification", "elementary_math_qa", "vitaminc_fact_verification", "logical_deduction",
+             "winowhy"]
+    outside = "tracking_shuffled_objects"
+    prepare(",".join(tasks + [outside]), tmp_path / "data")
+    plugin, rep = train_plugin_from_data(tmp_path / "data", tasks)
+    assert plugin.none_class and rep["background_prompts"] > 1000 and rep["train_seconds"] < 60
+    assert rep["views"]["rendered"] >= 0.97
+    # the cases that failed before views augmentation (language id without its choices and "Language:",
+    # a math problem without its options), scaffolding stripped, routed on the content alone
+    for v in ("no_choices", "no_io_prefixes"):
+        assert rep["views_adapters_only"][v] >= 0.95, (v, rep["views_per_task"][v])
+    texts, _ = view_texts(load_task_rows(tmp_path / "data", [outside], "test"), "rendered")
+    to_base = np.mean([not r for r in plugin.route(texts)])
+    assert to_base >= 0.6, to_base

@@ -69,7 +69,7 @@ def resolve_background(background, names: Sequence[str], log=None) -> list[str]:
     return [r["text"] for r in read_background(path, exclude_tasks=names)]
 
 
-def _split_calibration(rows_by_task: dict[str, list[dict]], seed: int) -> tuple[dict, dict]:
+def split_calibration(rows_by_task: dict[str, list[dict]], seed: int) -> tuple[dict, dict]:
     rng = random.Random(seed)
     train, calib = {}, {}
     for t, rows in rows_by_task.items():
@@ -88,7 +88,7 @@ def fit(train_rows: dict[str, list[dict]], *, background: Sequence[str] = (), n_
     calibrated on held-back rows in every view."""
     from .views import view_texts
 
-    fit_rows, calib_rows = _split_calibration(train_rows, seed)
+    fit_rows, calib_rows = split_calibration(train_rows, seed)
     texts, labels = build_training_set(fit_rows, n_views=n_views, background=background, seed=seed)
     plugin = Plugin.train(texts, labels, list(train_rows), epochs=epochs, seed=seed, log=log, **train_kw)
     calib = {t: r for t, r in calib_rows.items() if r}
