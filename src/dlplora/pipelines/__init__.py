@@ -16,3 +16,17 @@ def plugin_ready(lib) -> bool:
         return json.loads(cfg.read_text()).get("labels") == lib.names
     except json.JSONDecodeError:
         return False
+
+
+def ensure_plugin(lib, data_dir, log) -> None:
+    """Reuse the library's plugin when it routes to exactly its adapters, else train and save one."""
+    if plugin_ready(lib):
+        log(f"reusing the plugin in {lib.plugin_dir()}")
+        return
+    from ..plugin import train_plugin_from_data
+
+    plugin, report = train_plugin_from_data(data_dir, lib.names)
+    plugin.save(lib.plugin_dir())
+    log(f"plugin: {report['params']:,} parameters, held-out routing accuracy {100 * report['accuracy']:.1f}% over "
+        f"{report['tasks']} tasks ({100 * report['views']['input_only']:.1f}% on the bare inputs), trained in "
+        f"{report['train_seconds']:.1f}s")

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..paths import atomic_write_text
-from . import plugin_ready
+from . import ensure_plugin
 
 # Short-prompt tasks where a briefly trained adapter clearly beats the base model (it learns the answer format).
 DEMO_TASKS = ("contextual_parametric_knowledge_conflicts", "winowhy", "object_counting", "strategyqa")
@@ -30,7 +30,6 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     from ..eval.harness import run_evaluation
     from ..eval.settings import EvalConfig
     from ..library import Library
-    from ..plugin import train_plugin_from_data
     from ..tasks import prepare
     from ..train import TrainConfig, train_library
 
@@ -64,13 +63,7 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     lib = Library.open(lib_dir)
     stage("adapters", t0)
     t0 = time.time()
-    if plugin_ready(lib):
-        log(f"reusing the plugin in {lib.plugin_dir()}")
-    else:
-        plugin, report = train_plugin_from_data(data_dir, lib.names)
-        plugin.save(lib.plugin_dir())
-        log(f"plugin: {report['params']:,} parameters, held-out routing accuracy {100 * report['accuracy']:.1f}% "
-            f"over {report['tasks']} tasks, trained in {report['train_seconds']:.1f}s")
+    ensure_plugin(lib, data_dir, log)
     stage("plugin", t0)
 
     log(f"== 3. composite evaluation: {n_eval} test prompts per task, shuffled, no task labels for DLP-LoRA")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DEFAULT_P
-from . import plugin_ready
+from . import ensure_plugin
 
 
 @dataclass
@@ -48,7 +48,6 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
     from ..eval.report import write_outputs
     from ..eval.settings import EvalConfig, parse_methods, parse_p_values, parse_settings, parse_weightings
     from ..library import Library
-    from ..plugin import train_plugin_from_data
     from ..tasks import TASKS, format_summary, parse_tasks, prepare
     from ..train import TrainConfig, train_library
 
@@ -81,12 +80,7 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
 
     log("== 3/4 router plugin")
     t = time.time()
-    if plugin_ready(lib):
-        log(f"reusing the plugin in {lib.plugin_dir()}")
-    else:
-        plugin, report = train_plugin_from_data(data_dir, lib.names)
-        plugin.save(lib.plugin_dir())
-        log(f"plugin: held-out routing accuracy {100 * report['accuracy']:.1f}% over {report['tasks']} tasks")
+    ensure_plugin(lib, data_dir, log)
     stages["plugin"] = round(time.time() - t, 1)
 
     log("== 4/4 evaluation")
