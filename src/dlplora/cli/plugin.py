@@ -8,6 +8,7 @@ import sys
 import time
 
 from ..errors import DLPLoRAError
+from ..plugin.evaluate import format_leave_out, format_view_table
 from .common import add_routing_arguments
 
 
@@ -56,42 +57,15 @@ def cmd_train_plugin(args) -> None:
     Plugin.load(out, expected_labels=names)
     report["load_ms"] = round((time.perf_counter() - t0) * 1000, 1)
     report["out"] = str(path)
-    print_view_table(report, names)
+    print(format_view_table(report, names))
     if report.get("leave_out"):
-        print_leave_out(report["leave_out"])
+        print(format_leave_out(report["leave_out"]))
     print(f"{report['params']:,} parameters ({report['encoder']} encoder"
           f"{', none-of-these class on %d background prompts' % report['background_prompts'] if report['none_class'] else ''}"
           f"), trained on {report['train_examples']} prompts in {report['train_seconds']:.1f}s; saved to {path} "
           f"(loads in {report['load_ms']} ms)")
     if args.json:  # accuracy, views {name: accuracy}, ood_to_base (with --ood-draws), train_seconds, details
         _print_json(report)
-
-
-def print_view_table(report: dict, names) -> None:
-    """Per-task held-out accuracy under each view, the mean per view, and the top confusions."""
-    views = list(report["views"])
-    width = max(len(n) for n in names)
-    cols = [v[:14] for v in views]
-    print(f"{'task':{width}}  " + "  ".join(f"{c:>14}" for c in cols))
-    for n in names:
-        print(f"{n:{width}}  " + "  ".join(f"{report['views_per_task'][v].get(n, float('nan')):14.3f}" for v in views))
-    print(f"{'mean over tasks':{width}}  " + "  ".join(f"{report['views'][v]:14.4f}" for v in views))
-    print(f"{'sent to base':{width}}  " + "  ".join(f"{report['views_to_base'][v]:14.4f}" for v in views))
-    print(f"{'mean, no base':{width}}  " + "  ".join(f"{report['views_adapters_only'][v]:14.4f}" for v in views))
-    conf = report["views_confusions"].get("rendered") or []
-    if conf:
-        print("top confusions as rendered (gold -> predicted: count): " +
-              "; ".join(f"{c['gold']} -> {c['pred']}: {c['count']}" for c in conf))
-    else:
-        print("no confusions on the held-out prompts as rendered")
-
-
-def print_leave_out(lo: dict) -> None:
-    for d in lo["draws"]:
-        print(f"leave-{lo['k']}-out {', '.join(d['held_out'])}: {d['ood_to_base']:.3f} of their prompts to base; "
-              f"in-library {d['in_library']:.4f} (without the base decision {d['in_library_argmax']:.4f})")
-    print(f"out-of-library prompts routed to base: {lo['ood_to_base']:.4f} (mean of {len(lo['draws'])} draws); "
-          f"in-library accuracy loss from the base decision: {lo['in_library_loss_points']:.2f} points")
 
 
 def cmd_route(args) -> None:

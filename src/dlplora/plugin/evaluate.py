@@ -141,3 +141,33 @@ def routing_benchmark(plugin: Plugin, test_rows: dict[str, list[dict]], batch_si
             "routing_ms_per_prompt": speed["ms_per_prompt"], "routing_single_prompt_ms": speed["single_prompt_ms"],
             "routing_batch_size": batch_size, "routing_threads": speed["threads"], "tasks": len(test_rows),
             "test_examples": len(texts), "encoder": plugin.encoder.kind, "params": plugin.params}
+
+
+def format_view_table(report: dict, names: Sequence[str]) -> str:
+    """Per-task held-out accuracy under each view, the mean per view, the share sent to the base model,
+    the mean with the base decision off, and the top confusions as rendered (a report of
+    :func:`dlplora.plugin.train_plugin_from_data` or :func:`routing_benchmark`)."""
+    views = list(report["views"])
+    width = max(len(n) for n in names)
+    lines = [f"{'task':{width}}  " + "  ".join(f"{v[:14]:>14}" for v in views)]
+    for n in names:
+        lines.append(f"{n:{width}}  " + "  ".join(f"{report['views_per_task'][v].get(n, float('nan')):14.3f}"
+                                                 for v in views))
+    lines.append(f"{'mean over tasks':{width}}  " + "  ".join(f"{report['views'][v]:14.4f}" for v in views))
+    lines.append(f"{'sent to base':{width}}  " + "  ".join(f"{report['views_to_base'][v]:14.4f}" for v in views))
+    lines.append(f"{'mean, no base':{width}}  " + "  ".join(f"{report['views_adapters_only'][v]:14.4f}"
+                                                          for v in views))
+    conf = report["views_confusions"].get("rendered") or []
+    lines.append("top confusions as rendered (gold -> predicted: count): " +
+                 "; ".join(f"{c['gold']} -> {c['pred']}: {c['count']}" for c in conf) if conf
+                 else "no confusions on the held-out prompts as rendered")
+    return "\n".join(lines)
+
+
+def format_leave_out(lo: dict) -> str:
+    lines = [f"leave-{lo['k']}-out {', '.join(d['held_out'])}: {d['ood_to_base']:.3f} of their prompts to base; "
+             f"in-library {d['in_library']:.4f} (without the base decision {d['in_library_argmax']:.4f})"
+             for d in lo["draws"]]
+    lines.append(f"out-of-library prompts routed to base: {lo['ood_to_base']:.4f} (mean of {len(lo['draws'])} "
+                 f"draws); in-library accuracy loss from the base decision: {lo['in_library_loss_points']:.2f} points")
+    return "\n".join(lines)

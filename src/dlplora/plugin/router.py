@@ -28,8 +28,6 @@ RETRAIN_HINT = "retrain with `dlp-lora train-plugin --library LIB`"
 
 # ---------------------------------------------------------------- selection (paper eq. 4-5)
 
-# ---------------------------------------------------------------- selection (paper eq. 4-5)
-
 @dataclass
 class Routing:
     """The adapters chosen for one prompt: names/indices in descending probability, their fusion
@@ -232,13 +230,17 @@ class Plugin:
         to 1 over the adapters; the none class, if any, is left out: see :meth:`full_probs`)."""
         return self._split(self.full_probs(texts), self.none_class)[0]
 
-    def _to_base(self, dist: np.ndarray | None, base_threshold: float | None) -> np.ndarray:
+    def _threshold(self, base_threshold: float | None) -> float | None:
+        """The detector threshold in force: the calibrated one unless overridden (None: no detector)."""
         thr = self.base_threshold if base_threshold is None else base_threshold
         if isinstance(thr, bool) or (thr is not None and (not isinstance(thr, (int, float)) or not thr >= 0)):
             raise DLPLoRAError(f"base threshold must be a distance >= 0 (inf turns the check off), got {thr!r}")
-        if dist is None or thr is None:
-            return np.zeros(0 if dist is None else len(dist), dtype=bool)
-        return dist > thr
+        return thr
+
+    @staticmethod
+    def _far(dist: np.ndarray | None, thr: float | None, n: int) -> np.ndarray:
+        """Per text: is it farther than `thr` from every adapter (all False without a detector)."""
+        return np.zeros(n, dtype=bool) if dist is None or thr is None else dist > thr
 
     def route(self, texts: Sequence[str] | str, p: float | None = None, top_k: int | None = None,
               weighting: str = "softmax", floor: float = 0.0, base_threshold: float | None = None) -> list[Routing]:
@@ -249,14 +251,14 @@ class Plugin:
         if p is None:
             p = self.default_p
         check_selection_args(p, top_k, weighting, floor)
+        thr = self._threshold(base_threshold)
         full, dist = self.scores(texts)
-        far = self._to_base(dist, base_threshold)
-        thr = self.base_threshold if base_threshold is None else base_threshold
+        far = self._far(dist, thr, len(full))
         pr, pn = self._split(full, self.none_class)
         out = []
         for i, row in enumerate(pr):
             p_none = None if pn is None else float(pn[i])
-            if len(far) and far[i]:
+            if far[i]:
                 none = f"; 'none of these' {p_none:.3f}" if p_none is not None else ""
                 out.append(Routing([], [], [], [], base_reason=f"the prompt matches none of the adapters' tasks: its "
                                    f"distance to the nearest adapter's prompts is {float(dist[i]):.1f}, over the "
@@ -275,6 +277,6 @@ class Plugin:
         n = len(self.labels)
         names = [self.labels[i] for i in full[:, :n].argmax(axis=1)]
         if base is not None:
-            far = self._to_base(dist, None)
-            names = [base if len(far) and far[i] else name for i, name in enumerate(names)]
+            far = self._far(dist, self.base_threshold, len(names))
+            names = [base if f else name for f, name in zip(far, names)]
         return names
