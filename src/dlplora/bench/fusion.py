@@ -28,7 +28,7 @@ import zlib
 from ..errors import DLPLoRAError
 from ..plugin import Routing
 
-_TEXT = (
+FILLER_TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable type changed how books were "
     "made and shared. Before that time, scribes copied every page by hand, and a single volume could take months. "
     "Merchants, scholars and priests soon learned to read the new pamphlets, and ideas travelled faster than ever. "
@@ -110,7 +110,7 @@ def _interleaved(contenders: dict, repeats: int, log, raw: dict | None = None) -
     return best
 
 
-def _peft_model(model, adapters, ):
+def peft_model_with(model, adapters, ):
     """A PeftModel (on a copy of `model`) holding `adapters` (AdapterWeights), named as they are."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -197,7 +197,7 @@ def run(args) -> dict:
         f"{torch.get_num_threads()} threads; repeats {repeats}{' (quick)' if quick else ''}")
 
     # prompts: token ids of exact length, and the text that tokenises to them
-    stream = tok(_TEXT * 40, add_special_tokens=False)["input_ids"]
+    stream = tok(FILLER_TEXT * 40, add_special_tokens=False)["input_ids"]
 
     def prompt_text(length, offset):
         ids = stream[offset: offset + length]
@@ -210,14 +210,14 @@ def run(args) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     single = adapters[0]
-    peft_single = _peft_model(base, [single])
+    peft_single = peft_model_with(base, [single])
     fused_net = copy.deepcopy(base)
     engine = DLPLoRA(fused_net, tok, LoRAFusion(fused_net, adapters), router=router, p=0.6, top_k=3)
     engine.eos_ids = []  # every contender generates exactly the requested number of tokens
     routed2 = engine.route(texts2)
     ks = [len(s) for s in routed2]
     first = [max(s, key=s.get) if s else single.name for s in routed2]
-    peft_multi = _peft_model(base, [a for a in adapters if a.name in set(first)])
+    peft_multi = peft_model_with(base, [a for a in adapters if a.name in set(first)])
     log(f"  prompts: scenario 1 {len(ids1)} tokens + {new1} new; scenario 2 {batch} prompts of "
         f"{min(map(len, rows2))}-{max(map(len, rows2))} tokens + {new2} new, {min(ks)}-{max(ks)} adapters a row")
 
