@@ -178,22 +178,28 @@ def model_name(where: str) -> str:
     return p.name if p.exists() else where
 
 
-def load_backbone(model: str | os.PathLike | None = None, dtype=None):
-    """Load (model, tokenizer, info). The model is in eval mode, fp32 unless `dtype` says otherwise."""
-    import torch
+def load_backbone(model: str | os.PathLike | None = None, dtype=None, device=None):
+    """Load (model, tokenizer, info). The model is in eval mode, fp32 on the CPU unless `dtype` / `device`
+    say otherwise (names of :mod:`dlplora.device`, "auto" included, or torch objects)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from .device import resolve_device, resolve_dtype
+
+    dev = resolve_device("cpu" if device is None else device)
+    dtype = resolve_dtype(dtype, dev)
     where = resolve_model(model)
     config = load_config(where)
     tokenizer = load_tokenizer(where)
     hf_logging.disable_progress_bar()
     try:
-        net = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32)
+        net = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     except Exception as exc:
         raise DLPLoRAError(f"could not load model weights from {where}: {exc}") from exc
     finally:
         hf_logging.enable_progress_bar()
+    if dev.type != "cpu":
+        net.to(dev)
     net.eval()
     info = BackboneInfo(
         name=model_name(where),

@@ -171,11 +171,13 @@ class DLPLoRA:
     @classmethod
     def from_library(cls, lib_dir: str | os.PathLike, model: str | os.PathLike | None = None,
                      plugin_dir: str | os.PathLike | None = None, routing: RoutingConfig | None = None, dtype=None,
-                     router=None, adapters: Sequence[str] | None = None, **routing_overrides) -> "DLPLoRA":
+                     router=None, adapters: Sequence[str] | None = None, device=None,
+                     **routing_overrides) -> "DLPLoRA":
         """Load the library's backbone (or `model`), fuse its adapters (all, or the names in `adapters`)
         and load its plugin (LIB/plugin, or `plugin_dir`; none is fine when every request names its
         adapters). `router` replaces the plugin by any object with the plugin's ``route`` method.
-        `routing` and its keyword overrides (p=, top_k=, ...) as in :class:`DLPLoRA`."""
+        `dtype` / `device`: "auto" or a name of :mod:`dlplora.device` (or torch objects); the default
+        is fp32 on the CPU. `routing` and its keyword overrides (p=, top_k=, ...) as in :class:`DLPLoRA`."""
         routing = routing_config(routing, **routing_overrides)  # bad values fail before any loading
         from .backbone import load_backbone
         from .library import Library
@@ -190,7 +192,7 @@ class DLPLoRA:
             base_path = lib.base_model.get("path")
             if base_path and Path(base_path).is_dir():
                 model = base_path
-        net, tok, info = load_backbone(model, dtype=dtype)
+        net, tok, info = load_backbone(model, dtype=dtype, device=device)
         lib.check_base(info.to_dict())
         fusion = LoRAFusion(net, [load_peft_adapter(lib.adapter_dir(n), n) for n in names])
         if router is None:

@@ -25,8 +25,8 @@ import copy
 import json
 import subprocess
 import time
-from pathlib import Path
 
+from ..device import auto_dtype_name, cpu_flags
 from ..errors import DLPLoRAError
 
 PROMPT_TOKENS = 128
@@ -34,23 +34,9 @@ NEW_TOKENS = 64
 CONCURRENCY = (8, 32)
 
 
-def cpu_flags() -> list[str]:
-    """The CPU flags that decide the fast dtype: avx2, avx512_bf16, amx_bf16 (those present)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags |= set(line.split(":", 1)[1].split())
-    return sorted(f for f in ("avx2", "avx512_bf16", "amx_bf16") if f in flags)
-
-
 def auto_dtype(flags: list[str] | None = None) -> str:
     """bf16 where the CPU computes it natively (avx512_bf16 or amx_bf16), else fp32."""
-    flags = cpu_flags() if flags is None else flags
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+    return auto_dtype_name("cpu", flags)
 
 
 def add_arguments(p) -> None:

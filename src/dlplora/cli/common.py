@@ -29,6 +29,17 @@ def add_routing_arguments(parser) -> None:
                         help="route to the base model when the best probability is below this (default 0: off)")
 
 
+def add_precision_arguments(parser, dtype_default: str = "auto") -> None:
+    """--dtype and --device (see dlplora.device), for the commands that load the model to generate."""
+    from ..device import DEVICES, DTYPES
+
+    parser.add_argument("--dtype", choices=DTYPES, default=dtype_default,
+                        help="weights and activations: auto = bf16 on CUDA or on a CPU with native bf16 "
+                             f"(avx512_bf16 / amx_bf16), else float32 (default {dtype_default})")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto = CUDA when torch sees a GPU, else the CPU (default auto)")
+
+
 def routing_from_args(args) -> RoutingConfig:
     """The RoutingConfig of the routing options (and --mode, --route-window where the command has them)."""
     return RoutingConfig(p=args.p, top_k=args.top_k, weighting=args.weighting, floor=args.floor,

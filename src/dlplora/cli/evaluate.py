@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..config import DEFAULT_P
-from .common import command_line, parse_top_layers, print_json
+from .common import add_precision_arguments, command_line, parse_top_layers, print_json
 
 
 def cmd_eval(args) -> None:
@@ -16,7 +16,8 @@ def cmd_eval(args) -> None:
     config = EvalConfig(library=args.library, data=args.data, out=args.out, settings=parse_settings(args.setting),
                         methods=parse_methods(args.methods), tasks=args.tasks, limit=args.limit, p=args.p,
                         weightings=parse_weightings(args.weightings), teacher_forced=args.teacher_forced,
-                        model=args.model, seed=args.seed, batch_size=args.batch_size, route_window=args.route_window,
+                        model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+                        batch_size=args.batch_size, route_window=args.route_window,
                         turns=args.turns, conversations=args.conversations, arrow_top_k=args.arrow_top_k,
                         progress=not args.no_progress, command=command_line(), cache_dir=args.cache, note=args.note,
                         p_sweep=parse_p_values(args.p_sweep))
@@ -89,6 +90,7 @@ def register(sub, model_help: str) -> None:
     e.add_argument("--note", default="", help="a paragraph put at the top of RESULTS.md (e.g. what was cut)")
     e.add_argument("--json", action="store_true", help="print results.json as the last line")
     _common(e, model_help)
+    add_precision_arguments(e, dtype_default="float32")  # the recorded results are fp32: keep them comparable
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("reproduce", help="the paper's pipeline end to end: data, adapters, plugin, evaluation",

@@ -6,13 +6,14 @@ import json
 import sys
 
 from ..errors import DLPLoRAError
-from .common import LIBRARY_MODEL_HELP, add_routing_arguments, routing_from_args
+from .common import LIBRARY_MODEL_HELP, add_precision_arguments, add_routing_arguments, routing_from_args
 
 
 def _engine(args):
     from ..engine import DLPLoRA
 
-    return DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin, routing=routing_from_args(args))
+    return DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin, routing=routing_from_args(args),
+                                dtype=args.dtype, device=args.device)
 
 
 def _fmt_routing(routing: dict) -> str:
@@ -93,6 +94,7 @@ def _common(p, model_help: str) -> None:
     p.add_argument("--model", help=LIBRARY_MODEL_HELP)
     p.add_argument("--plugin", metavar="DIR", help="router directory (default: LIB/plugin)")
     add_routing_arguments(p)
+    add_precision_arguments(p)
     p.add_argument("--adapters", metavar="NAME=W,...",
                    help="skip the router: use these adapters with these weights, as given (e.g. a=0.5,b=0.3)")
     p.add_argument("--mode", choices=("auto", "unmerged", "shared", "merged"), default="auto",

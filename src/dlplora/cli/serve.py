@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import DLPLoRAError
-from .common import LIBRARY_MODEL_HELP, add_routing_arguments, routing_from_args
+from .common import LIBRARY_MODEL_HELP, add_precision_arguments, add_routing_arguments, routing_from_args
 
 
 def cmd_serve(args) -> None:
@@ -16,7 +16,7 @@ def cmd_serve(args) -> None:
                          max_tokens_limit=args.max_tokens_limit, request_timeout=args.request_timeout,
                          max_body_bytes=args.max_body_bytes, model_name=args.served_model_name).check()
     engine = DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin,
-                                  routing=routing_from_args(args))
+                                  routing=routing_from_args(args), dtype=args.dtype, device=args.device)
     if args.threads:
         import torch
 
@@ -42,6 +42,7 @@ def register(sub, model_help: str) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="default 8000")
     add_routing_arguments(s)
+    add_precision_arguments(s)
     s.add_argument("--route-window", type=int, default=0, metavar="N",
                    help="chat routing also reads the N previous user turns (default 0: the last user turn)")
     s.add_argument("--mode", choices=("auto", "unmerged"), default="auto",

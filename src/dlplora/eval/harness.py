@@ -158,9 +158,13 @@ class _Run:
         self.examples = {t: load_split(self.data, t, "test")[:c.limit] if c.limit else load_split(self.data, t, "test")
                          for t in self.tasks}
         self.cache = PredictionCache(c.cache_dir or Path(c.out) / "cache")
-        self.engine = engine if engine is not None else DLPLoRA.from_library(self.lib.root, model=c.model, p=self.p)
+        self.engine = engine if engine is not None else DLPLoRA.from_library(self.lib.root, model=c.model, p=self.p,
+                                                                             dtype=c.dtype, device=c.device)
         self.fused = FusedRunner(self.engine)
         self.sig = library_signature(self.lib)
+        dtype = str(self.engine.model.dtype).replace("torch.", "")
+        if dtype != "float32" or self.engine.model.device.type != "cpu":  # other numbers: other cache keys
+            self.sig += f"-{dtype}-{self.engine.model.device.type}"
         self.skipped: dict[str, str] = {}
         if "dlp" in self.methods and self.engine.router is None:
             self.skipped["dlp"] = "the library has no plugin (train one with `dlp-lora train-plugin`)"
@@ -168,7 +172,8 @@ class _Run:
         if "arrow" in self.methods:
             try:
                 if arrow is None:
-                    arrow = build_arrow_model(self.lib, model=c.model, top_k=c.arrow_top_k, seed=c.seed)
+                    arrow = build_arrow_model(self.lib, model=c.model, top_k=c.arrow_top_k, seed=c.seed,
+                                              dtype=self.engine.model.dtype, device=self.engine.model.device)
                 self.arrow_runner = PeftRunner(*arrow)
             except (DLPLoRAError, ValueError, RuntimeError, KeyError) as exc:
                 self.skipped["arrow"] = f"could not build PEFT's Arrow model: {exc}"

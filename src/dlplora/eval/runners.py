@@ -56,7 +56,8 @@ class PeftRunner:
         return [tok.decode(g, skip_special_tokens=True).strip() for g in gen]
 
 
-def build_arrow_model(library, model=None, top_k: int = 3, temperature: float = 1.0, seed: int = 0):
+def build_arrow_model(library, model=None, top_k: int = 3, temperature: float = 1.0, seed: int = 0, dtype=None,
+                      device=None):
     """PEFT's Arrow (``ArrowConfig`` + the ``arrow_router`` LoRA variant) over the library's adapters, on a
     fresh copy of the backbone. Built like ``peft.create_arrow_model`` (which loads every adapter as
     ``task_i`` and adds the ``arrow_router`` adapter), except that the router targets exactly the modules
@@ -71,7 +72,7 @@ def build_arrow_model(library, model=None, top_k: int = 3, temperature: float = 
     if where is None:
         base_path = library.base_model.get("path")
         where = base_path if base_path and Path(base_path).is_dir() else None
-    net, tok, _ = load_backbone(where)
+    net, tok, _ = load_backbone(where, dtype=dtype, device=device)
     pm = PeftModel.from_pretrained(net, str(library.adapter_dir(names[0])), adapter_name="task_0")
     for i, n in enumerate(names[1:], 1):
         pm.load_adapter(str(library.adapter_dir(n)), adapter_name=f"task_{i}")

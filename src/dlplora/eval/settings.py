@@ -168,6 +168,8 @@ class EvalConfig:
     weightings: Sequence[str] = field(default=WEIGHTINGS, metadata={"help": "DLP fusion weightings to report"})
     teacher_forced: bool = field(default=False, metadata={"help": "also score generative tasks teacher-forced"})
     model: str | os.PathLike | None = field(default=None, metadata={"help": "base model (default: the library's)"})
+    dtype: str = field(default="float32", metadata={"help": "auto, float32, bfloat16 or float16 (dlplora.device)"})
+    device: str = field(default="cpu", metadata={"help": "auto, cpu or cuda"})
     seed: int = field(default=0, metadata={"help": "shuffling / conversation seed"})
     batch_size: int = field(default=8, metadata={"help": "prompts per batch"})
     route_window: int = field(default=1, metadata={"help": "multiturn: earlier user turns the router reads"})

@@ -1,0 +1,71 @@
+"""--dtype / --device: resolution rules, bf16 agreement with fp32 (a stated tolerance), clear errors."""
+
+import pytest
+import torch
+
+from dlplora import device as dev
+from dlplora.errors import DLPLoRAError
+from dlplora.testing import random_peft_library
+
+SPECS = {"alpha": (4, 8, ["q_proj", "v_proj"]), "beta": (8, 8, ["q_proj", "v_proj"])}
+# bf16 keeps 8 bits of mantissa: on the tiny model the log-probabilities of a fused forward stay within this of fp32
+BF16_LOGPROB_TOLERANCE = 0.15
+
+
+def test_auto_picks_bf16_only_where_it_is_native(monkeypatch):
+    assert dev.auto_dtype_name("cpu", ["avx2"]) == "float32"
+    assert dev.auto_dtype_name("cpu", ["avx2", "avx512_bf16"]) == "bfloat16"
+    assert dev.auto_dtype_name("cpu", ["amx_bf16"]) == "bfloat16"
+    assert dev.auto_dtype_name("cuda") == "bfloat16"
+    monkeypatch.setattr(dev, "cpu_flags", lambda: ["avx2"])
+    assert dev.resolve_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(dev, "cpu_flags", lambda: ["avx2", "avx512_bf16"])
+    assert dev.resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert dev.resolve_dtype(None) == torch.float32 and dev.resolve_dtype(torch.float16) == torch.float16
+    assert dev.resolve_dtype("float16") == torch.float16
+    assert dev.resolve_device("cpu") == torch.device("cpu")
+    assert dev.resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_bad_names_and_missing_gpu_are_clear_errors():
+    with pytest.raises(DLPLoRAError, match="unknown dtype 'int3'"):
+        dev.resolve_dtype("int3")
+    with pytest.raises(DLPLoRAError, match="unknown device 'tpu'"):
+        dev.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DLPLoRAError, match="sees no CUDA GPU"):
+            dev.resolve_device("cuda")
+
+
+def test_bf16_engine_agrees_with_fp32(tiny_model, tmp_path, one_thread):
+    from dlplora.engine import DLPLoRA
+
+    lib = random_peft_library(tmp_path / "lib", tiny_model, SPECS, std=0.5, seed=3)
+    e32 = DLPLoRA.from_library(lib, dtype="float32")
+    e16 = DLPLoRA.from_library(lib, dtype="bfloat16", device="cpu")
+    assert e16.model.dtype == torch.bfloat16 and e32.model.dtype == torch.float32
+    ids = e32.tokenizer("the quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
+    mix = {"alpha": 0.6, "beta": 0.4}
+    with torch.inference_mode():
+        with e32.apply([mix]):
+            l32 = torch.log_softmax(e32.model(ids).logits.float(), -1)
+        with e16.apply([mix]):
+            l16 = torch.log_softmax(e16.model(ids).logits.float(), -1)
+        with e32.apply([{}]):
+            base = torch.log_softmax(e32.model(ids).logits.float(), -1)
+    assert (l32 - l16).abs().max() < BF16_LOGPROB_TOLERANCE
+    assert (l32 - base).abs().max() > 4 * (l32 - l16).abs().max()  # the adapters' effect is far above bf16 noise
+    out = e16.generate(["hello there"], adapters=mix, max_new_tokens=4)[0]
+    assert out["tokens"] >= 1 and out["routing"]["adapters"][0]["name"] == "alpha"
+
+
+def test_cli_dtype_and_device_flags(tiny_model, tmp_path, capsys, one_thread):
+    from dlplora.cli import main
+
+    lib = random_peft_library(tmp_path / "lib", tiny_model, SPECS, std=0.5, seed=3)
+    assert main(["generate", "--library", str(lib), "--adapters", "alpha=1", "--max-new-tokens", "3", "--dtype",
+                 "bfloat16", "--device", "cpu", "--json", "hi"]) == 0
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        assert main(["generate", "--library", str(lib), "--adapters", "alpha=1", "--device", "cuda", "hi"]) == 2
+        assert "sees no CUDA GPU" in capsys.readouterr().err
