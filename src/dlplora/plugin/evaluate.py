@@ -79,12 +79,11 @@ def leave_out(train_rows: dict[str, list[dict]], test_rows: dict[str, list[dict]
         keep = [n for n in names if n not in held]
         plugin = train_fn({n: train_rows[n] for n in keep}, {n: test_rows[n] for n in keep})
         texts_in, gold_in = view_texts({n: test_rows[n] for n in keep}, "rendered")
-        texts_out, _ = view_texts({n: test_rows[n] for n in held}, "rendered")
+        texts_out, gold_out = view_texts({n: test_rows[n] for n in held}, "rendered")
         with_base = accuracy_table(gold_in, predict_all(plugin, texts_in), keep)["accuracy"]
         argmax = accuracy_table(gold_in, predict_all(plugin, texts_in, base=None), keep)["accuracy"]
         pred_out = predict_all(plugin, texts_out)
-        per_held = {n: sum(p == BASE for p, g in zip(pred_out, [t for t in held for _ in test_rows[t]]) if g == n)
-                    / len(test_rows[n]) for n in held}
+        per_held = {n: float(np.mean([p == BASE for p, g in zip(pred_out, gold_out) if g == n])) for n in held}
         out.append({"held_out": held, "ood_to_base": sum(p == BASE for p in pred_out) / len(pred_out),
                     "ood_to_base_per_task": per_held, "in_library": with_base, "in_library_argmax": argmax,
                     "in_library_loss_points": round(100 * (argmax - with_base), 3)})

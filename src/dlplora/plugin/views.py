@@ -24,7 +24,6 @@ so the router learns the task from its content rather than from a fixed tail suc
 from __future__ import annotations
 
 import random
-from typing import Sequence
 
 from ..config import TURN_SEPARATOR
 
@@ -140,10 +139,3 @@ def view_texts(rows_by_task: dict[str, list[dict]], view: str, seed: int = 1) ->
             gold.append(task)
     return texts, gold
 
-
-def views_differing(rows: Sequence[dict]) -> list[str]:
-    """The views that change at least one of `rows` (e.g. ``no_choices`` changes nothing for a
-    generative task)."""
-    rng = random.Random(0)
-    return [v for v in VIEWS if v in ("history", "noise", "first_half")
-            or any(render_view(r, v, rng) != compose(r) for r in rows)]
