@@ -69,3 +69,35 @@ def test_cli_dtype_and_device_flags(tiny_model, tmp_path, capsys, one_thread):
     if not torch.cuda.is_available():
         assert main(["generate", "--library", str(lib), "--adapters", "alpha=1", "--device", "cuda", "hi"]) == 2
         assert "sees no CUDA GPU" in capsys.readouterr().err
+
+# int8 weights (per-tensor scale) on the tiny random model: log-probabilities stay within this of fp32
+INT8_LOGPROB_TOLERANCE = 0.3
+
+
+def test_int8_base_with_float_adapters_agrees_with_fp32(tiny_model, tmp_path, one_thread):
+    from dlplora.engine import DLPLoRA
+
+    lib = random_peft_library(tmp_path / "lib", tiny_model, SPECS, std=0.5, seed=3)
+    e32 = DLPLoRA.from_library(lib, dtype="float32")
+    e8 = DLPLoRA.from_library(lib, quantize="int8")  # dtype auto -> float32 activations
+    assert e8.fusion.quantized and not e32.fusion.quantized
+    assert all(not isinstance(layer.base, torch.nn.Linear) for layer in e8.fusion.layers.values())
+    assert e8.fusion.layers[next(iter(e8.fusion.layers))].A.dtype == torch.float32  # adapters stay in float
+    ids = e32.tokenizer("the quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
+    mix = {"alpha": 0.6, "beta": 0.4}
+    with torch.inference_mode():
+        with e32.apply([mix]):
+            l32 = torch.log_softmax(e32.model(ids).logits, -1)
+        with e8.apply([mix]) as mode:
+            assert mode == "shared"  # auto never merges into int8 weights
+            l8 = torch.log_softmax(e8.model(ids).logits, -1)
+        with e32.apply([{}]):
+            base = torch.log_softmax(e32.model(ids).logits, -1)
+    assert (l32 - l8).abs().max() < INT8_LOGPROB_TOLERANCE
+    assert (l32 - base).abs().max() > 4 * (l32 - l8).abs().max()
+    with pytest.raises(DLPLoRAError, match="merged.*int8"):
+        e8.fusion.set_routing([[0]], [[1.0]], mode="merged")
+    with pytest.raises(DLPLoRAError, match="needs float32 activations"):
+        DLPLoRA.from_library(lib, dtype="bfloat16", quantize="int8")
+    out = e8.generate(["hello there", "a second row"], adapters=[mix, {"beta": 1.0}], max_new_tokens=3)
+    assert all(o["tokens"] >= 1 for o in out) and out[0]["mode"] == "unmerged"

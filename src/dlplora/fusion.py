@@ -97,7 +97,8 @@ class FusedLoRALinear(nn.Module):
 
     @property
     def weight(self):  # so code that inspects `.weight` of a projection keeps working
-        return self.base.weight
+        w = self.base.weight
+        return w() if callable(w) else w  # an int8 base (dlplora.quantize) gives its packed weight by a call
 
     @property
     def bias(self):
@@ -263,6 +264,11 @@ class LoRAFusion:
                 wts[row, j] = float(w)
         return idx, wts
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the base linears of the fused layers hold int8 weights (see :mod:`dlplora.quantize`)."""
+        return any(not isinstance(layer.base, nn.Linear) for layer in self.layers.values())
+
     def set_routing(self, indices, weights=None, mode: str = "auto", expected_tokens: int | None = None) -> str | None:
         """Set the per-row routing for the following forward passes; returns the mode used
         (None = no adapter anywhere, plain base model).
@@ -293,8 +299,13 @@ class LoRAFusion:
         if mode == "auto":
             if not same:
                 mode = "unmerged"
+            elif self.quantized:  # int8 weights cannot take the delta: add it beside them
+                mode = "shared"
             else:
                 mode = "merged" if expected_tokens is None or expected_tokens >= MERGE_MIN_TOKENS else "shared"
+        elif mode == "merged" and self.quantized:
+            raise DLPLoRAError("fusion mode 'merged' adds the delta into the weights, which are int8 here; use "
+                               "'shared', 'unmerged' or 'auto'")
         elif mode in ("shared", "merged") and not same:
             raise DLPLoRAError(f"fusion mode {mode!r} needs every row to use the same adapter set; "
                                f"use 'unmerged' or 'auto' for a mixed batch")

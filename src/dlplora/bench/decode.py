@@ -44,6 +44,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="weights and activations of our engine and HF generate (auto: bf16 where the CPU has "
                         "avx512_bf16 or amx_bf16, else fp32)")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="int8: our engine with int8 base linears, adapters in float (fp32 activations)")
     p.add_argument("--threads", type=int, default=2, help="threads for every contender (default 2)")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help=f"new tokens per request (default {NEW_TOKENS})")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats per contender (default 2)")
@@ -93,6 +95,7 @@ def run(args) -> dict:
     from ..backbone import default_gguf_path, load_backbone
     from ..engine import DLPLoRA
     from ..fusion import LoRAFusion, random_adapter
+    from ..quantize import apply_quantize
     from .fusion import FILLER_TEXT, peft_model_with
 
     quick = bool(args.quick)
@@ -100,7 +103,8 @@ def run(args) -> dict:
     repeats = 1 if quick else args.repeats
     levels = [8] if quick else [int(x) for x in str(args.concurrency).split(",") if x.strip()]
     flags = cpu_flags()
-    dtype_name = auto_dtype(flags) if args.dtype == "auto" else args.dtype
+    quantize = getattr(args, "quantize", "none")
+    dtype_name = "float32" if quantize == "int8" else (auto_dtype(flags) if args.dtype == "auto" else args.dtype)
     dtype = getattr(torch, dtype_name)
     torch.set_num_threads(args.threads)
     log = (lambda *a: print(*a, flush=True))
@@ -110,6 +114,7 @@ def run(args) -> dict:
     adapters = [random_adapter(base, f"rand{i:03d}", rank=8, seed=i) for i in range(26)]  # stacked in `dtype`
     net = copy.deepcopy(base)
     engine = DLPLoRA(net, tok, LoRAFusion(net, adapters))
+    apply_quantize(net, quantize)
     engine.eos_ids = []  # every contender generates exactly the requested tokens
     stream = tok(FILLER_TEXT * 40, add_special_tokens=False)["input_ids"]
     text = tok.decode(stream[:PROMPT_TOKENS])
@@ -117,7 +122,8 @@ def run(args) -> dict:
     n_prompt = ids.input_ids.shape[1]
     names = [a.name for a in adapters]
     mix = {names[0]: 0.6, names[1]: 0.4}
-    log(f"decode benchmark: {info.name}, {dtype_name}, {args.threads} threads, CPU flags {' '.join(flags) or '-'}; "
+    log(f"decode benchmark: {info.name}, {dtype_name}{' + int8 weights' if quantize == 'int8' else ''}, "
+        f"{args.threads} threads, CPU flags {' '.join(flags) or '-'}; "
         f"{n_prompt}-token prompt, {new} new tokens, 26 adapters loaded, 2-adapter mixes")
 
     def ours(batch_texts, sets, n):
@@ -129,7 +135,8 @@ def run(args) -> dict:
         return lambda warm: peft.generate(**ids, max_new_tokens=1 if warm else n, min_new_tokens=1 if warm else n,
                                           do_sample=False, pad_token_id=tok.pad_token_id)
 
-    res: dict = {"backbone": info.name, "dtype": dtype_name, "threads": args.threads, "cpu_flags": flags,
+    res: dict = {"backbone": info.name, "dtype": dtype_name, "quantize": quantize, "threads": args.threads,
+                 "cpu_flags": flags,
                  "prompt_tokens": n_prompt, "new_tokens": new, "repeats": repeats}
     with torch.inference_mode():
         t1 = _min_time(ours([text], mix, 1), repeats)

@@ -29,10 +29,16 @@ def add_routing_arguments(parser) -> None:
                         help="route to the base model when the best probability is below this (default 0: off)")
 
 
-def add_precision_arguments(parser, dtype_default: str = "auto") -> None:
-    """--dtype and --device (see dlplora.device), for the commands that load the model to generate."""
+def add_precision_arguments(parser, dtype_default: str = "auto", quantize: bool = True) -> None:
+    """--dtype and --device (see dlplora.device), and --quantize (dlplora.quantize), for the commands that load
+    the model to generate."""
     from ..device import DEVICES, DTYPES
+    from ..quantize import QUANTIZE
 
+    if quantize:
+        parser.add_argument("--quantize", choices=QUANTIZE, default="none",
+                            help="int8: int8 weights for the base model's linear layers, adapters in float (CPU; "
+                                 "implies --dtype float32 activations; default none)")
     parser.add_argument("--dtype", choices=DTYPES, default=dtype_default,
                         help="weights and activations: auto = bf16 on CUDA or on a CPU with native bf16 "
                              f"(avx512_bf16 / amx_bf16), else float32 (default {dtype_default})")

@@ -90,7 +90,7 @@ def register(sub, model_help: str) -> None:
     e.add_argument("--note", default="", help="a paragraph put at the top of RESULTS.md (e.g. what was cut)")
     e.add_argument("--json", action="store_true", help="print results.json as the last line")
     _common(e, model_help)
-    add_precision_arguments(e, dtype_default="float32")  # the recorded results are fp32: keep them comparable
+    add_precision_arguments(e, dtype_default="float32", quantize=False)  # the recorded results are fp32: keep them comparable
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("reproduce", help="the paper's pipeline end to end: data, adapters, plugin, evaluation",

@@ -13,7 +13,8 @@ def _engine(args):
     from ..engine import DLPLoRA
 
     return DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin, routing=routing_from_args(args),
-                                dtype=args.dtype, device=args.device)
+                                dtype=args.dtype, device=args.device,
+                                quantize=args.quantize)
 
 
 def _fmt_routing(routing: dict) -> str:

@@ -16,7 +16,8 @@ def cmd_serve(args) -> None:
                          max_tokens_limit=args.max_tokens_limit, request_timeout=args.request_timeout,
                          max_body_bytes=args.max_body_bytes, model_name=args.served_model_name).check()
     engine = DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin,
-                                  routing=routing_from_args(args), dtype=args.dtype, device=args.device)
+                                  routing=routing_from_args(args), dtype=args.dtype, device=args.device,
+                                quantize=args.quantize)
     if args.threads:
         import torch
 
