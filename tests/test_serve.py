@@ -444,3 +444,7 @@ def test_bench_serve_and_its_alias_on_a_tiny_model(tiny_model):
         assert r["p50_latency_s"] <= r["p95_latency_s"]
     assert row["throughput_ratio_on_vs_off"] == pytest.approx(row["on"]["tokens_per_s"] / row["off"]["tokens_per_s"],
                                                               abs=0.01)
+    # the same server on int8 base weights (adapters in float): every request still answered
+    q = bench(str(tiny_model), adapters=2, rank=4, levels=(2,), requests=4, max_new_tokens=3, max_batch_size=4,
+              quantize="int8", log=lambda *a: None)
+    assert "int8" in q["precision"] and all(q["levels"][0][k]["errors"] == 0 for k in ("on", "off"))
