@@ -18,11 +18,11 @@ from .views import VIEWS, view_texts
 BASE = "<base>"  # the prediction "use the base model" in tables and confusions
 
 
-def predict_all(plugin: Plugin, texts: Sequence[str], base: str | None = BASE, batch: int = 1024) -> list[str | None]:
-    out: list[str | None] = []
-    for b in range(0, len(texts), batch):
-        out += plugin.predict(texts[b: b + batch], base=base)
-    return out
+def predict_all(plugin: Plugin, texts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(predictions with the base decision, `BASE` for prompts sent to the base model; top-1 adapter
+    predictions with it off), from one scoring pass."""
+    names, far = plugin.decide(list(texts))
+    return [BASE if f else n for n, f in zip(names, far)], names
 
 
 def accuracy_table(gold: Sequence[str], pred: Sequence[str | None], names: Sequence[str],
@@ -47,12 +47,12 @@ def evaluate(plugin: Plugin, rows_by_task: dict[str, list[dict]], view: str = "r
     if view not in VIEWS:
         raise DLPLoRAError(f"unknown view {view!r}; views: {', '.join(VIEWS)}")
     texts, gold = view_texts(rows_by_task, view, seed)
-    pred = predict_all(plugin, texts)
+    pred, top1 = predict_all(plugin, texts)
     res = accuracy_table(gold, pred, list(rows_by_task), top_confusions)
     res["view"] = view
     res["to_base"] = sum(p == BASE for p in pred) / max(1, len(pred))
     # the same prompts with the base decision off: top-1 among the adapters alone
-    res["adapters_only"] = accuracy_table(gold, predict_all(plugin, texts, base=None), list(rows_by_task), 0)["accuracy"]
+    res["adapters_only"] = accuracy_table(gold, top1, list(rows_by_task), 0)["accuracy"]
     return res
 
 
@@ -80,9 +80,10 @@ def leave_out(train_rows: dict[str, list[dict]], test_rows: dict[str, list[dict]
         plugin = train_fn({n: train_rows[n] for n in keep}, {n: test_rows[n] for n in keep})
         texts_in, gold_in = view_texts({n: test_rows[n] for n in keep}, "rendered")
         texts_out, gold_out = view_texts({n: test_rows[n] for n in held}, "rendered")
-        with_base = accuracy_table(gold_in, predict_all(plugin, texts_in), keep)["accuracy"]
-        argmax = accuracy_table(gold_in, predict_all(plugin, texts_in, base=None), keep)["accuracy"]
-        pred_out = predict_all(plugin, texts_out)
+        pred_in, top1_in = predict_all(plugin, texts_in)
+        with_base = accuracy_table(gold_in, pred_in, keep)["accuracy"]
+        argmax = accuracy_table(gold_in, top1_in, keep)["accuracy"]
+        pred_out, _ = predict_all(plugin, texts_out)
         per_held = {n: float(np.mean([p == BASE for p, g in zip(pred_out, gold_out) if g == n])) for n in held}
         out.append({"held_out": held, "ood_to_base": sum(p == BASE for p in pred_out) / len(pred_out),
                     "ood_to_base_per_task": per_held, "in_library": with_base, "in_library_argmax": argmax,

@@ -270,13 +270,15 @@ class Plugin:
             out.append(Routing([self.labels[i] for i in idx], idx, w, kp, base_reason=reason, p_none=p_none))
         return out
 
+    def decide(self, texts: Sequence[str] | str) -> tuple[list[str], np.ndarray]:
+        """Per prompt, in one pass: the top-1 adapter name, and whether the calibrated detector sends the
+        prompt to the base model (all False without a detector)."""
+        full, dist = self.scores(texts)
+        n = len(self.labels)
+        return [self.labels[i] for i in full[:, :n].argmax(axis=1)], self._far(dist, self.base_threshold, len(full))
+
     def predict(self, texts: Sequence[str] | str, base: str | None = None) -> list[str | None]:
         """Top-1 adapter name per prompt; with `base` given, prompts that :meth:`route` sends to the
         base model (by the calibrated detector) get `base` instead."""
-        full, dist = self.scores(texts)
-        n = len(self.labels)
-        names = [self.labels[i] for i in full[:, :n].argmax(axis=1)]
-        if base is not None:
-            far = self._far(dist, self.base_threshold, len(names))
-            names = [base if f else name for f, name in zip(far, names)]
-        return names
+        names, far = self.decide(texts)
+        return names if base is None else [base if f else name for f, name in zip(far, names)]
