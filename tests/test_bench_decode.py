@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from dlplora.bench.decode import add_arguments, auto_dtype, llama_bench, run
+from dlplora.bench.decode import add_arguments, llama_bench, run
 from dlplora.errors import DLPLoRAError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,11 +17,6 @@ cat <<'JSON'
  {"build_commit": "abc", "model_type": "llama 135M Q4_1", "n_prompt": 0, "n_gen": 64, "avg_ts": 100.0}]
 JSON
 """
-
-
-def test_auto_dtype_follows_native_bf16():
-    assert auto_dtype(["avx2"]) == "float32" and auto_dtype([]) == "float32"
-    assert auto_dtype(["avx2", "avx512_bf16"]) == "bfloat16" and auto_dtype(["amx_bf16"]) == "bfloat16"
 
 
 def test_bench_decode_reports_rates_and_llamacpp_ratios(tiny_model, tmp_path, capsys):

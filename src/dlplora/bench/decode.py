@@ -12,7 +12,8 @@ Measured: batch-1 decode tokens/s (time of 1 + N new tokens minus the time of 1 
 and the first token), prefill tokens/s (prompt tokens / the time of one new token), and the throughput of
 8 and 32 concurrent requests, each with its own 2-adapter mix, as one batch of ``DLPLoRA.generate``
 (llama.cpp batches only requests with the same LoRA configuration, so its batch-1 decode rate is what
-distinct mixes get from it). Repeats are interleaved and the minimum time taken.
+distinct mixes get from it). The batch-1 contenders are timed round robin (``bench.fusion.interleaved``),
+and every figure uses the minimum time over the repeats.
 
 The last line of ``--json``: ``{"batch1_tok_s", "mixed8_tok_s", "mixed32_tok_s", "prefill_tok_s",
 "hf_batch1_tok_s", "llamacpp_tg_tok_s"?, "llamacpp_pp_tok_s"?, "batch1_vs_llamacpp"?, "mixed32_vs_llamacpp"?,
@@ -34,11 +35,6 @@ NEW_TOKENS = 64
 CONCURRENCY = (8, 32)
 
 
-def auto_dtype(flags: list[str] | None = None) -> str:
-    """bf16 where the CPU computes it natively (avx512_bf16 or amx_bf16), else fp32."""
-    return auto_dtype_name("cpu", flags)
-
-
 def add_arguments(p) -> None:
     p.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -55,16 +51,6 @@ def add_arguments(p) -> None:
     p.add_argument("--gguf", help="the GGUF for llama-bench (default: the embedded one)")
     p.add_argument("--quick", action="store_true", help="a short run: 8 new tokens, 1 repeat, batch 8 only")
     p.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
-
-
-def _min_time(fn, repeats: int) -> float:
-    fn(True)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(False)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def llama_bench(path: str, gguf: str, threads: int, prompt: int, new: int) -> dict:
@@ -96,7 +82,7 @@ def run(args) -> dict:
     from ..engine import DLPLoRA
     from ..fusion import LoRAFusion, random_adapter
     from ..quantize import apply_quantize
-    from .fusion import FILLER_TEXT, peft_model_with
+    from .fusion import FILLER_TEXT, interleaved, peft_model_with
 
     quick = bool(args.quick)
     new = 8 if quick else args.new_tokens
@@ -104,7 +90,8 @@ def run(args) -> dict:
     levels = [8] if quick else [int(x) for x in str(args.concurrency).split(",") if x.strip()]
     flags = cpu_flags()
     quantize = getattr(args, "quantize", "none")
-    dtype_name = "float32" if quantize == "int8" else (auto_dtype(flags) if args.dtype == "auto" else args.dtype)
+    dtype_name = "float32" if quantize == "int8" else (auto_dtype_name("cpu", flags) if args.dtype == "auto"
+                                                       else args.dtype)
     dtype = getattr(torch, dtype_name)
     torch.set_num_threads(args.threads)
     log = (lambda *a: print(*a, flush=True))
@@ -127,22 +114,21 @@ def run(args) -> dict:
         f"{n_prompt}-token prompt, {new} new tokens, 26 adapters loaded, 2-adapter mixes")
 
     def ours(batch_texts, sets, n):
-        return lambda warm: engine.generate(batch_texts, adapters=sets, max_new_tokens=1 if warm else n, raw=True)
+        return lambda warm=False: engine.generate(batch_texts, adapters=sets, max_new_tokens=1 if warm else n, raw=True)
 
     peft = peft_model_with(base, adapters[:1])
 
     def hf(n):
-        return lambda warm: peft.generate(**ids, max_new_tokens=1 if warm else n, min_new_tokens=1 if warm else n,
+        return lambda warm=False: peft.generate(**ids, max_new_tokens=1 if warm else n, min_new_tokens=1 if warm else n,
                                           do_sample=False, pad_token_id=tok.pad_token_id)
 
     res: dict = {"backbone": info.name, "dtype": dtype_name, "quantize": quantize, "threads": args.threads,
                  "cpu_flags": flags,
                  "prompt_tokens": n_prompt, "new_tokens": new, "repeats": repeats}
     with torch.inference_mode():
-        t1 = _min_time(ours([text], mix, 1), repeats)
-        tn = _min_time(ours([text], mix, 1 + new), repeats)
-        h1 = _min_time(hf(1), repeats)
-        hn = _min_time(hf(1 + new), repeats)
+        sec = interleaved({"ours_1": ours([text], mix, 1), "ours_n": ours([text], mix, 1 + new), "hf_1": hf(1),
+                           "hf_n": hf(1 + new)}, repeats, log)
+        t1, tn, h1, hn = sec["ours_1"], sec["ours_n"], sec["hf_1"], sec["hf_n"]
         res["prefill_tok_s"] = round(n_prompt / t1, 2)
         res["batch1_tok_s"] = round(new / max(tn - t1, 1e-9), 2)
         res["hf_prefill_tok_s"] = round(n_prompt / h1, 2)
@@ -152,7 +138,7 @@ def run(args) -> dict:
         for c in levels:
             texts = [tok.decode(stream[37 * i: 37 * i + PROMPT_TOKENS]) for i in range(c)]
             sets = [{names[(2 * i) % 26]: 0.6, names[(2 * i + 1) % 26]: 0.4} for i in range(c)]
-            t = _min_time(ours(texts, sets, new), repeats)
+            t = interleaved({f"mixed{c}": ours(texts, sets, new)}, repeats, log)[f"mixed{c}"]
             res[f"mixed{c}_tok_s"] = round(c * new / t, 2)
             log(f"{c} concurrent requests, distinct 2-adapter mixes: {res[f'mixed{c}_tok_s']} tok/s")
     if args.llama_bench:

@@ -87,7 +87,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _interleaved(contenders: dict, repeats: int, log, raw: dict | None = None) -> dict[str, float]:
+def interleaved(contenders: dict, repeats: int, log, raw: dict | None = None) -> dict[str, float]:
     """Seconds per contender: one warm-up each, then `repeats` rounds, round robin with the order rotated.
 
     Returns the minimum over the repeats (the least disturbed run: on a shared machine other processes
@@ -239,7 +239,7 @@ def run(args) -> dict:
     # 1. batch 1
     log(f"[1] batch 1, {len(ids1)}-token prompt, {new1} new tokens")
     with torch.inference_mode():
-        s1 = _interleaved({"single_lora": loop(peft_single, [ids1], new1), "dlp": dlp(engine, [text1], new1, key="b1"),
+        s1 = interleaved({"single_lora": loop(peft_single, [ids1], new1), "dlp": dlp(engine, [text1], new1, key="b1"),
                            "dlp_unmerged": dlp(engine, [text1], new1, "unmerged"), "base": loop(base, [ids1], new1)},
                           repeats, log, raw=results["all_seconds"].setdefault("batch1", {}))
     results["seconds"]["batch1"] = s1
@@ -255,7 +255,7 @@ def run(args) -> dict:
                  "peft_mixed": loop(peft_multi, rows2, new2, forward_kwargs={"adapter_names": first})}
         if not quick:
             cont2["base"] = loop(base, rows2, new2)
-        s2 = _interleaved(cont2, repeats, log, raw=results["all_seconds"].setdefault("mixed_batch", {}))
+        s2 = interleaved(cont2, repeats, log, raw=results["all_seconds"].setdefault("mixed_batch", {}))
     results["seconds"]["mixed_batch"] = s2
     tokens2 = batch * new2
     results["tokens_per_second"] = {k: round(tokens2 / v, 2) for k, v in s2.items()}
@@ -282,7 +282,7 @@ def run(args) -> dict:
     with torch.inference_mode():
         cont = {"single_lora": loop(peft_single, [ids1], new1)}
         cont.update({f"dlp_{n}": dlp(e, [text1], new1) for n, e in engines.items()})
-        s3 = _interleaved(cont, repeats, log, raw=results["all_seconds"].setdefault("scaling", {}))
+        s3 = interleaved(cont, repeats, log, raw=results["all_seconds"].setdefault("scaling", {}))
     results["seconds"]["scaling"] = s3
     results["scaling"] = {str(n): round(s3[f"dlp_{n}"] / s3["single_lora"], 3) for n in counts}
 
