@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from .background import BACKGROUND_FILE, build_background, write_background
 from .errors import DLPLoRAError
 from .paths import atomic_write_text, cache_dir, extra_data_dir
 
@@ -177,14 +178,10 @@ def fetch_bigbench_sdist(tmp: str, log=print) -> Path:
 
 def background_path() -> Path:
     """The cached background prompts (BIG-bench tasks outside the suite; see :mod:`dlplora.background`)."""
-    from .background import BACKGROUND_FILE
-
     return bigbench_dir() / BACKGROUND_FILE
 
 
 def _cache_background(tarball: Path, log=print) -> None:
-    from .background import build_background, write_background
-
     rows = build_background(tarball, exclude=list(TASKS))
     write_background(background_path(), rows)
     log(f"cached {len(rows)} background prompts from {len({r['task'].split('/')[0] for r in rows})} other "

@@ -201,10 +201,12 @@ class Plugin:
     # ------------------------------------------------------------ inference
     def full_probs(self, texts: Sequence[str] | str) -> np.ndarray:
         """The network's softmax, shape (len(texts), N adapters [+ 1 for "none of these", last])."""
-        return self.scores(texts)[0]
+        return self.scores(texts, distances=False)[0]
 
-    def scores(self, texts: Sequence[str] | str, batch: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
-        """(:meth:`full_probs`, the base detector's distance per text or None without a detector)."""
+    def scores(self, texts: Sequence[str] | str, batch: int = 1024,
+               distances: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """(:meth:`full_probs`, the base detector's distance per text, or None without a detector or
+        with `distances` false)."""
         import torch
 
         texts = check_texts(texts)
@@ -214,9 +216,9 @@ class Plugin:
             for b in range(0, len(texts), batch):
                 logits, h = self.net.features(self.encoder.encode(texts[b: b + batch]))
                 probs.append(torch.softmax(logits.float(), dim=-1).numpy())
-                if self.has_detector:
+                if distances and self.has_detector:
                     dists.append(self.net.distance(h.float()).numpy())
-        return np.concatenate(probs), (np.concatenate(dists) if self.has_detector else None)
+        return np.concatenate(probs), (np.concatenate(dists) if distances and self.has_detector else None)
 
     @staticmethod
     def _split(full: np.ndarray, none_class: bool) -> tuple[np.ndarray, np.ndarray | None]:
