@@ -154,17 +154,38 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) ->
 def decode_loop(model, rows: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], eos_ids: Sequence[int],
                 pad_id: int, temperature: float = 0.0, top_p: float = 1.0, generator=None,
                 on_step: Callable[[int, list[list[int]], list[bool]], None] | None = None,
-                forward_kwargs: dict | None = None) -> tuple[list[list[int]], list[str]]:
-    """Batched generation with a KV cache and left padding.
+                forward_kwargs: dict | None = None, core=None) -> tuple[list[list[int]], list[str]]:
+    """Batched generation: prefill, then one token per row per step until EOS or each row's limit.
 
+    Runs on the decoding core (:mod:`dlplora.core`: static slot KV cache, rows in slots ``0..b-1``) when it
+    supports the model, `core` or the model's own; else (a PEFT wrapper, another architecture, or
+    `forward_kwargs`) on the HF forward pass with a dynamic cache and left padding.
     Returns (generated token ids per row, EOS excluded; finish reason per row: "stop" or "length").
     `on_step(step, generated, done)` runs after every step and may set ``done[i] = True`` (stop strings).
     """
     b = len(rows)
     limits = [max_new_tokens] * b if isinstance(max_new_tokens, int) else list(max_new_tokens)
     dev = next(model.parameters()).device
-    cache, mask, pos, logits = prefill(model, rows, pad_id, forward_kwargs)
-    next_pos = pos[:, -1:] + 1
+    if core is None and not forward_kwargs:
+        from .core import core_for
+
+        core = core_for(model, b)
+    elif core is not None:
+        core.ensure_slots(b)
+    if core is not None:
+        logits = core.prefill(0, rows)
+
+        def step_fn(feed):
+            return core.forward(0, feed[:, None])
+    else:
+        cache, mask, pos, logits = prefill(model, rows, pad_id, forward_kwargs)
+        state = {"mask": mask, "pos": pos[:, -1:] + 1}
+
+        def step_fn(feed):
+            state["mask"] = torch.cat([state["mask"], torch.ones((b, 1), dtype=mask.dtype, device=dev)], dim=1)
+            out = decode_step(model, feed, state["mask"], state["pos"], cache, forward_kwargs)
+            state["pos"] = state["pos"] + 1
+            return out
     eos = set(int(e) for e in eos_ids)
     generated: list[list[int]] = [[] for _ in range(b)]
     done = [lim <= 0 for lim in limits]
@@ -191,9 +212,7 @@ def decode_loop(model, rows: Sequence[Sequence[int]], max_new_tokens: int | Sequ
         if all(done):
             break
         feed = torch.tensor([pad_id if d else t for t, d in zip(toks, done)], dtype=torch.long, device=dev)
-        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], dim=1)
-        logits = decode_step(model, feed, mask, next_pos, cache, forward_kwargs)
-        next_pos = next_pos + 1
+        logits = step_fn(feed)
     return generated, reasons
 
 

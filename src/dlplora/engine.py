@@ -30,7 +30,7 @@ from .config import DEFAULT_MAX_NEW_TOKENS, TURN_SEPARATOR, RoutingConfig, check
 from .decoding import StopStreamer, decode_loop, eos_token_ids
 from .errors import ContextLengthError, DLPLoRAError, RequestError
 from .fusion import LoRAFusion, load_peft_adapter
-from .quantize import apply_quantize
+from .quantize import apply_quantize, quantize_dtype
 
 # DLPLoRA(..., route_window=N) and from_library(..., route_window=N) name RoutingConfig.window so
 _ROUTING_ALIASES = {"route_window": "window"}
@@ -178,8 +178,8 @@ class DLPLoRA:
         and load its plugin (LIB/plugin, or `plugin_dir`; none is fine when every request names its
         adapters). `router` replaces the plugin by any object with the plugin's ``route`` method.
         `dtype` / `device`: "auto" or a name of :mod:`dlplora.device` (or torch objects); the default
-        is fp32 on the CPU. `quantize="int8"`: int8 base linears, adapters in float (:mod:`dlplora.quantize`;
-        CPU, fp32 activations). `routing` and its keyword overrides (p=, top_k=, ...) as in :class:`DLPLoRA`."""
+        is fp32 on the CPU. `quantize="int8"` / ``"int4"``: quantised base linears, adapters in float
+        (:mod:`dlplora.quantize`; CPU; fp32 / bf16 activations). `routing` and its keyword overrides (p=, top_k=, ...) as in :class:`DLPLoRA`."""
         routing = routing_config(routing, **routing_overrides)  # bad values fail before any loading
         from .backbone import load_backbone
         from .library import Library
@@ -195,7 +195,7 @@ class DLPLoRA:
             if base_path and Path(base_path).is_dir():
                 model = base_path
         if quantize not in (None, "none") and dtype in (None, "auto"):
-            dtype = "float32"  # int8 dynamic quantisation computes with fp32 activations
+            dtype = quantize_dtype(quantize)  # int8: fp32 activations; int4: bf16
         net, tok, info = load_backbone(model, dtype=dtype, device=device)
         lib.check_base(info.to_dict())
         fusion = LoRAFusion(net, [load_peft_adapter(lib.adapter_dir(n), n) for n in names])

@@ -21,6 +21,9 @@ over adapters or rows. Modes:
 ``shared``    every row uses the same set: one ``[k*r, in]`` / ``[out, k*r]`` pair, plain matmuls.
 ``merged``    every row uses the same set: the fused delta is added to the weights for the whole
               generation; the original weights are saved and copied back by :meth:`clear`.
+``slots``     per-row sets kept in a table of slots (the server's continuous batching): each slot's set is
+              gathered once, when its request joins (:meth:`LoRAFusion.set_slot`); a forward pass over
+              slots ``first..first+b-1`` reads views of the table (:meth:`LoRAFusion.use_slots`).
 ``auto``      all rows share one set (batch of one included): merged for a generation of at least
               ``MERGE_MIN_TOKENS`` tokens (or when the length is not given), else shared;
               different sets: unmerged.
@@ -73,6 +76,7 @@ class RoutingState:
     def __init__(self):
         self.mode: str | None = None  # None = base model
         self.batch = 0
+        self.first = 0  # slots mode: the forward pass covers slots first..first+batch-1
 
     def __repr__(self):
         return f"RoutingState(mode={self.mode}, batch={self.batch})"
@@ -94,6 +98,7 @@ class FusedLoRALinear(nn.Module):
         self.out_features = base.out_features
         self._A_sel = self._B_sel = None  # A_sel^T, B_sel^T: [b, in, kr], [b, kr, out] (unmerged) or [in, kr], [kr, out]
         self._saved_weight = None  # the original weight while merged
+        self._A_slots = self._B_slots = None  # slots mode: [slots, in, KR], [slots, KR, out]
 
     @property
     def weight(self):  # so code that inspects `.weight` of a projection keeps working
@@ -135,6 +140,32 @@ class FusedLoRALinear(nn.Module):
                 with torch.no_grad():
                     w.add_((b_sel.float() @ a_sel.float()).to(w.dtype))
 
+    # -------------------------------------------------- slots (set once per request)
+    def init_slots(self, slots: int, kr: int) -> None:
+        self._A_slots = torch.zeros(slots, self.in_features, kr, dtype=self.A.dtype, device=self.A.device)
+        self._B_slots = torch.zeros(slots, kr, self.out_features, dtype=self.B.dtype, device=self.B.device)
+
+    def set_slot(self, slot: int, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        """Gather a set (indices [k], weights [k]; k may be 0) into `slot`, growing the table's width."""
+        self._A_slots[slot].zero_()
+        self._B_slots[slot].zero_()
+        if indices.numel() == 0:
+            return
+        a_sel, b_sel = self._select(indices[None], weights[None])  # [1, kr, in], [1, out, kr]
+        kr = a_sel.shape[1]
+        if kr > self._A_slots.shape[2]:
+            grow = kr - self._A_slots.shape[2]
+            self._A_slots = torch.cat([self._A_slots, self._A_slots.new_zeros(self._A_slots.shape[0], self.in_features,
+                                                                               grow)], 2)
+            self._B_slots = torch.cat([self._B_slots, self._B_slots.new_zeros(self._B_slots.shape[0], grow,
+                                                                               self.out_features)], 1)
+        self._A_slots[slot, :, :kr] = a_sel[0].T
+        self._B_slots[slot, :kr] = b_sel[0].T
+
+    def move_slot(self, src: int, dst: int) -> None:
+        self._A_slots[dst] = self._A_slots[src]
+        self._B_slots[dst] = self._B_slots[src]
+
     def restore(self) -> None:
         """Undo a merge: copy the saved original weight back (bit-exact)."""
         if self._saved_weight is not None:
@@ -152,7 +183,11 @@ class FusedLoRALinear(nn.Module):
         mode = self.state.mode
         if mode is None or mode == "merged":
             return y
-        a_t, b_t = self._A_sel, self._B_sel  # transposed: [.., in, kr], [.., kr, out]
+        if mode == "slots":
+            first, n = self.state.first, self.state.batch
+            a_t, b_t = self._A_slots[first:first + n], self._B_slots[first:first + n]
+        else:
+            a_t, b_t = self._A_sel, self._B_sel  # transposed: [.., in, kr], [.., kr, out]
         xa = x.to(a_t.dtype)
         if mode == "shared":
             return y + ((xa @ a_t) @ b_t).to(y.dtype)
@@ -266,7 +301,7 @@ class LoRAFusion:
 
     @property
     def quantized(self) -> bool:
-        """Whether the base linears of the fused layers hold int8 weights (see :mod:`dlplora.quantize`)."""
+        """Whether the base linears of the fused layers hold quantised (int8 / int4) weights (see :mod:`dlplora.quantize`)."""
         return any(not isinstance(layer.base, nn.Linear) for layer in self.layers.values())
 
     def set_routing(self, indices, weights=None, mode: str = "auto", expected_tokens: int | None = None) -> str | None:
@@ -299,13 +334,13 @@ class LoRAFusion:
         if mode == "auto":
             if not same:
                 mode = "unmerged"
-            elif self.quantized:  # int8 weights cannot take the delta: add it beside them
+            elif self.quantized:  # quantised weights cannot take the delta: add it beside them
                 mode = "shared"
             else:
                 mode = "merged" if expected_tokens is None or expected_tokens >= MERGE_MIN_TOKENS else "shared"
         elif mode == "merged" and self.quantized:
-            raise DLPLoRAError("fusion mode 'merged' adds the delta into the weights, which are int8 here; use "
-                               "'shared', 'unmerged' or 'auto'")
+            raise DLPLoRAError("fusion mode 'merged' adds the delta into the weights, which are int8/int4 here "
+                               "(quantised); use 'shared', 'unmerged' or 'auto'")
         elif mode in ("shared", "merged") and not same:
             raise DLPLoRAError(f"fusion mode {mode!r} needs every row to use the same adapter set; "
                                f"use 'unmerged' or 'auto' for a mixed batch")
@@ -321,6 +356,46 @@ class LoRAFusion:
         self.state.batch = indices.shape[0]
         self.mode = mode
         return mode
+
+    # -------------------------------------------------- slots (continuous batching)
+    def init_slots(self, slots: int) -> None:
+        """A table of `slots` per-row sets (all empty) for slots mode; replaces any earlier table."""
+        if slots <= 0:
+            raise DLPLoRAError(f"the slot table needs at least one slot, got {slots}")
+        for layer in self.layers.values():
+            layer.init_slots(slots, layer.A.shape[1])
+        self.slots = slots
+
+    def set_slot(self, slot: int, adapters: Mapping[str, float]) -> None:
+        """Put one request's {name: weight} set into `slot` (gathered once; {} = the base model)."""
+        if not 0 <= slot < getattr(self, "slots", 0):
+            raise DLPLoRAError(f"slot {slot} is outside the slot table ({getattr(self, 'slots', 0)} slots; "
+                               f"call init_slots first)")
+        live = {n: float(w) for n, w in adapters.items() if float(w) != 0.0}
+        idx, wts = self.encode([live])
+        if not torch.isfinite(wts).all() or (wts < 0).any():
+            raise DLPLoRAError("routing weights must be finite and non-negative")
+        dev = next(iter(self.layers.values())).A.device
+        idx, wts = idx[0, :len(live)].to(dev), wts[0, :len(live)].to(dev)
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.set_slot(slot, idx, wts)
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Copy slot `src`'s set into slot `dst` (a row moving to fill a hole)."""
+        if src != dst:
+            for layer in self.layers.values():
+                layer.move_slot(src, dst)
+
+    def use_slots(self, first: int, batch: int) -> None:
+        """Following forward passes cover slots ``first..first+batch-1``, each row with its slot's set."""
+        if first < 0 or batch <= 0 or first + batch > getattr(self, "slots", 0):
+            raise DLPLoRAError(f"slots {first}..{first + batch - 1} are outside the slot table "
+                               f"({getattr(self, 'slots', 0)} slots)")
+        if self.mode not in (None, "slots"):
+            self.clear()
+        self.state.mode = self.mode = "slots"
+        self.state.first, self.state.batch = first, batch
 
     def clear(self) -> None:
         """Back to the base model; merged weights are restored exactly."""

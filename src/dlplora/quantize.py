@@ -1,40 +1,108 @@
-"""`--quantize int8`: int8 weights for the base model's linear layers, the LoRA delta kept in float.
+"""`--quantize int8|int4`: quantised weights for the base model's linear layers, the LoRA delta kept in float.
 
-PyTorch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic``): each ``nn.Linear`` of the
-backbone, the fused layers' base projections and the vocabulary head included, keeps its weight as int8
-with a per-tensor scale and quantises its input per batch on the fly (fbgemm kernels on x86). The fused
-adapters' A and B stay in float and are added beside the int8 product (modes ``shared`` / ``unmerged``;
-``merged`` would have to write into the int8 weight, so ``auto`` picks ``shared``). At batch 1 decoding
-reads the weights once per token, so a quarter of the bytes of fp32 is most of the gain
-(`dlp-lora bench decode --quantize int8`).
+``int8``  PyTorch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic``): each ``nn.Linear``
+          keeps an int8 weight with a per-tensor scale and quantises its input per batch on the fly
+          (fbgemm kernels on x86); fp32 activations.
+``int4``  weight-only int4 in groups of :data:`INT4_GROUP` input columns, each with its own scale and offset
+          (the layout of llama.cpp's Q4_1, which the embedded backbone was shipped in), computed by PyTorch's
+          CPU kernel ``_weight_int4pack_mm_for_cpu``; bf16 activations. Batch-1 decoding reads the weights once
+          per token, so an eighth of the bytes of fp32 is most of the gain.
+
+Both cover the backbone's linears, the fused layers' base projections and the vocabulary head. The fused
+adapters' A and B stay in float and are added beside the quantised product (modes ``shared``,
+``unmerged`` and ``slots``; ``merged`` would write into the quantised weight, so ``auto`` picks ``shared``).
+Measured by `dlp-lora bench decode --quantize int8|int4`.
 """
 
 from __future__ import annotations
 
+import warnings
+
+import torch
+from torch import nn
+
 from .errors import DLPLoRAError
 
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int4")
+INT4_GROUP = 32
+INT4_TILES = 8
+
+
+def _check_cpu(model, what: str):
+    p = next(model.parameters())
+    if p.device.type != "cpu":
+        raise DLPLoRAError(f"--quantize {what} runs on the CPU only (the model is on {p.device.type})")
+    return p
 
 
 def quantize_int8(model):
     """Quantise the model's linear layers to int8 in place (CPU, fp32 activations); returns the model."""
-    import torch
-    from torch import nn
-
-    p = next(model.parameters())
-    if p.device.type != "cpu":
-        raise DLPLoRAError(f"--quantize int8 runs on the CPU only (the model is on {p.device.type})")
+    p = _check_cpu(model, "int8")
     if p.dtype != torch.float32:
         raise DLPLoRAError(f"--quantize int8 needs float32 activations; load the model with --dtype float32 "
                            f"(it is {str(p.dtype).replace('torch.', '')})")
     torch.backends.quantized.engine = "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines else \
         torch.backends.quantized.engine
-    import warnings
-
     with warnings.catch_warnings():  # torch.ao's deprecation notice: the API is what this option measures
         warnings.simplefilter("ignore")
         torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
     return model
+
+
+class Int4Linear(nn.Module):
+    """A linear layer with int4 weights in groups of `group` input columns (scale and offset per group)."""
+
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP):
+        super().__init__()
+        w = linear.weight.detach().float()
+        out_f, in_f = w.shape
+        if in_f % group:
+            raise DLPLoRAError(f"--quantize int4: a layer of {in_f} inputs is not a multiple of the group {group}")
+        g = w.reshape(-1, group)
+        lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
+        scale = (hi - lo).clamp(min=1e-8) / 15
+        q = ((g - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
+        zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        sz = torch.cat([scale.reshape(out_f, -1, 1), zero.reshape(out_f, -1, 1)], 2).transpose(0, 1)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, INT4_TILES))
+        self.register_buffer("scales_zeros", sz.contiguous().to(torch.bfloat16))
+        self.bias = linear.bias
+        self.in_features, self.out_features, self.group = in_f, out_f, group
+
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight [out, in] (float32), for inspection and tests."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).float().T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, self.group,
+                                              self.scales_zeros)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 groups of {self.group}"
+
+
+def quantize_int4(model):
+    """Replace every nn.Linear of the model by an :class:`Int4Linear` (CPU, bf16 activations), in place."""
+    p = _check_cpu(model, "int4")
+    if p.dtype != torch.bfloat16:
+        raise DLPLoRAError(f"--quantize int4 computes with bfloat16 activations; load the model with --dtype bfloat16 "
+                           f"(it is {str(p.dtype).replace('torch.', '')})")
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        raise DLPLoRAError("--quantize int4 needs PyTorch's _weight_int4pack_mm_for_cpu (torch >= 2.5)")
+    for _, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, Int4Linear(child))
+    return model
+
+
+def quantize_dtype(quantize: str | None) -> str | None:
+    """The activation dtype a quantisation computes with (None: any)."""
+    return {"int8": "float32", "int4": "bfloat16"}.get(quantize or "none")
 
 
 def apply_quantize(model, quantize: str | None):
@@ -42,4 +110,6 @@ def apply_quantize(model, quantize: str | None):
         return model
     if quantize == "int8":
         return quantize_int8(model)
+    if quantize == "int4":
+        return quantize_int4(model)
     raise DLPLoRAError(f"unknown quantisation {quantize!r}; choose one of: {', '.join(QUANTIZE)}")

@@ -1,0 +1,205 @@
+"""The decoding core: the backbone's forward pass over a static slot KV cache (gpt-fast's shape).
+
+:class:`DecodeCore` runs a Llama-family model (Llama, Qwen2, Mistral without sliding windows) with its own
+short forward pass, calling the model's own modules: the embedding, every decoder layer's norms, its
+``q/k/v/o`` projections and MLP (which may be fused LoRA layers, :mod:`dlplora.fusion`, or int8 ones,
+:mod:`dlplora.quantize`), the rotary embedding, the final norm and the head. What it replaces is the
+HF model's outer loop, its mask building and its dynamic cache: keys and values are written in place into
+a :class:`~dlplora.kvcache.SlotKVCache` and attention reads views of it (grouped-query attention as two batched matmuls).
+
+One call, :meth:`DecodeCore.forward`, serves every use: rows ``first..first+b-1`` of the cache each take
+their next tokens (``t`` of them, right-padded; ``t = 1`` is a decode step, a longer ``t`` a prefill or a
+prefill chunk) at their own positions, and the logits of each row's last real token come back. The layers'
+LoRA routing is whatever the fusion has set (per-row sets, shared, merged, or per slot).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import DLPLoRAError
+from .kvcache import SlotKVCache
+
+SUPPORTED = ("llama", "qwen2", "mistral")
+PREFILL_CHUNK = 256  # prompt tokens per forward pass in a prefill
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the core cannot run `model` (None when it can)."""
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in SUPPORTED:
+        return f"model type {kind!r} (the decoding core runs {', '.join(SUPPORTED)})"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+        return f"{type(model).__name__} is not a plain causal LM (a PEFT wrapper?)"
+    if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return "sliding-window attention"
+    if kind == "mistral" and getattr(cfg, "sliding_window", None):
+        return "sliding-window attention"
+    return None
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class DecodeCore:
+    """Forward passes of `model` over a static slot KV cache (see module doc).
+
+    `slots`: rows the cache holds (grown by :meth:`ensure_slots`); `max_len`: positions per row (default:
+    the model's context)."""
+
+    def __init__(self, model, slots: int = 1, max_len: int | None = None):
+        why = unsupported_reason(model)
+        if why is not None:
+            raise DLPLoRAError(f"the decoding core cannot run this model: {why}")
+        self.model = model
+        cfg = model.config
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        attn = self.layers[0].self_attn
+        self.head_dim = int(getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
+        self.max_len = int(max_len or getattr(cfg, "max_position_embeddings", 2048))
+        p = next(model.parameters())
+        self.device = p.device
+        self.dtype = self.inner.embed_tokens.weight.dtype
+        self.cache = self._new_cache(slots)
+        self._compiled = None
+
+    def _new_cache(self, slots: int) -> SlotKVCache:
+        return SlotKVCache(len(self.layers), slots, self.kv_heads, self.head_dim, self.max_len, self.dtype, self.device)
+
+    # -------------------------------------------------- slots
+    def ensure_slots(self, n: int) -> None:
+        """At least `n` slots (a new, empty cache when it must grow; only between generations)."""
+        if n > self.cache.slots:
+            cap = self.cache.capacity
+            self.cache = self._new_cache(n)
+            self.cache.reserve(cap)
+
+    def reset(self, slots: Sequence[int] | None = None) -> None:
+        for s in (range(self.cache.slots) if slots is None else slots):
+            self.cache.free(s)
+
+    # -------------------------------------------------- the forward pass
+    @torch.inference_mode()
+    def forward(self, first: int, ids: torch.Tensor, n_tokens: Sequence[int] | None = None) -> torch.Tensor:
+        """Rows ``first..first+b-1`` of the cache take `ids` [b, t] (row i's first ``n_tokens[i]`` are real,
+        the rest right padding) at positions following what each row already holds. Returns the logits
+        [b, vocab] at each row's last real token, and advances the rows' lengths."""
+        b, t = ids.shape
+        cache = self.cache
+        if first < 0 or first + b > cache.slots:
+            raise DLPLoRAError(f"rows {first}..{first + b - 1} are outside the cache's {cache.slots} slots")
+        n_tok = [t] * b if n_tokens is None else [int(n) for n in n_tokens]
+        starts = cache.lengths[first:first + b]
+        ends = [s + n for s, n in zip(starts, n_tok)]
+        if max(ends) > self.max_len:
+            raise DLPLoRAError(f"a sequence of {max(ends)} tokens does not fit the model's context of {self.max_len}")
+        cache.reserve(max(s + t for s in starts) + 1)  # right padding lands past every real position
+        width = min(max(s + t for s in starts), cache.capacity)
+        width = min(-(-width // 128) * 128, cache.capacity)
+        dev = self.device
+        start_t = torch.tensor(starts, dtype=torch.long, device=dev)
+        pos = start_t[:, None] + torch.arange(t, device=dev)[None, :]  # [b, t]
+        pos_w = pos.clamp(max=cache.capacity - 1)
+        mask = torch.arange(width, device=dev)[None, None, None, :] <= pos[:, None, :, None]  # [b, 1, t, W]
+        rows = torch.arange(first, first + b, device=dev)[:, None]
+        last = torch.tensor([n - 1 for n in n_tok], dtype=torch.long, device=dev)
+        step = self._compiled if (self._compiled is not None and t == 1) else self._layers
+        logits = step(ids.to(dev), pos, pos_w, mask, rows, last, first, width)
+        for i, e in enumerate(ends):
+            cache.lengths[first + i] = e
+        return logits
+
+    def _layers(self, ids, pos, pos_w, mask, rows, last, first: int, width: int):
+        b, t = ids.shape
+        cache = self.cache
+        x = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(x, pos)
+        cos, sin = cos[:, None], sin[:, None]  # [b, 1, t, D]
+        D, Hq, Hk = self.head_dim, self.n_heads, self.kv_heads
+        for li, layer in enumerate(self.layers):
+            at = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = at.q_proj(h).view(b, t, Hq, D).transpose(1, 2)
+            k = at.k_proj(h).view(b, t, Hk, D).transpose(1, 2)
+            v = at.v_proj(h).view(b, t, Hk, D)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            K, V = cache.k[li], cache.v[li]
+            K[rows, :, pos_w] = k.transpose(1, 2).to(K.dtype)
+            V[rows, :, pos_w] = v.to(V.dtype)
+            o = self._attend(q, K[first:first + b, :, :width], V[first:first + b, :, :width], mask)
+            x = x + at.o_proj(o.transpose(1, 2).reshape(b, t, Hq * D))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        hidden = x[torch.arange(b, device=x.device), last]
+        return self.model.lm_head(self.inner.norm(hidden))
+
+    def _attend(self, q, k, v, mask):
+        """Grouped-query attention: q [b, Hq, t, D] over k, v [b, Hk, W, D] with mask [b, 1, t, W]. Each key
+        head serves its G = Hq / Hk query heads as one [G*t, D] block (no repeated keys): two batched matmuls,
+        the softmax in float32. (SDPA's CPU flash kernel is ~20x slower for one query token.)"""
+        b, hq, t, d = q.shape
+        hk, w = k.shape[1], k.shape[2]
+        g = hq // hk
+        qg = q.reshape(b, hk, g * t, d)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scaling  # [b, Hk, G*t, W]
+        m = mask.expand(b, g, t, w).reshape(b, 1, g * t, w)
+        probs = scores.masked_fill(~m, float("-inf")).softmax(-1).to(v.dtype)
+        return torch.matmul(probs, v).reshape(b, hq, t, d)
+
+    def compile(self, **kw) -> None:
+        """Compile the decode step (t = 1) with torch.compile."""
+        self._compiled = torch.compile(self._layers, **kw)
+
+    def prefill(self, first: int, rows: Sequence[Sequence[int]], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+        """Prompts into slots ``first..``, `chunk` tokens per forward pass; the logits of each last token."""
+        if any(len(r) == 0 for r in rows):
+            raise DLPLoRAError("cannot prefill an empty prompt")
+        self.reset(range(first, first + len(rows)))
+        longest = max(len(r) for r in rows)
+        logits: list[torch.Tensor | None] = [None] * len(rows)
+        for c0 in range(0, longest, chunk):
+            # rows still taking tokens in this chunk form a contiguous block only if sorted; take them all,
+            # rows already done take one padding token that is never kept (their length is restored)
+            part = [list(r[c0:c0 + chunk]) for r in rows]
+            n = [max(len(p), 1) for p in part]
+            t = max(n)
+            ids = torch.zeros(len(rows), t, dtype=torch.long)
+            for i, p in enumerate(part):
+                ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+            before = self.cache.lengths[first:first + len(rows)]
+            out = self.forward(first, ids, n)
+            for i, p in enumerate(part):
+                if p:
+                    if c0 + len(p) >= len(rows[i]):
+                        logits[i] = out[i]
+                else:
+                    self.cache.lengths[first + i] = before[i]
+        return torch.stack(logits)
+
+
+_CORES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def core_for(model, slots: int = 1) -> DecodeCore | None:
+    """The model's decoding core (made once, kept while the model lives), with at least `slots` slots;
+    None when the core cannot run this model (the caller falls back to the HF forward pass)."""
+    if unsupported_reason(model) is not None:
+        return None
+    core = _CORES.get(model)
+    dev = next(model.parameters()).device
+    if core is None or core.device != dev or core.dtype != model.model.embed_tokens.weight.dtype:
+        core = _CORES[model] = DecodeCore(model, slots)
+    core.ensure_slots(slots)
+    return core
