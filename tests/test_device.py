@@ -95,9 +95,44 @@ def test_int8_base_with_float_adapters_agrees_with_fp32(tiny_model, tmp_path, on
             base = torch.log_softmax(e32.model(ids).logits, -1)
     assert (l32 - l8).abs().max() < INT8_LOGPROB_TOLERANCE
     assert (l32 - base).abs().max() > 4 * (l32 - l8).abs().max()
-    with pytest.raises(DLPLoRAError, match="merged.*int8"):
+    with pytest.raises(DLPLoRAError, match="merged.*int8/int4"):
         e8.fusion.set_routing([[0]], [[1.0]], mode="merged")
     with pytest.raises(DLPLoRAError, match="needs float32 activations"):
         DLPLoRA.from_library(lib, dtype="bfloat16", quantize="int8")
     out = e8.generate(["hello there", "a second row"], adapters=[mix, {"beta": 1.0}], max_new_tokens=3)
+    assert all(o["tokens"] >= 1 for o in out) and out[0]["mode"] == "unmerged"
+
+
+# int4 weights (groups of 32 with scale and offset) and bf16 activations: log-probabilities within this of fp32
+INT4_LOGPROB_TOLERANCE = 0.5
+
+
+def test_int4_base_with_float_adapters_agrees_with_fp32(tiny_model, tmp_path, one_thread):
+    from dlplora.engine import DLPLoRA
+    from dlplora.quantize import Int4Linear
+
+    lib = random_peft_library(tmp_path / "lib", tiny_model, SPECS, std=0.5, seed=3)
+    e32 = DLPLoRA.from_library(lib, dtype="float32")
+    e4 = DLPLoRA.from_library(lib, quantize="int4")  # dtype auto -> bfloat16 activations
+    assert e4.fusion.quantized and isinstance(e4.model.lm_head, Int4Linear)
+    layer = next(iter(e4.fusion.layers.values()))
+    ref = next(iter(e32.fusion.layers.values())).weight
+    # the dequantised weight is within half a quantisation step of the original (16 levels per group of 32)
+    step = (ref.reshape(-1, 32).amax(1) - ref.reshape(-1, 32).amin(1)) / 15
+    assert ((layer.weight - ref).abs().reshape(-1, 32).amax(1) <= step * 0.5 + 0.02).all()
+    ids = e32.tokenizer("the quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
+    mix = {"alpha": 0.6, "beta": 0.4}
+    with torch.inference_mode():
+        with e32.apply([mix]):
+            l32 = torch.log_softmax(e32.model(ids).logits.float(), -1)
+        with e4.apply([mix]) as mode:
+            assert mode == "shared"
+            l4 = torch.log_softmax(e4.model(ids).logits.float(), -1)
+        with e32.apply([{}]):
+            base = torch.log_softmax(e32.model(ids).logits, -1)
+    assert (l32 - l4).abs().max() < INT4_LOGPROB_TOLERANCE
+    assert (l32 - base).abs().max() > 4 * (l32 - l4).abs().max()
+    with pytest.raises(DLPLoRAError, match="bfloat16 activations"):
+        DLPLoRA.from_library(lib, dtype="float32", quantize="int4")
+    out = e4.generate(["hello there", "a second row"], adapters=[mix, {"beta": 1.0}], max_new_tokens=3)
     assert all(o["tokens"] >= 1 for o in out) and out[0]["mode"] == "unmerged"

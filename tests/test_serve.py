@@ -79,7 +79,7 @@ def slow_server(libs):
     """No plugin; every forward pass sleeps 60 ms; one row at a time, one waiting; 8 s timeout. The sleeps
     dominate the tiny model's compute, so the timings hold on a loaded machine too."""
     engine = DLPLoRA.from_library(libs[1])
-    engine.model.register_forward_pre_hook(lambda *a: time.sleep(0.06))
+    engine.model.lm_head.register_forward_pre_hook(lambda *a: time.sleep(0.06))  # once per forward pass
     app = create_app(engine, ServeConfig(max_batch_size=1, max_queue=1, max_tokens_limit=256, request_timeout=8.0))
     with ServerThread(app) as srv:
         yield srv

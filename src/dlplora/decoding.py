@@ -1,13 +1,14 @@
 """Decoding primitives shared by the engine, the server's scheduler, the evaluation and the benchmarks.
 
-- :func:`left_pad` / :func:`prefill` / :func:`decode_step`: a batch of token rows, left-padded, run
-  through the model once with a fresh KV cache (explicit per-row positions, a 2-D attention mask),
-  then one token per row at a time (the shape of gpt-fast's ``prefill`` / ``decode_one_token``);
+- :func:`decode_loop`: the batched generation loop (EOS, per-row token limits, a step callback) on the
+  decoding core (:mod:`dlplora.core`, a static slot KV cache), or on the HF forward pass for models the
+  core does not run (a PEFT wrapper such as Arrow's);
+- :func:`left_pad` / :func:`prefill` / :func:`decode_step`: that HF path: a batch of token rows,
+  left-padded, run through the model once with a fresh dynamic KV cache (explicit per-row positions, a
+  2-D attention mask), then one token per row at a time;
 - :func:`sample`: greedy, or temperature + nucleus sampling with a generator;
-- :func:`decode_loop`: the batched generation loop (EOS, per-row token limits, a step callback);
 - :class:`StopStreamer`: cuts a growing completion at its first stop string and says which text is
-  safe to stream;
-- KV-cache surgery for continuous batching: select rows, trim leading padding, merge two caches.
+  safe to stream.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import DLPLoRAError
 
 
 # ---------------------------------------------------------------- KV cache
@@ -36,61 +36,6 @@ def new_cache(model):
         return DynamicCache(config=model.config)
     except TypeError:
         return DynamicCache()
-
-
-def cache_layers(cache):
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise DLPLoRAError("continuous batching needs transformers' layered DynamicCache (transformers >= 4.56)")
-    return layers
-
-
-def check_cache_support(model) -> None:
-    """Continuous batching edits the cache tensors directly: every layer must be a plain full-attention one."""
-    from transformers.cache_utils import DynamicLayer
-
-    bad = {type(layer).__name__ for layer in getattr(new_cache(model), "layers", []) if type(layer) is not DynamicLayer}
-    if bad:
-        raise DLPLoRAError(f"the server's continuous batching needs full-attention KV caches; this model uses "
-                           f"{', '.join(sorted(bad))} layers")
-
-
-def pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """`t` left-padded with zeros along `dim` to `width`."""
-    extra = width - t.shape[dim]
-    if extra <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
-
-
-def cache_select_rows(cache, idx: torch.Tensor) -> None:
-    """Keep only the batch rows `idx` (in place)."""
-    for layer in cache_layers(cache):
-        layer.keys = layer.keys.index_select(0, idx)
-        layer.values = layer.values.index_select(0, idx)
-
-
-def cache_drop_columns(cache, start: int) -> None:
-    """Drop the first `start` sequence positions of every row (in place)."""
-    for layer in cache_layers(cache):
-        layer.keys = layer.keys[:, :, start:]
-        layer.values = layer.values[:, :, start:]
-
-
-def cache_concat_rows(model, first, second, width: int):
-    """A new cache with the rows of `first` then `second`, both left-padded to `width` positions."""
-    from transformers import DynamicCache
-
-    kv = []
-    for a, b in zip(cache_layers(first), cache_layers(second)):
-        kv.append((torch.cat([pad_left(a.keys, width, 2), pad_left(b.keys, width, 2)], 0),
-                   torch.cat([pad_left(a.values, width, 2), pad_left(b.values, width, 2)], 0)))
-    try:
-        return DynamicCache(ddp_cache_data=kv, config=model.config)
-    except TypeError:
-        return DynamicCache(ddp_cache_data=kv)
 
 
 # ---------------------------------------------------------------- prefill and one step

@@ -56,14 +56,18 @@ class Int4Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach().float()
         out_f, in_f = w.shape
+        pad = -out_f % 16  # the packing takes output rows in sixteens: zero rows, cut from the result
+        if pad:
+            w = torch.cat([w, w.new_zeros(pad, in_f)])
         if in_f % group:
             raise DLPLoRAError(f"--quantize int4: a layer of {in_f} inputs is not a multiple of the group {group}")
         g = w.reshape(-1, group)
         lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
         scale = (hi - lo).clamp(min=1e-8) / 15
-        q = ((g - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
+        rows = out_f + pad
+        q = ((g - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(rows, in_f)
         zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
-        sz = torch.cat([scale.reshape(out_f, -1, 1), zero.reshape(out_f, -1, 1)], 2).transpose(0, 1)
+        sz = torch.cat([scale.reshape(rows, -1, 1), zero.reshape(rows, -1, 1)], 2).transpose(0, 1)
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, INT4_TILES))
         self.register_buffer("scales_zeros", sz.contiguous().to(torch.bfloat16))
         self.bias = linear.bias
@@ -72,12 +76,14 @@ class Int4Linear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dequantised weight [out, in] (float32), for inspection and tests."""
         eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).float().T
+        return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros)[:, :self.out_features].float().T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, self.group,
                                               self.scales_zeros)
+        if y.shape[-1] != self.out_features:
+            y = y[:, :self.out_features]
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

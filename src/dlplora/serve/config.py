@@ -19,9 +19,11 @@ class ServeConfig:
     request_timeout: float = 120.0
     max_body_bytes: int = 1 << 20
     model_name: str | None = None  # the public id of the base model (default: the backbone's name)
+    prefill_chunk: int = 256  # prompt tokens per prefill chunk (between two decode steps of the running rows)
+    compile: bool = False  # torch.compile the decode step (see `dlp-lora bench decode --compile`)
 
     def check(self) -> "ServeConfig":
-        for name in ("max_batch_size", "max_queue", "max_tokens_limit", "max_body_bytes"):
+        for name in ("max_batch_size", "max_queue", "max_tokens_limit", "max_body_bytes", "prefill_chunk"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise DLPLoRAError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")

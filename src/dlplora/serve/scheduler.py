@@ -1,29 +1,26 @@
-"""Continuous batching: one background thread owns the model and decodes every running request together.
+"""Continuous batching by slot: one background thread owns the model and decodes every running request together.
 
-The running batch is one KV cache (left-padded rows) with a 2-D attention mask and explicit per-row position
-ids. At every decode-step boundary the scheduler
+It runs on the decoding core (:mod:`dlplora.core`): a static KV cache of ``max_batch_size`` slots and the
+fused layers' slot table (:meth:`dlplora.fusion.LoRAFusion.set_slot`). The decoding rows occupy slots
+``0..n-1``; requests joining sit in the slots after them. At every iteration the scheduler
 
-1. drops rows that finished (EOS, token limit, stop string), were cancelled (client gone) or timed
-   out: their rows are cut out of the cache, and leading all-padding columns are trimmed;
-2. admits waiting requests (FIFO, up to ``max_batch_size`` rows): the newcomers are prefilled
-   together in their own left-padded batch with their own routing, their first token is sampled,
-   then their cache is merged into the running one (the shorter of the two is left-padded with
-   zeros along the sequence axis, the mask with 0, and both are concatenated along the batch axis);
-3. re-sets the fused layers' per-row routing when the batch composition changed (one
-   ``{name: weight}`` set per row: ``unmerged`` bmm path for a mixed batch; when every row uses the
-   same set, ``auto`` mode uses the shared path, or merges the weights when the fewest tokens any
-   row still has to generate is enough to repay the merge);
-4. runs one decode step for every row and samples each row with its own settings.
+1. drops rows that finished (EOS, token limit, stop string), were cancelled (client gone) or timed out,
+   and fills each hole with the last decoding row (one row of keys and values copied; nothing is merged
+   or re-padded);
+2. admits waiting requests (FIFO) into free slots: each one's adapter set is gathered into its slot once;
+3. runs one prefill chunk of the joining requests (at most ``prefill_chunk`` prompt tokens in all), so a
+   long prompt delays the decoding rows by one chunk at a time, not by its whole prefill; when every
+   joining prompt is in, their first tokens are sampled and they join the decoding rows;
+4. runs one decode step for the decoding rows (each with its own adapter set) and samples each row with
+   its own settings.
 
-A failing prefill is retried row by row so that only the bad request fails; a failing decode step
-fails the running rows with 500 and the scheduler keeps serving. The prefill, the decode step, the
-sampling, the stop strings and the cache surgery are :mod:`dlplora.decoding`'s.
+A failing prefill fails the joining requests; a failing decode step fails the running rows with 500; the
+scheduler keeps serving either way. Sampling and the stop strings are :mod:`dlplora.decoding`'s.
 """
 
 from __future__ import annotations
 
 import collections
-import inspect
 import logging
 import math
 import threading
@@ -34,8 +31,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..decoding import (StopStreamer, cache_concat_rows, cache_drop_columns, cache_select_rows, check_cache_support,
-                        decode_step, pad_left, prefill, sample)
+from ..core import DecodeCore
+from ..decoding import StopStreamer, sample
 from .config import APIError, QueueFull, ServeConfig
 from .metrics import Metrics
 
@@ -63,6 +60,8 @@ class GenRequest:
     generated: list[int] = field(default_factory=list)
     finished: bool = False
     generator: Any = None
+    prefilled: int = 0  # prompt tokens already in the cache
+    logits: Any = None  # the logits after the last prompt token, until the first token is sampled
     streamer: StopStreamer = field(init=False)
 
     def __post_init__(self):
@@ -77,65 +76,30 @@ class GenRequest:
         self.cancelled = True
 
 
-@dataclass
-class RunningBatch:
-    """Rows decoding together: one KV cache, a [b, L] mask, next positions [b, 1], the token each
-    row feeds next."""
-
-    reqs: list[GenRequest]
-    cache: Any
-    mask: torch.Tensor
-    pos: torch.Tensor
-    feed: list[int]
-
-    def select(self, keep: list[int]) -> None:
-        if len(keep) == len(self.reqs):
-            return
-        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        cache_select_rows(self.cache, idx)
-        self.mask = self.mask.index_select(0, idx)
-        self.pos = self.pos.index_select(0, idx)
-        self.reqs = [self.reqs[i] for i in keep]
-        self.feed = [self.feed[i] for i in keep]
-        self.trim()
-
-    def trim(self) -> None:
-        """Drop leading columns that are padding in every row."""
-        if not self.reqs:
-            return
-        used = self.mask.any(0).nonzero()
-        start = int(used[0]) if used.numel() else 0
-        if start > 0:
-            cache_drop_columns(self.cache, start)
-            self.mask = self.mask[:, start:]
-
-    def merge(self, other: "RunningBatch", model) -> "RunningBatch":
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        mask = torch.cat([pad_left(self.mask, width, 1), pad_left(other.mask, width, 1)], 0)
-        return RunningBatch(self.reqs + other.reqs, cache_concat_rows(model, self.cache, other.cache, width), mask,
-                            torch.cat([self.pos, other.pos], 0), self.feed + other.feed)
-
-
 class Scheduler:
-    """The background thread that owns the model and runs continuous batching (see module doc)."""
+    """The background thread that owns the model and runs continuous batching by slot (see module doc)."""
 
     def __init__(self, engine, config: ServeConfig, metrics: Metrics, tok_lock: threading.Lock):
-        check_cache_support(engine.model)
         self.engine = engine
         self.config = config
         self.metrics = metrics
         self.tok_lock = tok_lock
+        slots = config.max_batch_size
+        self.core = DecodeCore(engine.model, slots=slots)
+        if config.compile:
+            self.core.compile()
+        engine.fusion.init_slots(slots)
         self.pending: collections.deque[GenRequest] = collections.deque()
         self.cv = threading.Condition()
-        self.batch: RunningBatch | None = None
-        self._routed_for: tuple | None = None
+        self.rows: list[GenRequest] = []  # decoding: rows[i] is in slot i
+        self.feed: list[int] = []  # the token each decoding row feeds next
+        self.joining: list[GenRequest] = []  # prefilling, in slots jfirst.. (= len(rows) between steps)
+        self.jfirst = 0
         self._stop = False
         self.steps = 0
         self.thread = threading.Thread(target=self._run, name="dlp-lora-scheduler", daemon=True)
         self.dev = next(engine.model.parameters()).device
         self._eos = set(int(e) for e in engine.eos_ids)
-        self._pad = engine.tokenizer.pad_token_id
-        self._takes_expected = "expected_tokens" in inspect.signature(engine.fusion.set_routing).parameters
 
     # -------------------------------------------------- public
     def start(self) -> "Scheduler":
@@ -165,8 +129,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        b = self.batch
-        return len(b.reqs) if b is not None else 0
+        return len(self.rows) + len(self.joining)
 
     # -------------------------------------------------- the loop
     def _run(self) -> None:
@@ -176,40 +139,59 @@ class Scheduler:
                 if self._stop:
                     break
                 self._expire_pending()
-                if self.batch is None and not self.pending:
+                if not self.rows and not self.joining and not self.pending:
                     self.cv.wait(0.05)
                     continue
-                room = self.config.max_batch_size - self.running
-                new = [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
+                new = []
+                if not self.joining:  # a new group joins once the previous one is in
+                    room = self.config.max_batch_size - self.running
+                    new = [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
                 self.metrics.queue_depth = len(self.pending)
             try:
                 with torch.inference_mode(), self.engine.lock:
                     self._drop_gone()
                     if new:
                         self._admit(new)
-                    if self.batch is not None:
+            except Exception as exc:  # pragma: no cover - admission only gathers adapters
+                log.exception("admission failed")
+                self._fail_all(exc, self.joining + [r for r in new if not r.finished])
+                self.joining = []
+            try:
+                with torch.inference_mode(), self.engine.lock:
+                    if self.joining:
+                        self._prefill_chunk()
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._fail_all(exc, self.joining, "prefill failed")
+                self.joining = []
+            try:
+                with torch.inference_mode(), self.engine.lock:
+                    if self.rows:
                         self._step()
             except Exception as exc:  # a bug or an out-of-memory: fail the running rows, keep serving
                 log.exception("decode step failed")
-                for r in (self.batch.reqs if self.batch is not None else []) + [r for r in new if not r.finished]:
-                    self._fail(r, APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error"))
-                self.batch = None
-                self._routed_for = None
-                try:
-                    self.engine.fusion.clear()
-                except Exception:  # pragma: no cover
-                    log.exception("could not clear the fusion")
+                self._fail_all(exc, self.rows)
+                self.rows, self.feed = [], []
+                self._place_joining()
             self.metrics.running = self.running
         # shutting down: answer everyone still waiting
         err = APIError(503, "the server is shutting down", "server_error", code="shutting_down")
-        for r in list(self.pending) + (self.batch.reqs if self.batch is not None else []):
+        for r in list(self.pending) + self.rows + self.joining:
             self._fail(r, err)
         self.pending.clear()
-        self.batch = None
+        self.rows, self.feed, self.joining = [], [], []
         try:
             self.engine.fusion.clear()
         except Exception:  # pragma: no cover
             pass
+
+    def _fail_all(self, exc: Exception, reqs: list[GenRequest], what: str = "generation failed") -> None:
+        for r in reqs:
+            self._fail(r, APIError(500, f"{what}: {type(exc).__name__}: {exc}", "server_error"))
+        try:
+            self.engine.fusion.clear()
+        except Exception:  # pragma: no cover
+            log.exception("could not clear the fusion")
 
     def _expire_pending(self) -> None:
         now = time.monotonic()
@@ -224,27 +206,60 @@ class Scheduler:
         self.pending = keep
         self.metrics.queue_depth = len(keep)
 
-    def _drop_gone(self) -> None:
-        b = self.batch
-        if b is None:
-            return
-        now = time.monotonic()
-        keep = []
-        for i, r in enumerate(b.reqs):
-            if r.cancelled:
-                self.metrics.cancelled += 1
-                r.finished = True
-            elif now > r.deadline:
-                self._timeout(r)
-            else:
-                keep.append(i)
-        self._keep(keep)
+    def _gone(self, r: GenRequest, now: float) -> bool:
+        if r.finished:
+            return True
+        if r.cancelled:
+            self.metrics.cancelled += 1
+            r.finished = True
+            return True
+        if now > r.deadline:
+            self._timeout(r)
+            return True
+        return False
 
-    def _keep(self, keep: list[int]) -> None:
-        if not keep:
-            self.batch = None
-        else:
-            self.batch.select(keep)
+    def _drop_gone(self) -> None:
+        now = time.monotonic()
+        gone = [self._gone(r, now) for r in self.rows]
+        gone_j = [self._gone(r, now) for r in self.joining]
+        if any(gone) or any(gone_j):
+            self._remove([i for i, g in enumerate(gone) if g], [i for i, g in enumerate(gone_j) if g])
+
+    # -------------------------------------------------- slots
+    def _move(self, src: int, dst: int) -> None:
+        self.core.cache.move(src, dst)
+        self.engine.fusion.move_slot(src, dst)
+
+    def _remove(self, rows: list[int], joining: list[int] = ()) -> None:
+        """Free the decoding rows `rows` and the joining requests `joining` (indices into the lists): each hole
+        below the new end is filled by a surviving row from beyond it (one row of the cache copied), then
+        the joining requests slide down to the slots right after the decoding rows."""
+        n, gone = len(self.rows), set(rows)
+        for i in gone:
+            self.core.cache.free(i)
+        new_n = n - len(gone)
+        holes = [h for h in sorted(gone) if h < new_n]
+        tail = [i for i in range(new_n, n) if i not in gone]
+        order = list(range(n))
+        for h, src in zip(holes, tail):
+            self._move(src, h)
+            order[h] = src
+        self.rows = [self.rows[i] for i in order[:new_n]]
+        self.feed = [self.feed[i] for i in order[:new_n]]
+        out = set(joining)
+        for i in out:
+            self.core.cache.free(self.jfirst + i)
+        slots = [self.jfirst + i for i in range(len(self.joining)) if i not in out]
+        self.joining = [r for i, r in enumerate(self.joining) if i not in out]
+        self._place_joining(slots)
+
+    def _place_joining(self, slots: list[int] | None = None) -> None:
+        """Move the joining requests (now in `slots`) to the slots right after the decoding rows."""
+        slots = list(range(self.jfirst, self.jfirst + len(self.joining))) if slots is None else slots
+        first = len(self.rows)
+        for k, src in enumerate(slots):
+            self._move(src, first + k)
+        self.jfirst = first
 
     # -------------------------------------------------- events
     def _fail(self, r: GenRequest, err: APIError) -> None:
@@ -297,24 +312,7 @@ class Scheduler:
             out.append(int(sample(logits[i:i + 1], r.temperature, r.top_p, r.generator)[0]))
         return out
 
-    def _set_routing(self, reqs: list[GenRequest]) -> None:
-        key = tuple(r.id for r in reqs)
-        if key != self._routed_for:
-            kw = {}
-            if self._takes_expected:
-                # the routing holds at most until the first row finishes: auto mode merges the weights
-                # only when that is long enough to repay the merge
-                kw["expected_tokens"] = min(r.max_new - len(r.generated) for r in reqs)
-            self.engine.fusion.set_routing([r.adapters for r in reqs], mode=self.engine.mode, **kw)
-            self._routed_for = key
-
     # -------------------------------------------------- prefill / decode
-    def _prefill(self, reqs: list[GenRequest]) -> tuple[RunningBatch, torch.Tensor]:
-        self._set_routing(reqs)
-        cache, mask, pos, logits = prefill(self.engine.model, [r.ids for r in reqs], self._pad)
-        self.metrics.add_tokens(prompt=sum(len(r.ids) for r in reqs))
-        return RunningBatch(list(reqs), cache, mask, pos[:, -1:] + 1, [0] * len(reqs)), logits
-
     def _admit(self, new: list[GenRequest]) -> None:
         for r in new:
             if r.cancelled and not r.finished:
@@ -323,49 +321,74 @@ class Scheduler:
         new = [r for r in new if not r.finished]
         if not new:
             return
-        try:
-            groups = [self._prefill(new)]
-        except Exception:
-            # retry one by one so that only the request that breaks fails
-            log.exception("prefill of %d requests failed; retrying them one by one", len(new))
-            groups = []
-            for r in new:
-                try:
-                    groups.append(self._prefill([r]))
-                except Exception as exc:
-                    self._fail(r, APIError(500, f"prefill failed: {type(exc).__name__}: {exc}", "server_error"))
-        for nb, logits in groups:
-            toks = self._pick(nb.reqs, logits)
-            keep = []
-            for i, (r, t) in enumerate(zip(nb.reqs, toks)):
-                if not self._accept(r, t):
-                    nb.feed[i] = t
-                    keep.append(i)
-            if not keep:
-                continue
-            nb.select(keep)
-            self.batch = nb if self.batch is None else self.batch.merge(nb, self.engine.model)
-        self._routed_for = None  # the prefill changed the routing
+        first = len(self.rows)
+        for k, r in enumerate(new):
+            slot = first + k
+            self.core.cache.free(slot)
+            self.engine.fusion.set_slot(slot, r.adapters)
+            r.prefilled, r.logits = 0, None
+        self.core.cache.reserve(max(len(r.ids) + r.max_new for r in new) + 1)
+        self.joining = new
+        self.jfirst = first
+
+    def _prefill_chunk(self) -> None:
+        """One chunk of the joining prompts; when all are in, sample their first tokens and let them join."""
+        group = self.joining
+        first = len(self.rows)
+        todo = [r for r in group if r.prefilled < len(r.ids)]
+        per_row = max(16, self.config.prefill_chunk // max(1, len(todo)))
+        parts = [r.ids[r.prefilled:r.prefilled + per_row] for r in group]
+        n = [max(len(p), 1) for p in parts]
+        ids = torch.zeros(len(group), max(n), dtype=torch.long)
+        for i, p in enumerate(parts):
+            if p:
+                ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        before = self.core.cache.lengths[first:first + len(group)]
+        self.engine.fusion.use_slots(first, len(group))
+        logits = self.core.forward(first, ids, n)
+        for i, (r, p) in enumerate(zip(group, parts)):
+            if p:
+                r.prefilled += len(p)
+                self.metrics.add_tokens(prompt=len(p))
+                if r.prefilled >= len(r.ids):
+                    r.logits = logits[i:i + 1]
+            else:  # already in: the padding token written for it is not kept
+                self.core.cache.lengths[first + i] = before[i]
+        if any(r.prefilled < len(r.ids) for r in group):
+            return
+        toks = self._pick(group, torch.cat([r.logits for r in group]))
+        done = []
+        for i, (r, t) in enumerate(zip(group, toks)):
+            r.logits = None
+            if self._accept(r, t):
+                done.append(i)
+        self.joining = []
+        self.rows = self.rows + group
+        self.feed = self.feed + toks
+        if done:
+            self._remove([first + i for i in done])
 
     def _step(self) -> None:
-        b = self.batch
-        self._set_routing(b.reqs)
-        self.metrics.observe_batch(len(b.reqs))
-        feed = torch.tensor(b.feed, dtype=torch.long, device=self.dev)
-        b.mask = torch.cat([b.mask, torch.ones((len(b.reqs), 1), dtype=b.mask.dtype, device=self.dev)], 1)
-        logits = decode_step(self.engine.model, feed, b.mask, b.pos, b.cache)
-        b.pos = b.pos + 1
+        n = len(self.rows)
+        self.metrics.observe_batch(n)
+        self.engine.fusion.use_slots(0, n)
+        feed = torch.tensor(self.feed, dtype=torch.long, device=self.dev)[:, None]
+        logits = self.core.forward(0, feed)
         self.steps += 1
-        toks = self._pick(b.reqs, logits)
-        keep = []
-        for i, (r, t) in enumerate(zip(b.reqs, toks)):
+        toks = self._pick(self.rows, logits)
+        done = []
+        for i, (r, t) in enumerate(zip(self.rows, toks)):
             if r.finished:
+                done.append(i)
                 continue
             if r.cancelled:
                 self.metrics.cancelled += 1
                 r.finished = True
+                done.append(i)
                 continue
-            if not self._accept(r, t):
-                b.feed[i] = t
-                keep.append(i)
-        self._keep(keep)
+            if self._accept(r, t):
+                done.append(i)
+            else:
+                self.feed[i] = t
+        if done:
+            self._remove(done)
