@@ -91,16 +91,19 @@ def test_the_cache_grows_in_place_and_refuses_what_the_context_cannot_hold(model
     assert cache.capacity == 256
 
 
-def test_a_peft_wrapper_falls_back_to_the_hf_path(tiny_model, lib):
+def test_a_peft_model_runs_on_the_core_with_its_own_lora_layers(tiny_model, lib):
     from peft import PeftModel
 
     net = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    pm = PeftModel.from_pretrained(net, str(lib / "adapters" / "a"))
-    assert "not a plain causal LM" in unsupported_reason(pm) and core_for(pm) is None
-    with pytest.raises(DLPLoRAError, match="cannot run this model"):
-        DecodeCore(pm)
-    gen, why = decode_loop(pm, [ROWS[0]], 4, [-1], pad_id=0)
-    assert len(gen[0]) == 4 and why == ["length"]
+    pm = PeftModel.from_pretrained(net, str(lib / "adapters" / "b")).eval()
+    assert unsupported_reason(pm) is None and core_for(pm).model is pm.get_base_model()
+    on_core = decode_loop(pm, ROWS, 5, [-1], pad_id=0)
+    on_hf = decode_loop(pm, ROWS, 5, [-1], pad_id=0, forward_kwargs={"output_attentions": False})
+    assert on_core == on_hf
+    with pytest.raises(DLPLoRAError, match="cannot run this model: model type 'gpt2'"):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        DecodeCore(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
 
 
 def test_slots_mode_equals_peft_and_the_per_row_mode(tiny_model, lib):

@@ -100,7 +100,7 @@ def test_int8_base_with_float_adapters_agrees_with_fp32(tiny_model, tmp_path, on
     with pytest.raises(DLPLoRAError, match="needs float32 activations"):
         DLPLoRA.from_library(lib, dtype="bfloat16", quantize="int8")
     out = e8.generate(["hello there", "a second row"], adapters=[mix, {"beta": 1.0}], max_new_tokens=3)
-    assert all(o["tokens"] >= 1 for o in out) and out[0]["mode"] == "unmerged"
+    assert all(o["tokens"] >= 1 for o in out) and out[0]["mode"] == "slots"
 
 
 # int4 weights (groups of 32 with scale and offset) and bf16 activations: log-probabilities within this of fp32
@@ -135,4 +135,4 @@ def test_int4_base_with_float_adapters_agrees_with_fp32(tiny_model, tmp_path, on
     with pytest.raises(DLPLoRAError, match="bfloat16 activations"):
         DLPLoRA.from_library(lib, dtype="float32", quantize="int4")
     out = e4.generate(["hello there", "a second row"], adapters=[mix, {"beta": 1.0}], max_new_tokens=3)
-    assert all(o["tokens"] >= 1 for o in out) and out[0]["mode"] == "unmerged"
+    assert all(o["tokens"] >= 1 for o in out) and out[0]["mode"] == "slots"

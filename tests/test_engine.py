@@ -81,7 +81,7 @@ def test_single_adapter_generation_matches_peft_generate(engine, lib):
     prompt = "Translate the following German text"
     res = engine.generate([prompt], adapters={"alpha": 1.0}, max_new_tokens=12)[0]
     assert res["routing"] == {"adapters": [{"name": "alpha", "weight": 1.0}], "source": "explicit"}
-    assert res["mode"] == "shared" and 0 < res["tokens"] <= 12  # short: no merge
+    assert res["mode"] == "slots" and 0 < res["tokens"] <= 12  # short: no merge, the slot table
     longer = engine.generate([prompt], adapters={"alpha": 1.0}, max_new_tokens=40)[0]
     assert longer["mode"] == "merged" and longer["text"].startswith(res["text"])
     tok = engine.tokenizer
@@ -101,7 +101,7 @@ def test_mixed_batch_equals_rows_alone_and_modes_agree(engine):
     sets = [{"alpha": 1.0}, {"beta": 0.4, "gamma": 0.6}, {}, {"alpha": 0.2, "beta": 0.3, "gamma": 0.5}]
     before = {k: v.clone() for k, v in engine.model.state_dict().items()}
     batch = engine.generate(prompts, adapters=sets, max_new_tokens=10)
-    assert {r["mode"] for r in batch} == {"unmerged"}
+    assert {r["mode"] for r in batch} == {"slots"}
     for p, s, r in zip(prompts, sets, batch):
         alone = engine.generate([p], adapters=s, max_new_tokens=10)[0]
         assert alone["text"] == r["text"] and alone["tokens"] == r["tokens"]
@@ -122,7 +122,7 @@ def test_router_runs_once_per_batch_and_sets_routing(engine):
     assert res[0]["routing"] == {"adapters": [{"name": "alpha", "weight": 0.7}, {"name": "beta", "weight": 0.3}],
                                  "source": "plugin"}
     assert res[1]["routing"]["adapters"] == [{"name": "gamma", "weight": 1.0}]
-    assert res[2]["routing"]["adapters"] == [] and res[2]["mode"] == "unmerged"
+    assert res[2]["routing"]["adapters"] == [] and res[2]["mode"] == "slots"
     assert res[2]["routing"]["base_model"] is True and "none of the adapters" in res[2]["routing"]["base_reason"]
     explicit = engine.generate(prompts[:1], adapters={"alpha": 0.7, "beta": 0.3}, max_new_tokens=6)[0]
     assert explicit["text"] == res[0]["text"]
@@ -300,8 +300,8 @@ def test_bench_fusion_runs_on_a_tiny_model(lib, capsys):
     assert last["mixed_batch_throughput_vs_peft_mixed"] == pytest.approx(mixed["peft_mixed"] / mixed["dlp_mixed"],
                                                                          abs=1e-3)
     assert last["targets"]["dlp_vs_single_lora <= 1.05"] == (last["dlp_vs_single_lora"] <= 1.05)
-    assert set(last["scaling"]) == {"4", "6"} and last["batch1_mode"] == "shared"  # 4 tokens: no merge
-    assert last["mixed_batch_mode"] == "unmerged" and 2 <= last["mixed_batch_adapters_per_row"][0] <= 3
+    assert set(last["scaling"]) == {"4", "6"} and last["batch1_mode"] == "slots"  # 4 tokens: no merge
+    assert last["mixed_batch_mode"] == "slots" and 2 <= last["mixed_batch_adapters_per_row"][0] <= 3
     # the stand-in router picks 2-3 adapters with weights summing to 1
     r = bench_fusion.StandInRouter([f"a{i}" for i in range(26)]).route(["x", "y"], p=0.6, top_k=3)
     assert all(2 <= len(x.names) <= 3 and abs(sum(x.weights) - 1) < 1e-5 for x in r)

@@ -28,15 +28,22 @@ SUPPORTED = ("llama", "qwen2", "mistral")
 PREFILL_CHUNK = 256  # prompt tokens per forward pass in a prefill
 
 
+def unwrap(model):
+    """The causal LM inside a PEFT wrapper (its LoRA layers stay in place and run in the core's pass)."""
+    inner = getattr(model, "get_base_model", None)
+    return inner() if callable(inner) else model
+
+
 def unsupported_reason(model) -> str | None:
     """Why the core cannot run `model` (None when it can)."""
+    model = unwrap(model)
     cfg = getattr(model, "config", None)
     kind = getattr(cfg, "model_type", None)
     if kind not in SUPPORTED:
         return f"model type {kind!r} (the decoding core runs {', '.join(SUPPORTED)})"
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
-        return f"{type(model).__name__} is not a plain causal LM (a PEFT wrapper?)"
+        return f"{type(model).__name__} is not a causal LM of the supported kind"
     if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
         return "sliding-window attention"
     if kind == "mistral" and getattr(cfg, "sliding_window", None):
@@ -59,6 +66,7 @@ class DecodeCore:
         why = unsupported_reason(model)
         if why is not None:
             raise DLPLoRAError(f"the decoding core cannot run this model: {why}")
+        model = unwrap(model)
         self.model = model
         cfg = model.config
         self.inner = model.model
@@ -158,9 +166,18 @@ class DecodeCore:
         probs = scores.masked_fill(~m, float("-inf")).softmax(-1).to(v.dtype)
         return torch.matmul(probs, v).reshape(b, hq, t, d)
 
-    def compile(self, **kw) -> None:
-        """Compile the decode step (t = 1) with torch.compile."""
-        self._compiled = torch.compile(self._layers, **kw)
+    def compile(self, dynamic: bool = True, **kw) -> None:
+        """Compile the decode step (t = 1) with torch.compile (inductor: C++ kernels on the CPU). Shapes are
+        dynamic by default, so batch sizes and attention widths share one compiled graph; the first steps
+        pay the compile time (`dlp-lora bench decode --compile` reports it)."""
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self._compiled = torch.compile(self._layers, dynamic=dynamic, **kw)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
 
     def prefill(self, first: int, rows: Sequence[Sequence[int]], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
         """Prompts into slots ``first..``, `chunk` tokens per forward pass; the logits of each last token."""
@@ -197,6 +214,7 @@ def core_for(model, slots: int = 1) -> DecodeCore | None:
     None when the core cannot run this model (the caller falls back to the HF forward pass)."""
     if unsupported_reason(model) is not None:
         return None
+    model = unwrap(model)
     core = _CORES.get(model)
     dev = next(model.parameters()).device
     if core is None or core.device != dev or core.dtype != model.model.embed_tokens.weight.dtype:

@@ -32,6 +32,8 @@ from .errors import ContextLengthError, DLPLoRAError, RequestError
 from .fusion import LoRAFusion, load_peft_adapter
 from .quantize import apply_quantize, quantize_dtype
 
+ENGINE_TABLE = "engine"  # the engine's slot table in the fused layers (the server's scheduler has its own)
+
 # DLPLoRA(..., route_window=N) and from_library(..., route_window=N) name RoutingConfig.window so
 _ROUTING_ALIASES = {"route_window": "window"}
 
@@ -209,6 +211,36 @@ class DLPLoRA:
 
                 router = Plugin.load(pdir, expected_labels=lib.names)
         return cls(net, tok, fusion, router=router, routing=routing, info=info, library=lib)
+
+    def _route_rows(self, sets: list[dict], mode: str, expected_tokens: int) -> str | None:
+        """Set the fused layers for one generation. In auto mode on the decoding core, rows with different sets
+        (or quantised weights) use the engine's slot table, filled in place, so a compiled decode step keeps its
+        graph from one call to the next; one set for every row is merged into the weights for a long enough
+        generation. Other modes, or no core: :meth:`LoRAFusion.set_routing`."""
+        from .core import core_for
+        from .fusion import MERGE_MIN_TOKENS
+
+        same = all(s == sets[0] for s in sets)
+        merge = same and not self.fusion.quantized and expected_tokens >= MERGE_MIN_TOKENS
+        if mode != "auto" or merge or (same and not sets[0]) or core_for(self.model, len(sets)) is None:
+            return self.fusion.set_routing(sets, mode=mode, expected_tokens=expected_tokens)
+        if self.fusion.slot_tables.get(ENGINE_TABLE, 0) < len(sets):
+            self.fusion.init_slots(len(sets), table=ENGINE_TABLE)
+        self.fusion.clear()
+        for i, s in enumerate(sets):
+            self.fusion.set_slot(i, s, table=ENGINE_TABLE)
+        self.fusion.use_slots(0, len(sets), table=ENGINE_TABLE)
+        return "slots"
+
+    def compile(self) -> "DLPLoRA":
+        """torch.compile the decode step of the engine's decoding core (:meth:`dlplora.core.DecodeCore.compile`)."""
+        from .core import core_for
+
+        core = core_for(self.model)
+        if core is None:
+            raise DLPLoRAError("--compile needs the decoding core, which does not run this model")
+        core.compile()
+        return self
 
     # -------------------------------------------------- routing
     def routing_text(self, text: str, history: Sequence[Mapping] | None = None, window: int | None = None) -> str:
@@ -403,8 +435,7 @@ class DLPLoRA:
                 closed[i] = done[i]
 
         with self.lock:
-            used = self.fusion.set_routing([r.adapters for r in reqs], mode=mode,
-                                           expected_tokens=max(r.max_new for r in reqs))
+            used = self._route_rows([r.adapters for r in reqs], mode, max(r.max_new for r in reqs))
             try:
                 generated, reasons = decode_loop(
                     self.model, [r.ids for r in reqs], [r.max_new for r in reqs], self.eos_ids,

@@ -77,6 +77,7 @@ class RoutingState:
         self.mode: str | None = None  # None = base model
         self.batch = 0
         self.first = 0  # slots mode: the forward pass covers slots first..first+batch-1
+        self.table = "default"  # slots mode: whose slot table (the server's scheduler and the engine keep their own)
 
     def __repr__(self):
         return f"RoutingState(mode={self.mode}, batch={self.batch})"
@@ -98,7 +99,7 @@ class FusedLoRALinear(nn.Module):
         self.out_features = base.out_features
         self._A_sel = self._B_sel = None  # A_sel^T, B_sel^T: [b, in, kr], [b, kr, out] (unmerged) or [in, kr], [kr, out]
         self._saved_weight = None  # the original weight while merged
-        self._A_slots = self._B_slots = None  # slots mode: [slots, in, KR], [slots, KR, out]
+        self._slots: dict[str, list[torch.Tensor]] = {}  # slot tables by owner: [A [slots, in, KR], B [slots, KR, out]]
 
     @property
     def weight(self):  # so code that inspects `.weight` of a projection keeps working
@@ -141,30 +142,31 @@ class FusedLoRALinear(nn.Module):
                     w.add_((b_sel.float() @ a_sel.float()).to(w.dtype))
 
     # -------------------------------------------------- slots (set once per request)
-    def init_slots(self, slots: int, kr: int) -> None:
-        self._A_slots = torch.zeros(slots, self.in_features, kr, dtype=self.A.dtype, device=self.A.device)
-        self._B_slots = torch.zeros(slots, kr, self.out_features, dtype=self.B.dtype, device=self.B.device)
+    def init_slots(self, table: str, slots: int, kr: int) -> None:
+        self._slots[table] = [torch.zeros(slots, self.in_features, kr, dtype=self.A.dtype, device=self.A.device),
+                              torch.zeros(slots, kr, self.out_features, dtype=self.B.dtype, device=self.B.device)]
 
-    def set_slot(self, slot: int, indices: torch.Tensor, weights: torch.Tensor) -> None:
-        """Gather a set (indices [k], weights [k]; k may be 0) into `slot`, growing the table's width."""
-        self._A_slots[slot].zero_()
-        self._B_slots[slot].zero_()
+    def set_slot(self, table: str, slot: int, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        """Gather a set (indices [k], weights [k]; k may be 0) into `slot`, in place (the table only grows
+        wider when a set needs more columns than any before)."""
+        t = self._slots[table]
+        t[0][slot].zero_()
+        t[1][slot].zero_()
         if indices.numel() == 0:
             return
         a_sel, b_sel = self._select(indices[None], weights[None])  # [1, kr, in], [1, out, kr]
         kr = a_sel.shape[1]
-        if kr > self._A_slots.shape[2]:
-            grow = kr - self._A_slots.shape[2]
-            self._A_slots = torch.cat([self._A_slots, self._A_slots.new_zeros(self._A_slots.shape[0], self.in_features,
-                                                                               grow)], 2)
-            self._B_slots = torch.cat([self._B_slots, self._B_slots.new_zeros(self._B_slots.shape[0], grow,
-                                                                               self.out_features)], 1)
-        self._A_slots[slot, :, :kr] = a_sel[0].T
-        self._B_slots[slot, :kr] = b_sel[0].T
+        if kr > t[0].shape[2]:
+            grow = kr - t[0].shape[2]
+            t[0] = torch.cat([t[0], t[0].new_zeros(t[0].shape[0], self.in_features, grow)], 2)
+            t[1] = torch.cat([t[1], t[1].new_zeros(t[1].shape[0], grow, self.out_features)], 1)
+        t[0][slot, :, :kr] = a_sel[0].T
+        t[1][slot, :kr] = b_sel[0].T
 
-    def move_slot(self, src: int, dst: int) -> None:
-        self._A_slots[dst] = self._A_slots[src]
-        self._B_slots[dst] = self._B_slots[src]
+    def move_slot(self, table: str, src: int, dst: int) -> None:
+        t = self._slots[table]
+        t[0][dst] = t[0][src]
+        t[1][dst] = t[1][src]
 
     def restore(self) -> None:
         """Undo a merge: copy the saved original weight back (bit-exact)."""
@@ -185,7 +187,8 @@ class FusedLoRALinear(nn.Module):
             return y
         if mode == "slots":
             first, n = self.state.first, self.state.batch
-            a_t, b_t = self._A_slots[first:first + n], self._B_slots[first:first + n]
+            a_all, b_all = self._slots[self.state.table]
+            a_t, b_t = a_all[first:first + n], b_all[first:first + n]
         else:
             a_t, b_t = self._A_sel, self._B_sel  # transposed: [.., in, kr], [.., kr, out]
         xa = x.to(a_t.dtype)
@@ -234,6 +237,7 @@ class LoRAFusion:
         self.state = RoutingState()
         self.layers: dict[str, FusedLoRALinear] = {}
         self.mode: str | None = None
+        self.slot_tables: dict[str, int] = {}  # slots mode: owner -> number of slots
 
         modules = dict(model.named_modules())
         by_layer: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
@@ -358,19 +362,20 @@ class LoRAFusion:
         return mode
 
     # -------------------------------------------------- slots (continuous batching)
-    def init_slots(self, slots: int) -> None:
-        """A table of `slots` per-row sets (all empty) for slots mode; replaces any earlier table."""
+    def init_slots(self, slots: int, table: str = "default") -> None:
+        """A table of `slots` per-row sets (all empty) for slots mode, owned by `table` (the server's scheduler
+        and the engine keep their own); replaces that owner's earlier table."""
         if slots <= 0:
             raise DLPLoRAError(f"the slot table needs at least one slot, got {slots}")
         for layer in self.layers.values():
-            layer.init_slots(slots, layer.A.shape[1])
-        self.slots = slots
+            layer.init_slots(table, slots, layer.A.shape[1])
+        self.slot_tables[table] = slots
 
-    def set_slot(self, slot: int, adapters: Mapping[str, float]) -> None:
+    def set_slot(self, slot: int, adapters: Mapping[str, float], table: str = "default") -> None:
         """Put one request's {name: weight} set into `slot` (gathered once; {} = the base model)."""
-        if not 0 <= slot < getattr(self, "slots", 0):
-            raise DLPLoRAError(f"slot {slot} is outside the slot table ({getattr(self, 'slots', 0)} slots; "
-                               f"call init_slots first)")
+        n = self.slot_tables.get(table, 0)
+        if not 0 <= slot < n:
+            raise DLPLoRAError(f"slot {slot} is outside the slot table {table!r} ({n} slots; call init_slots first)")
         live = {n: float(w) for n, w in adapters.items() if float(w) != 0.0}
         idx, wts = self.encode([live])
         if not torch.isfinite(wts).all() or (wts < 0).any():
@@ -379,23 +384,23 @@ class LoRAFusion:
         idx, wts = idx[0, :len(live)].to(dev), wts[0, :len(live)].to(dev)
         with torch.no_grad():
             for layer in self.layers.values():
-                layer.set_slot(slot, idx, wts)
+                layer.set_slot(table, slot, idx, wts)
 
-    def move_slot(self, src: int, dst: int) -> None:
+    def move_slot(self, src: int, dst: int, table: str = "default") -> None:
         """Copy slot `src`'s set into slot `dst` (a row moving to fill a hole)."""
         if src != dst:
             for layer in self.layers.values():
-                layer.move_slot(src, dst)
+                layer.move_slot(table, src, dst)
 
-    def use_slots(self, first: int, batch: int) -> None:
-        """Following forward passes cover slots ``first..first+batch-1``, each row with its slot's set."""
-        if first < 0 or batch <= 0 or first + batch > getattr(self, "slots", 0):
-            raise DLPLoRAError(f"slots {first}..{first + batch - 1} are outside the slot table "
-                               f"({getattr(self, 'slots', 0)} slots)")
+    def use_slots(self, first: int, batch: int, table: str = "default") -> None:
+        """Following forward passes cover slots ``first..first+batch-1`` of `table`, each row with its slot's set."""
+        n = self.slot_tables.get(table, 0)
+        if first < 0 or batch <= 0 or first + batch > n:
+            raise DLPLoRAError(f"slots {first}..{first + batch - 1} are outside the slot table {table!r} ({n} slots)")
         if self.mode not in (None, "slots"):
             self.clear()
         self.state.mode = self.mode = "slots"
-        self.state.first, self.state.batch = first, batch
+        self.state.first, self.state.batch, self.state.table = first, batch, table
 
     def clear(self) -> None:
         """Back to the base model; merged weights are restored exactly."""

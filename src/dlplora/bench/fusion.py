@@ -3,9 +3,11 @@
 Every number is a ratio of contenders measured in the same run, on the same prompts and token ids,
 with the repeats interleaved (round robin, order rotated each repeat) and the minimum taken (all
 times are kept in the JSON as ``all_seconds``). All
-contenders run in fp32 under ``torch.inference_mode`` through the same greedy decode loop with a KV
-cache (:func:`dlplora.decoding.decode_loop`); EOS is ignored so every contender generates exactly the
-same number of tokens. The DLP-LoRA contender is measured end to end: ``DLPLoRA.generate`` on the
+contenders run in fp32 under ``torch.inference_mode`` through the same greedy decode loop
+(:func:`dlplora.decoding.decode_loop`) on the decoding core (static slot KV cache; PEFT models run there with
+their own LoRA layers), except PEFT's mixed batch: its ``adapter_names`` reach the LoRA layers only through
+``PeftModel.forward``, so it runs on the HF forward pass. EOS is ignored so every contender generates exactly
+the same number of tokens. The DLP-LoRA contender is measured end to end: ``DLPLoRA.generate`` on the
 prompt text, i.e. tokenising, routing, setting the fused routing, generating and decoding.
 
 Scenarios

@@ -37,8 +37,12 @@ def add_precision_arguments(parser, dtype_default: str = "auto", quantize: bool 
 
     if quantize:
         parser.add_argument("--quantize", choices=QUANTIZE, default="none",
-                            help="int8: int8 weights for the base model's linear layers, adapters in float (CPU; "
-                                 "implies --dtype float32 activations; default none)")
+                            help="quantised weights for the base model's linear layers, adapters in float (CPU): "
+                                 "int8 (dynamic, fp32 activations) or int4 (weight-only, groups of 32, bf16 "
+                                 "activations); default none")
+        parser.add_argument("--compile", action="store_true",
+                            help="torch.compile the decode step (the first steps pay ~1 min of compiling; see "
+                                 "`dlp-lora bench decode --compile` for what it gains on this machine)")
     parser.add_argument("--dtype", choices=DTYPES, default=dtype_default,
                         help="weights and activations: auto = bf16 on CUDA or on a CPU with native bf16 "
                              f"(avx512_bf16 / amx_bf16), else float32 (default {dtype_default})")

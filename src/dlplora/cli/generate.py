@@ -12,9 +12,12 @@ from .common import LIBRARY_MODEL_HELP, add_precision_arguments, add_routing_arg
 def _engine(args):
     from ..engine import DLPLoRA
 
-    return DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin, routing=routing_from_args(args),
-                                dtype=args.dtype, device=args.device,
-                                quantize=args.quantize)
+    engine = DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin,
+                                  routing=routing_from_args(args), dtype=args.dtype, device=args.device,
+                                  quantize=args.quantize)
+    if args.compile:
+        engine.compile()
+    return engine
 
 
 def _fmt_routing(routing: dict) -> str:

@@ -14,10 +14,11 @@ def cmd_serve(args) -> None:
         raise DLPLoRAError(f"--port must be in 1..65535, got {args.port}")
     config = ServeConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                          max_tokens_limit=args.max_tokens_limit, request_timeout=args.request_timeout,
-                         max_body_bytes=args.max_body_bytes, model_name=args.served_model_name).check()
+                         max_body_bytes=args.max_body_bytes, model_name=args.served_model_name,
+                         prefill_chunk=args.prefill_chunk, compile=args.compile).check()
     engine = DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin,
                                   routing=routing_from_args(args), dtype=args.dtype, device=args.device,
-                                quantize=args.quantize)
+                                  quantize=args.quantize)
     if args.threads:
         import torch
 
@@ -36,7 +37,7 @@ def register(sub, model_help: str) -> None:
                     "not), GET /v1/models, /health, /metrics. 'model' = the base model (or 'dlp-lora') routes each "
                     "request with the plugin; 'model' = an adapter name pins that adapter; the extension field "
                     "'adapters': {name: weight} pins a weighted mix. Concurrent requests share decode steps "
-                    "(continuous batching, one adapter set per row). Greedy unless 'temperature' is given.")
+                    "(continuous batching by slot on a static KV cache, one adapter set per row). Greedy unless 'temperature' is given.")
     s.add_argument("--library", required=True, metavar="LIB", help="adapter library directory (with library.json)")
     s.add_argument("--model", help=LIBRARY_MODEL_HELP)
     s.add_argument("--plugin", metavar="DIR", help="router directory (default: LIB/plugin; none = pinned only)")
@@ -46,8 +47,8 @@ def register(sub, model_help: str) -> None:
     add_precision_arguments(s)
     s.add_argument("--route-window", type=int, default=0, metavar="N",
                    help="chat routing also reads the N previous user turns (default 0: the last user turn)")
-    s.add_argument("--mode", choices=("auto", "unmerged"), default="auto",
-                   help="fusion mode (default auto: merged weights while every row uses the same set)")
+    s.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
+                   help="prompt tokens prefilled between two decode steps of the running rows (default 256)")
     s.add_argument("--max-batch-size", type=int, default=16, metavar="N",
                    help="rows decoded together (default 16; 1 = no batching)")
     s.add_argument("--max-queue", type=int, default=64, metavar="N",

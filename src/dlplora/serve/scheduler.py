@@ -37,6 +37,7 @@ from .config import APIError, QueueFull, ServeConfig
 from .metrics import Metrics
 
 log = logging.getLogger("dlplora.server")
+TABLE = "server"  # the scheduler's slot table in the fused layers
 
 
 @dataclass(eq=False)
@@ -88,7 +89,7 @@ class Scheduler:
         self.core = DecodeCore(engine.model, slots=slots)
         if config.compile:
             self.core.compile()
-        engine.fusion.init_slots(slots)
+        engine.fusion.init_slots(slots, table=TABLE)
         self.pending: collections.deque[GenRequest] = collections.deque()
         self.cv = threading.Condition()
         self.rows: list[GenRequest] = []  # decoding: rows[i] is in slot i
@@ -228,7 +229,7 @@ class Scheduler:
     # -------------------------------------------------- slots
     def _move(self, src: int, dst: int) -> None:
         self.core.cache.move(src, dst)
-        self.engine.fusion.move_slot(src, dst)
+        self.engine.fusion.move_slot(src, dst, table=TABLE)
 
     def _remove(self, rows: list[int], joining: list[int] = ()) -> None:
         """Free the decoding rows `rows` and the joining requests `joining` (indices into the lists): each hole
@@ -325,7 +326,7 @@ class Scheduler:
         for k, r in enumerate(new):
             slot = first + k
             self.core.cache.free(slot)
-            self.engine.fusion.set_slot(slot, r.adapters)
+            self.engine.fusion.set_slot(slot, r.adapters, table=TABLE)
             r.prefilled, r.logits = 0, None
         self.core.cache.reserve(max(len(r.ids) + r.max_new for r in new) + 1)
         self.joining = new
@@ -344,7 +345,7 @@ class Scheduler:
             if p:
                 ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
         before = self.core.cache.lengths[first:first + len(group)]
-        self.engine.fusion.use_slots(first, len(group))
+        self.engine.fusion.use_slots(first, len(group), table=TABLE)
         logits = self.core.forward(first, ids, n)
         for i, (r, p) in enumerate(zip(group, parts)):
             if p:
@@ -371,7 +372,7 @@ class Scheduler:
     def _step(self) -> None:
         n = len(self.rows)
         self.metrics.observe_batch(n)
-        self.engine.fusion.use_slots(0, n)
+        self.engine.fusion.use_slots(0, n, table=TABLE)
         feed = torch.tensor(self.feed, dtype=torch.long, device=self.dev)[:, None]
         logits = self.core.forward(0, feed)
         self.steps += 1
