@@ -35,6 +35,26 @@ def test_bench_decode_reports_rates_and_llamacpp_ratios(tiny_model, tmp_path, ca
     assert res["llamacpp_tg_tok_s"] == 100.0 and res["llamacpp_pp_tok_s"] == 300.5
     assert res["batch1_vs_llamacpp"] == pytest.approx(res["batch1_tok_s"] / 100.0, abs=1e-3)
     assert res["mixed8_vs_llamacpp"] == pytest.approx(res["mixed8_tok_s"] / 100.0, abs=1e-3)
+    assert res["base_batch1_tok_s"] > 0 and res["llamacpp_tg_runs"] == [100.0, 100.0]  # before and after ours
+    assert res["compiled"] is False and res["quantize"] == "none"
+
+
+def test_bench_gpu_runs_its_contenders_on_a_tiny_config(capsys):
+    """The GPU benchmark's code path, on the CPU with the tiny config: ratios present and positive."""
+    from dlplora.bench import gpu
+
+    p = argparse.ArgumentParser()
+    gpu.add_arguments(p)
+    args = p.parse_args(["--config", "tiny", "--device", "cpu", "--adapters", "3,9", "--batch", "4",
+                         "--prompt-tokens", "8", "--new-tokens", "3", "--repeats", "1", "--json"])
+    res = gpu.run(args)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == res
+    for n in ("3", "9"):
+        r = res["models"]["tiny"]["adapters"][n]
+        for k in ("dlp_vs_single_lora_batch1", "dlp_slots_vs_single_lora_batch1", "mixed_throughput_vs_single_lora",
+                  "mixed_throughput_vs_peft_mixed"):
+            assert r[k] > 0, k
+        assert set(r["mixed_tok_s"]) == {"single_lora", "dlp_mixed", "peft_mixed"}
 
 
 def test_llama_bench_errors_are_clear(tmp_path):

@@ -1,4 +1,4 @@
-"""`dlp-lora bench train|fusion|serve|routing|decode` (speed ratios measured side by side in one run), and `dlp-lora bench-serve`,
+"""`dlp-lora bench train|fusion|serve|routing|decode|gpu` (speed ratios measured side by side in one run), and `dlp-lora bench-serve`,
 the older name of `bench serve`."""
 
 from __future__ import annotations
@@ -30,12 +30,17 @@ def register(sub, model_help: str) -> None:
                    help="bf16 autocast for our step (auto: only where the CPU has native bf16)")
     t.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     t.set_defaults(func=cmd_bench_train)
-    from ..bench import decode, fusion, routing, serve
+    from ..bench import decode, fusion, gpu, routing, serve
 
     d = b.add_parser("decode", help="decode speed: ours vs HF generate (and llama.cpp's llama-bench), side by side",
                      description=decode.__doc__.strip().splitlines()[0])
     decode.add_arguments(d)
     d.set_defaults(func=decode.run)
+
+    g = b.add_parser("gpu", help="DLP-LoRA vs single LoRA and PEFT's mixed batch on real-size random-weight models "
+                                 "(Qwen2-1.5B, Llama-3-8B; for a GPU)", description=gpu.__doc__.strip().splitlines()[0])
+    gpu.add_arguments(g)
+    g.set_defaults(func=gpu.run)
 
     r = b.add_parser("routing", help="the plugin's accuracy per view of the test prompts, and its routing latency",
                      description=routing.__doc__.strip())
