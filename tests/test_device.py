@@ -120,6 +120,12 @@ def test_int4_base_with_float_adapters_agrees_with_fp32(tiny_model, tmp_path, on
     # the dequantised weight is within half a quantisation step of the original (16 levels per group of 32)
     step = (ref.reshape(-1, 32).amax(1) - ref.reshape(-1, 32).amin(1)) / 15
     assert ((layer.weight - ref).abs().reshape(-1, 32).amax(1) <= step * 0.5 + 0.02).all()
+    # many rows (a prefill) take the dequantised bf16 GEMM; a few rows the int4 kernel: the same product
+    q = layer.base
+    x = torch.randn(70, q.in_features).bfloat16()
+    kernel = torch._weight_int4pack_mm_for_cpu(x, q.packed, q.group, q.scales_zeros)[:, :q.out_features]
+    torch.testing.assert_close(q(x).float(), kernel.float(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(q(x[:3]).float(), kernel[:3].float(), atol=1e-6, rtol=0)
     ids = e32.tokenizer("the quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
     mix = {"alpha": 0.6, "beta": 0.4}
     with torch.inference_mode():

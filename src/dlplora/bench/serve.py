@@ -48,8 +48,9 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="float32",
                    help="the engine's precision (default float32, the figures recorded so far)")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none",
-                   help="int8: int8 base linears, adapters in float (fp32 activations)")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="quantised base linears, adapters in float: int8 (fp32 activations) or int4 (bf16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the server's decode step")
     p.add_argument("--quick", action="store_true", help="fewer requests per level and 16 tokens per request")
     p.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
 
@@ -107,7 +108,7 @@ async def _drive(url: str, work: list[tuple[str, dict]], concurrency: int) -> di
 
 def bench(model=None, adapters: int = 3, rank: int = 8, levels=(1, 8, 32), requests: int = 0,
           max_new_tokens: int = 32, max_batch_size: int = 32, quick: bool = False, threads: int = 0,
-          dtype: str = "float32", quantize: str = "none", log=print) -> dict:
+          dtype: str = "float32", quantize: str = "none", compile: bool = False, log=print) -> dict:
     import httpx
     import torch
 
@@ -115,14 +116,14 @@ def bench(model=None, adapters: int = 3, rank: int = 8, levels=(1, 8, 32), reque
     from ..engine import DLPLoRA
     from ..fusion import LoRAFusion, load_peft_adapter
     from ..library import Library
-    from ..quantize import apply_quantize
+    from ..quantize import apply_quantize, quantize_dtype
     from ..serve import ServeConfig, ServerThread, create_app
     from ..testing import random_peft_library
 
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
-    net, tok, info = load_backbone(model, dtype="float32" if quantize == "int8" else dtype)
+    net, tok, info = load_backbone(model, dtype=quantize_dtype(quantize) or dtype)
     with tempfile.TemporaryDirectory(prefix="dlp-bench-serve-") as tmp:
         root = Path(tmp)
         # n PEFT LoRA adapters (q_proj, v_proj) with random lora_B
@@ -133,8 +134,8 @@ def bench(model=None, adapters: int = 3, rank: int = 8, levels=(1, 8, 32), reque
         fusion = LoRAFusion(net, [load_peft_adapter(lib.adapter_dir(n), n) for n in names])
         engine = DLPLoRA(net, tok, fusion, router=None, info=info, library=lib)
         apply_quantize(net, quantize)
-        precision = str(next(net.parameters()).dtype).replace("torch.", "") + (" + int8 weights" if fusion.quantized
-                                                                                 else "")
+        precision = str(next(net.parameters()).dtype).replace("torch.", "") + (f" + {quantize} weights"
+                                                                                 if fusion.quantized else "")
         log(f"backbone {info.name} ({info.params / 1e6:.0f}M params, {precision}), {len(names)} random rank-{rank} adapters "
             f"on q_proj/v_proj, {max_new_tokens} new tokens per request, torch threads {torch.get_num_threads()}; "
             f"set up in {time.time() - t0:.1f}s")
@@ -145,7 +146,7 @@ def bench(model=None, adapters: int = 3, rank: int = 8, levels=(1, 8, 32), reque
             row = {"concurrency": c, "requests": n}
             for label, bs in (("on", max_batch_size), ("off", 1)):
                 cfg = ServeConfig(max_batch_size=bs, max_queue=max(256, n), max_tokens_limit=max_new_tokens,
-                                  request_timeout=3600)
+                                  request_timeout=3600, compile=compile)
                 with ServerThread(create_app(engine, cfg)) as srv:
                     with httpx.Client(base_url=srv.url, timeout=600) as warm:  # warm-up: one request
                         r = warm.post(work[0][0], json=work[0][1])
@@ -196,7 +197,8 @@ def run(args) -> None:
         raise DLPLoRAError("--requests must be >= 0")
     out = bench(args.model, adapters=args.adapters, rank=args.rank, levels=levels, requests=args.requests,
                 max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size, quick=args.quick,
-                threads=args.threads, dtype=args.dtype, quantize=args.quantize)
+                threads=args.threads, dtype=args.dtype, quantize=args.quantize,
+                compile=getattr(args, "compile", False))
     print("concurrency  throughput on/off  p95 on/off")
     for row in out["levels"]:
         print(f"{row['concurrency']:>11}  {row['throughput_ratio_on_vs_off']:>16.2f}x  "
