@@ -104,3 +104,27 @@ def test_bench_train_runs_all_contenders_on_tiny(tiny_model, tiny_data):
                                                         rel=0.02)
     assert 0 < res["target_tokens"] < res["tokens_per_batch"] <= 4 * 64
     assert res["top_layers"] == 10
+
+
+def test_learning_curve_scores_each_point_and_resumes(tiny_model, tiny_data, tmp_path):
+    from dlplora.train.curve import lr_factor, run_curve
+
+    assert lr_factor(0) == pytest.approx(1 / 20) and lr_factor(20) == 1.0 and lr_factor(80) == pytest.approx(0.5)
+    out = tmp_path / "curve"
+    cfg = TrainConfig(**dict(CFG, batch_size=4))
+    logs = []
+    rec = run_curve("quiz,sums", tiny_data, out, points=[8, 16], cfg=cfg, model=str(tiny_model), eval_limit=3,
+                    log=logs.append)
+    pts = {(p["task"], p["examples"]): p for p in rec["points"]}
+    assert set(pts) == {(t, n) for t in ("quiz", "sums") for n in (0, 8, 16)}
+    assert pts[("quiz", 16)]["steps"] == 4 and pts[("quiz", 16)]["train_seconds"] >= pts[("quiz", 8)]["train_seconds"]
+    assert all(p["n_test"] == 3 for p in rec["points"]) and (out / "curve.png").is_file()
+    # a rerun with one more point trains only from 16 to 24 examples, from the saved state
+    logs.clear()
+    rec = run_curve("quiz", tiny_data, out, points=[8, 16, 24], cfg=cfg, model=str(tiny_model), eval_limit=3,
+                    log=logs.append)
+    assert any("resuming at 16 examples" in m for m in logs)
+    assert [p["steps"] for p in rec["points"] if p["task"] == "quiz"] == [0, 2, 4, 6]
+    assert json.loads((out / "curve.json").read_text()) == rec
+    with pytest.raises(DLPLoRAError, match="--points must be positive"):
+        run_curve("quiz", tiny_data, out, points=[0], cfg=cfg, model=str(tiny_model))

@@ -2,10 +2,11 @@
 
 :class:`DecodeCore` runs a Llama-family model (Llama, Qwen2, Mistral without sliding windows) with its own
 short forward pass, calling the model's own modules: the embedding, every decoder layer's norms, its
-``q/k/v/o`` projections and MLP (which may be fused LoRA layers, :mod:`dlplora.fusion`, or int8 ones,
+``q/k/v/o`` projections and MLP (fused LoRA layers, :mod:`dlplora.fusion`; PEFT LoRA layers; int8 or int4 ones,
 :mod:`dlplora.quantize`), the rotary embedding, the final norm and the head. What it replaces is the
 HF model's outer loop, its mask building and its dynamic cache: keys and values are written in place into
-a :class:`~dlplora.kvcache.SlotKVCache` and attention reads views of it (grouped-query attention as two batched matmuls).
+a :class:`~dlplora.kvcache.SlotKVCache` and attention reads views of it (grouped-query attention as two
+batched matmuls).
 
 One call, :meth:`DecodeCore.forward`, serves every use: rows ``first..first+b-1`` of the cache each take
 their next tokens (``t`` of them, right-padded; ``t = 1`` is a decode step, a longer ``t`` a prefill or a
@@ -44,7 +45,8 @@ def unsupported_reason(model) -> str | None:
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         return f"{type(model).__name__} is not a causal LM of the supported kind"
-    if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
         return "sliding-window attention"
     if kind == "mistral" and getattr(cfg, "sliding_window", None):
         return "sliding-window attention"

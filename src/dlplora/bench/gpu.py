@@ -125,7 +125,8 @@ def run(args) -> dict:
                                   "dlp_slots": dlp([row1], [mix], "slots")}, args.repeats, log)
                 s2 = interleaved({"single_lora": loop(peft, rows), "dlp_mixed": dlp(rows, sets, "slots"),
                                   "peft_mixed": loop(peft, rows, forward_kwargs={
-                                      "adapter_names": [names[i % k_peft] for i in range(args.batch)]})}, args.repeats, log)
+                                      "adapter_names": [names[i % k_peft] for i in range(args.batch)]})},
+                                 args.repeats, log)
             tok2 = args.batch * args.new_tokens
             r = {"batch1_tok_s": {k: round(args.new_tokens / v, 2) for k, v in s1.items()},
                  "mixed_tok_s": {k: round(tok2 / v, 2) for k, v in s2.items()},

@@ -1,4 +1,4 @@
-"""CLI: `train-loras`, `library add`, `library list`."""
+"""CLI: `train-loras`, `learning-curve`, `library add`, `library list`."""
 
 from __future__ import annotations
 
@@ -39,6 +39,25 @@ def cmd_train_loras(args) -> None:
     if args.json:
         print(json.dumps({"library": os.path.abspath(args.out), "adapters": {n: lib.manifest["adapters"][n] for n in names},
                           "flagged": flagged}))
+
+
+def cmd_learning_curve(args) -> None:
+    from ..train import TrainConfig
+    from ..train.curve import run_curve
+    from ..train.lora import parse_targets
+
+    try:
+        points = [int(x) for x in str(args.points).split(",") if x.strip()]
+    except ValueError:
+        raise DLPLoRAError(f"--points {args.points!r}: expected comma-separated example counts") from None
+    cfg = TrainConfig(rank=args.rank, alpha=args.alpha, targets=parse_targets(args.targets), lr=args.lr,
+                      batch_size=args.batch_size, max_len=args.max_len, seed=args.seed,
+                      top_layers=parse_top_layers(args.top_layers))
+    rec = run_curve(args.tasks, args.data, args.out, points=points, cfg=cfg, model=args.model,
+                    eval_limit=args.eval_limit)
+    print(f"curve: {os.path.abspath(args.out)}/curve.json, curve.png ({len(rec['points'])} points)")
+    if args.json:
+        print(json.dumps(rec))
 
 
 def cmd_library_add(args) -> None:
@@ -96,6 +115,26 @@ def register(sub, model_help: str) -> None:
     t.set_defaults(func=cmd_train_loras)
 
     lib = sub.add_parser("library", help="inspect or extend an adapter library").add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    lc = sub.add_parser("learning-curve", help="test score against training examples seen (to choose the budget)",
+                        description="One training run per task; at each point of --points the adapter is scored on "
+                                    "the task's test split. Resumable: rerun the same command to continue.")
+    lc.add_argument("--tasks", required=True, help="comma-separated task names (or 'all', 'mcq', 'qa')")
+    lc.add_argument("--data", required=True, help="prepared data (output of `dlp-lora data prepare`)")
+    lc.add_argument("--out", required=True, help="directory for curve.json, curve.png and the resumable state")
+    lc.add_argument("--points", default="160,450,900,1800,2700", help="examples seen at which to score")
+    lc.add_argument("--model", help=model_help)
+    lc.add_argument("--rank", type=int, default=8)
+    lc.add_argument("--alpha", type=float, default=16.0)
+    lc.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or all-linear")
+    lc.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (then 1/sqrt(step) decay)")
+    lc.add_argument("--batch-size", type=int, default=8)
+    lc.add_argument("--max-len", type=int, default=192)
+    lc.add_argument("--top-layers", default="10", help="LoRA only in the last N decoder layers, or 'all'")
+    lc.add_argument("--seed", type=int, default=0)
+    lc.add_argument("--eval-limit", type=int, default=100, help="test examples per point (default 100)")
+    lc.add_argument("--json", action="store_true", help="print curve.json on the last line")
+    lc.set_defaults(func=cmd_learning_curve)
+
     a = lib.add_parser("add", help="add a PEFT LoRA trained elsewhere",
                        description="Validate a PEFT LoRA directory against the library's base model (targets, "
                                    "shapes, rank) and copy it into the library. Creates the library if needed.")
