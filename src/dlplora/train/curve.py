@@ -44,7 +44,7 @@ def run_curve(tasks, data_dir, out, points=DEFAULT_POINTS, cfg=None, model=None,
     from ..backbone import load_backbone
     from ..eval.scoring import score_task
     from ..tasks import load_split, parse_tasks
-    from .lora import TrainConfig, bucketed_batches, collate, encode_example, make_peft_model, target_only_loss
+    from .lora import TrainConfig, bucketed_batches, encode_example, make_peft_model, train_step
 
     cfg = cfg or TrainConfig()
     cfg.validate()
@@ -108,15 +108,8 @@ def run_curve(tasks, data_dir, out, points=DEFAULT_POINTS, cfg=None, model=None,
                     if not batches:
                         batches = bucketed_batches(lengths, cfg.batch_size, rng)
                     idx = batches.pop()
-                    ids, mask, rows, pos, tgt = collate([encoded[i] for i in idx], tok.pad_token_id)
-                    loss = target_only_loss(pm, ids, mask, rows, pos, tgt, bf16=cfg.bf16)
-                    if not torch.isfinite(loss):
-                        raise DLPLoRAError(f"{task}: the loss became {loss.item()} at step {step}; lower --lr")
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
+                    loss, _, _ = train_step(pm, [encoded[i] for i in idx], tok.pad_token_id, cfg, params, opt, sched,
+                                            f"{task}: step {step}")
                     step += 1
                     seen += len(idx)
                 train_s += time.time() - t0
@@ -126,7 +119,7 @@ def run_curve(tasks, data_dir, out, points=DEFAULT_POINTS, cfg=None, model=None,
                 pm.train()
                 rec["points"].append({"task": task, "examples": target, "seen": seen, "steps": step,
                                       "train_seconds": round(train_s, 1), "score": score["main"], "n_test": len(test),
-                                      "eval_seconds": round(time.time() - t1, 1), "last_loss": round(loss.item(), 4)})
+                                      "eval_seconds": round(time.time() - t1, 1), "last_loss": round(loss, 4)})
                 torch.save({"lora": {n: p.detach().clone() for n, p in zip(names_p, params)}, "opt": opt.state_dict(),
                             "sched": sched.state_dict(), "step": step, "seen": seen, "train_seconds": train_s,
                             "batches": batches, "rng": rng.getstate()}, state_path)

@@ -179,6 +179,22 @@ def make_peft_model(model, cfg: TrainConfig):
     return get_peft_model(model, lcfg)
 
 
+def train_step(peft_model, batch: list[tuple[list[int], int]], pad_id: int, cfg: TrainConfig, params, opt, sched,
+               where: str) -> tuple[float, int, int]:
+    """One optimizer step on encoded examples: answer-only loss, clipped gradients. Returns (loss, tokens,
+    answer tokens)."""
+    ids, mask, rows, pos, tgt = collate(batch, pad_id)
+    loss = target_only_loss(peft_model, ids, mask, rows, pos, tgt, bf16=cfg.bf16)
+    if not torch.isfinite(loss):
+        raise DLPLoRAError(f"{where}: the loss became {loss.item()}; lower --lr")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item(), int(mask.sum()), len(tgt)
+
+
 def train_adapter(peft_model, tokenizer, examples: list[dict], cfg: TrainConfig, desc: str = "train",
                   progress: bool = True) -> TrainResult:
     """Train the active LoRA of `peft_model` on `examples` for cfg.steps optimizer steps."""
@@ -207,18 +223,11 @@ def train_adapter(peft_model, tokenizer, examples: list[dict], cfg: TrainConfig,
             batches = bucketed_batches(lengths, cfg.batch_size, rng)
         idx = batches.pop()
         seen.update(idx)
-        ids, mask, rows, pos, tgt = collate([encoded[i] for i in idx], tokenizer.pad_token_id)
-        loss = target_only_loss(peft_model, ids, mask, rows, pos, tgt, bf16=cfg.bf16)
-        if not torch.isfinite(loss):
-            raise DLPLoRAError(f"{desc}: the loss became {loss.item()} at step {step}; lower --lr")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        tokens += int(mask.sum())
-        target_tokens += len(tgt)
+        loss, n_tok, n_tgt = train_step(peft_model, [encoded[i] for i in idx], tokenizer.pad_token_id, cfg, params,
+                                        opt, sched, f"{desc}: step {step}")
+        losses.append(loss)
+        tokens += n_tok
+        target_tokens += n_tgt
         el = time.time() - t0
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / max(el, 1e-9):.0f}")
         bar.update(1)
