@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DLPLoRAError
-from .kvcache import SlotKVCache
+from .kvcache import SlotKVCache, round_up
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 PREFILL_CHUNK = 256  # prompt tokens per forward pass in a prefill
@@ -116,8 +116,7 @@ class DecodeCore:
         if max(ends) > self.max_len:
             raise DLPLoRAError(f"a sequence of {max(ends)} tokens does not fit the model's context of {self.max_len}")
         cache.reserve(max(s + t for s in starts) + 1)  # right padding lands past every real position
-        width = min(max(s + t for s in starts), cache.capacity)
-        width = min(-(-width // 128) * 128, cache.capacity)
+        width = min(round_up(max(s + t for s in starts)), cache.capacity)  # the columns this pass attends over
         dev = self.device
         start_t = torch.tensor(starts, dtype=torch.long, device=dev)
         pos = start_t[:, None] + torch.arange(t, device=dev)[None, :]  # [b, t]

@@ -60,11 +60,6 @@ class SlotKVCache:
             new_v.append(v)
         self.k, self.v, self.capacity = new_k, new_v, cap
 
-    def width(self, n: int, extra: int = 0) -> int:
-        """Columns a step over the first `n` slots attends to, after writing `extra` more tokens each."""
-        need = max(self.lengths[:n] + [0]) + extra
-        return min(round_up(need), self.capacity)
-
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into slot `dst` (a row leaving the middle of the running block)."""
         if src == dst:
