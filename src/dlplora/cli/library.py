@@ -9,6 +9,9 @@ import os
 from ..errors import DLPLoRAError
 from .common import parse_top_layers
 
+CACHE_BOTTOM_HELP = ("run the frozen layers below the LoRA layers once per example and keep their output, so that "
+                     "later epochs run only the top layers (same loss; see `dlp-lora bench train`)")
+
 
 def cmd_train_loras(args) -> None:
     from ..tasks import load_split, parse_tasks, prepare
@@ -22,7 +25,8 @@ def cmd_train_loras(args) -> None:
         print(f"no --data given: preparing the tasks into {data}")
         prepare(names, data, extra_data=args.extra_data)
     cfg = TrainConfig(rank=args.rank, alpha=args.alpha, targets=parse_targets(args.targets), lr=args.lr,
-                      batch_size=args.batch_size, max_len=args.max_len, seed=args.seed, top_layers=parse_top_layers(args.top_layers))
+                      batch_size=args.batch_size, max_len=args.max_len, seed=args.seed, top_layers=parse_top_layers(args.top_layers),
+                      cache_bottom=args.cache_bottom)
     if args.epochs is not None:
         if args.epochs <= 0:
             raise DLPLoRAError(f"--epochs must be positive, got {args.epochs}")
@@ -52,7 +56,7 @@ def cmd_learning_curve(args) -> None:
         raise DLPLoRAError(f"--points {args.points!r}: expected comma-separated example counts") from None
     cfg = TrainConfig(rank=args.rank, alpha=args.alpha, targets=parse_targets(args.targets), lr=args.lr,
                       batch_size=args.batch_size, max_len=args.max_len, seed=args.seed,
-                      top_layers=parse_top_layers(args.top_layers))
+                      top_layers=parse_top_layers(args.top_layers), cache_bottom=args.cache_bottom)
     rec = run_curve(args.tasks, args.data, args.out, points=points, cfg=cfg, model=args.model,
                     eval_limit=args.eval_limit)
     print(f"curve: {os.path.abspath(args.out)}/curve.json, curve.png ({len(rec['points'])} points)")
@@ -108,6 +112,7 @@ def register(sub, model_help: str) -> None:
                                                       "stops there, so CPU training is ~2x faster (default 10; "
                                                       "'all' for every layer, as in the paper)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--cache-bottom", action="store_true", help=CACHE_BOTTOM_HELP)
     t.add_argument("--eval-limit", type=int, default=100, help="test examples to score each adapter vs base on (0: skip)")
     t.add_argument("--force", action="store_true", help="retrain adapters that already exist")
     t.add_argument("--ray-address", help="run each adapter as a Ray task on this cluster ('auto' or HOST:PORT)")
@@ -131,6 +136,7 @@ def register(sub, model_help: str) -> None:
     lc.add_argument("--max-len", type=int, default=192)
     lc.add_argument("--top-layers", default="10", help="LoRA only in the last N decoder layers, or 'all'")
     lc.add_argument("--seed", type=int, default=0)
+    lc.add_argument("--cache-bottom", action="store_true", help=CACHE_BOTTOM_HELP)
     lc.add_argument("--eval-limit", type=int, default=100, help="test examples per point (default 100)")
     lc.add_argument("--json", action="store_true", help="print curve.json on the last line")
     lc.set_defaults(func=cmd_learning_curve)

@@ -44,7 +44,7 @@ def run_curve(tasks, data_dir, out, points=DEFAULT_POINTS, cfg=None, model=None,
     from ..backbone import load_backbone
     from ..eval.scoring import score_task
     from ..tasks import load_split, parse_tasks
-    from .lora import TrainConfig, bucketed_batches, encode_example, make_peft_model, train_step
+    from .lora import TrainConfig, bottom_cache, bucketed_batches, encode_example, make_peft_model, train_step
 
     cfg = cfg or TrainConfig()
     cfg.validate()
@@ -82,6 +82,7 @@ def run_curve(tasks, data_dir, out, points=DEFAULT_POINTS, cfg=None, model=None,
         pm = make_peft_model(net, cfg)
         try:
             params = [p for p in pm.parameters() if p.requires_grad]
+            prefix = bottom_cache(pm, cfg)
             names_p = [n for n, p in pm.named_parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
@@ -109,7 +110,7 @@ def run_curve(tasks, data_dir, out, points=DEFAULT_POINTS, cfg=None, model=None,
                         batches = bucketed_batches(lengths, cfg.batch_size, rng)
                     idx = batches.pop()
                     loss, _, _ = train_step(pm, [encoded[i] for i in idx], tok.pad_token_id, cfg, params, opt, sched,
-                                            f"{task}: step {step}")
+                                            f"{task}: step {step}", prefix, idx)
                     step += 1
                     seen += len(idx)
                 train_s += time.time() - t0

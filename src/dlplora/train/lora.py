@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool | None = None  # None: on where the CPU has native bf16 (AVX512-BF16 or AMX), else off
     top_layers: int | None = 10  # LoRA only in the last N decoder layers (backward stops there); None = all
+    cache_bottom: bool = False  # run the frozen layers below the LoRA layers once per example (train.prefix)
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -179,12 +180,27 @@ def make_peft_model(model, cfg: TrainConfig):
     return get_peft_model(model, lcfg)
 
 
+def bottom_cache(peft_model, cfg: TrainConfig):
+    """A PrefixCache of the layers below the LoRA layers when cfg.cache_bottom (else None)."""
+    if not (cfg.cache_bottom and cfg.top_layers):
+        return None
+    from .prefix import PrefixCache
+
+    n_layers = decoder_and_head(peft_model)[0].config.num_hidden_layers
+    return PrefixCache(peft_model, max(0, n_layers - cfg.top_layers), cfg.bf16)
+
+
 def train_step(peft_model, batch: list[tuple[list[int], int]], pad_id: int, cfg: TrainConfig, params, opt, sched,
-               where: str) -> tuple[float, int, int]:
-    """One optimizer step on encoded examples: answer-only loss, clipped gradients. Returns (loss, tokens,
-    answer tokens)."""
+               where: str, prefix=None, keys: list[int] | None = None) -> tuple[float, int, int]:
+    """One optimizer step on encoded examples (`keys`: their indices, for a `prefix` cache of the bottom layers):
+    answer-only loss, clipped gradients. Returns (loss, tokens, answer tokens)."""
     ids, mask, rows, pos, tgt = collate(batch, pad_id)
-    loss = target_only_loss(peft_model, ids, mask, rows, pos, tgt, bf16=cfg.bf16)
+    if prefix is not None:
+        from .prefix import prefix_loss
+
+        loss = prefix_loss(peft_model, prefix, keys, [s for s, _ in batch], pad_id, rows, pos, tgt, bf16=cfg.bf16)
+    else:
+        loss = target_only_loss(peft_model, ids, mask, rows, pos, tgt, bf16=cfg.bf16)
     if not torch.isfinite(loss):
         raise DLPLoRAError(f"{where}: the loss became {loss.item()}; lower --lr")
     loss.backward()
@@ -207,6 +223,7 @@ def train_adapter(peft_model, tokenizer, examples: list[dict], cfg: TrainConfig,
     encoded = [encode_example(tokenizer, ex, cfg.max_len, cfg.max_answer_tokens) for ex in examples]
     lengths = [len(ids) for ids, _ in encoded]
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    prefix = bottom_cache(peft_model, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -224,7 +241,7 @@ def train_adapter(peft_model, tokenizer, examples: list[dict], cfg: TrainConfig,
         idx = batches.pop()
         seen.update(idx)
         loss, n_tok, n_tgt = train_step(peft_model, [encoded[i] for i in idx], tokenizer.pad_token_id, cfg, params,
-                                        opt, sched, f"{desc}: step {step}")
+                                        opt, sched, f"{desc}: step {step}", prefix, idx)
         losses.append(loss)
         tokens += n_tok
         target_tokens += n_tgt
