@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DLPLoRAError
-from .kvcache import SlotKVCache, round_up
+from .kvcache import GROW, SlotKVCache, round_up
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 PREFILL_CHUNK = 256  # prompt tokens per forward pass in a prefill
@@ -115,7 +115,10 @@ class DecodeCore:
         ends = [s + n for s, n in zip(starts, n_tok)]
         if max(ends) > self.max_len:
             raise DLPLoRAError(f"a sequence of {max(ends)} tokens does not fit the model's context of {self.max_len}")
-        cache.reserve(max(s + t for s in starts) + 1)  # right padding lands past every real position
+        need = max(s + t for s in starts) + 1  # right padding lands past every real position
+        # one step of headroom: the attended width then stays below the capacity, so a compiled step is not
+        # specialised on "width == capacity" (and recompiled when that stops holding)
+        cache.reserve(min(need + GROW, self.max_len) if need <= self.max_len else need)
         width = min(round_up(max(s + t for s in starts)), cache.capacity)  # the columns this pass attends over
         dev = self.device
         start_t = torch.tensor(starts, dtype=torch.long, device=dev)

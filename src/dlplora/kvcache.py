@@ -42,6 +42,7 @@ class SlotKVCache:
     def _alloc(self, cap: int) -> torch.Tensor:
         return torch.zeros(self.slots, self.kv_heads, cap, self.head_dim, dtype=self.dtype, device=self.device)
 
+    @torch.inference_mode()
     def reserve(self, length: int) -> None:
         """Make room for `length` positions in every slot (grows by whole GROW steps, copies the old data)."""
         if length > self.max_len:
@@ -60,6 +61,7 @@ class SlotKVCache:
             new_v.append(v)
         self.k, self.v, self.capacity = new_k, new_v, cap
 
+    @torch.inference_mode()
     def move(self, src: int, dst: int) -> None:
         """Copy slot `src` into slot `dst` (a row leaving the middle of the running block)."""
         if src == dst:
