@@ -183,30 +183,34 @@ class DecodeCore:
     def compiled(self) -> bool:
         return self._compiled is not None
 
+    def prefill_chunk(self, first: int, parts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """One chunk of prompts into rows ``first..``: row i takes the tokens ``parts[i]``, right-padded into
+        one forward pass. A row with no tokens left (already in) takes one padding token that is not kept (its
+        length is restored). Returns the logits [b, vocab] at each row's last token of this chunk."""
+        n = [max(len(p), 1) for p in parts]
+        ids = torch.zeros(len(parts), max(n), dtype=torch.long)
+        for i, p in enumerate(parts):
+            if p:
+                ids[i, :len(p)] = torch.tensor(list(p), dtype=torch.long)
+        before = self.cache.lengths[first:first + len(parts)]
+        out = self.forward(first, ids, n)
+        for i, p in enumerate(parts):
+            if not p:
+                self.cache.lengths[first + i] = before[i]
+        return out
+
     def prefill(self, first: int, rows: Sequence[Sequence[int]], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
         """Prompts into slots ``first..``, `chunk` tokens per forward pass; the logits of each last token."""
         if any(len(r) == 0 for r in rows):
             raise DLPLoRAError("cannot prefill an empty prompt")
         self.reset(range(first, first + len(rows)))
-        longest = max(len(r) for r in rows)
         logits: list[torch.Tensor | None] = [None] * len(rows)
-        for c0 in range(0, longest, chunk):
-            # rows still taking tokens in this chunk form a contiguous block only if sorted; take them all,
-            # rows already done take one padding token that is never kept (their length is restored)
-            part = [list(r[c0:c0 + chunk]) for r in rows]
-            n = [max(len(p), 1) for p in part]
-            t = max(n)
-            ids = torch.zeros(len(rows), t, dtype=torch.long)
-            for i, p in enumerate(part):
-                ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-            before = self.cache.lengths[first:first + len(rows)]
-            out = self.forward(first, ids, n)
-            for i, p in enumerate(part):
-                if p:
-                    if c0 + len(p) >= len(rows[i]):
-                        logits[i] = out[i]
-                else:
-                    self.cache.lengths[first + i] = before[i]
+        for c0 in range(0, max(len(r) for r in rows), chunk):
+            parts = [r[c0:c0 + chunk] for r in rows]
+            out = self.prefill_chunk(first, parts)
+            for i, p in enumerate(parts):
+                if len(p) and c0 + len(p) >= len(rows[i]):
+                    logits[i] = out[i]
         return torch.stack(logits)
 
 

@@ -339,22 +339,14 @@ class Scheduler:
         todo = [r for r in group if r.prefilled < len(r.ids)]
         per_row = max(16, self.config.prefill_chunk // max(1, len(todo)))
         parts = [r.ids[r.prefilled:r.prefilled + per_row] for r in group]
-        n = [max(len(p), 1) for p in parts]
-        ids = torch.zeros(len(group), max(n), dtype=torch.long)
-        for i, p in enumerate(parts):
-            if p:
-                ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-        before = self.core.cache.lengths[first:first + len(group)]
         self.engine.fusion.use_slots(first, len(group), table=TABLE)
-        logits = self.core.forward(first, ids, n)
+        logits = self.core.prefill_chunk(first, parts)
         for i, (r, p) in enumerate(zip(group, parts)):
             if p:
                 r.prefilled += len(p)
                 self.metrics.add_tokens(prompt=len(p))
                 if r.prefilled >= len(r.ids):
                     r.logits = logits[i:i + 1]
-            else:  # already in: the padding token written for it is not kept
-                self.core.cache.lengths[first + i] = before[i]
         if any(r.prefilled < len(r.ids) for r in group):
             return
         toks = self._pick(group, torch.cat([r.logits for r in group]))
