@@ -173,6 +173,16 @@ def test_harness_end_to_end_all_settings_and_methods(tiny_library, tiny_data, ti
     assert saved["settings"]["composite-26"]["methods"]["dlp"]["mean"] == pytest.approx(c26["dlp"]["mean"])
     md = (out / "RESULTS.md").read_text()
     assert "Table 1 style" in md and "Table 2 style" in md and "Teacher-forced" in md and "Arrow (PEFT)" in md
+    # per-example scores and intervals in every task result and mean; the single setting's paired LoRA vs base tests
+    single = res["settings"]["single"]
+    for m, e in single["methods"].items():
+        q = e["tasks"]["quiz"]
+        assert len(q["per_example"]["accuracy"]) == q["n"]
+        assert sum(q["per_example"]["accuracy"]) / q["n"] == q["accuracy"]
+        assert len(e["tasks"]["sums"]["per_example"]["rougeL"]) == 6 and "bleu" in e["tasks"]["sums"]["ci"]
+        assert e["mean_ci"][0] <= e["mean"] + 1e-6 and e["mean"] - 1e-6 <= e["mean_ci"][1]
+    assert set(single["paired"]) == {"quiz", "sums"} and all(0 < r["p"] <= 1 for r in single["paired"].values())
+    assert "mean_ci" in mt["methods"]["dlp"]["per_turn"][0] and "LoRA vs base |" in md
     for s in settings.SETTINGS:
         assert (out / "figures" / f"{s}.png").stat().st_size > 1000
 

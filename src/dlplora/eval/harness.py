@@ -7,6 +7,10 @@ clearly labelled teacher-forced variant (argmax at the gold target positions, as
 
 Every prediction is cached (:mod:`.cache`); a method's "seconds" is the sum of the compute time of its
 predictions (recorded with them, so it survives a resume) plus, for dlp, the routing time.
+
+Uncertainty (:mod:`.stats`): every task result carries its per-example scores and the 95% bootstrap interval of
+each figure, every method its mean's interval (``mean_ci``), and a setting with both the oracle LoRA and the base
+model the paired test of the two on each task (``paired``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .runners import FusedRunner, PeftRunner, build_arrow_model
 from .scoring import choice_predictions, gen_budget, teacher_forced_predictions
 from .settings import (RESULTS_FORMAT, SINGLE_METHODS, EvalConfig, build_conversations, build_stream, dlp_variant,
                        fixed_sets, setting_tasks, top_names)
+from .stats import paired_tests
 
 
 def _chunks(seq, n):
@@ -269,6 +274,12 @@ class _Run:
                 extra = (f"; router picked the true task {entry['router_accuracy']:.0f}%, "
                          f"{entry['mean_adapters']:.2f} adapters")
             self.log(f"  {name:>10}: mean {entry['mean']:.2f} in {entry['seconds']:.1f}s{extra}")
+        ms = s_res["methods"]
+        if "lora" in ms and "base" in ms:  # the same examples in the same order: paired example by example
+            s_res["paired"] = paired_tests(ms["lora"]["tasks"], ms["base"]["tasks"])
+            better = sum(r["better"] for r in s_res["paired"].values())
+            self.log(f"  LoRA significantly better than base (paired test, 95%) on {better} of "
+                     f"{len(s_res['paired'])} tasks")
         return s_res
 
     def stream(self, name, method, weighting, stream, tasks, desc) -> dict:
@@ -329,7 +340,8 @@ class _Run:
             idx = [i for i, it in enumerate(all_items) if it["turn"] == t]
             sub = summarise(tasks, [all_items[i] for i in idx], [all_preds[i] for i in idx],
                             [all_sets[i] for i in idx], 0.0, [route_log[i] for i in idx] if method == "dlp" else None)
-            per_turn.append({k: v for k, v in sub.items() if k in ("mean", "router_accuracy", "mean_adapters", "items")})
+            per_turn.append({k: v for k, v in sub.items()
+                             if k in ("mean", "mean_ci", "router_accuracy", "mean_adapters", "items")})
         entry["per_turn"] = per_turn
         if method == "dlp":
             entry.update({"weighting": weighting, "p": self.p, "routing_seconds": round(route_s, 4)})
@@ -376,7 +388,8 @@ class _Run:
                                          progress=c.progress, desc=f"p sweep {name} p={pv:g}")
                 e = summarise(s_tasks, stream, preds, sets, route_s, top_names(sets))
                 top_w = [max(s.values()) for s in sets if s]
-                row = {"p": pv, "weighting": weighting, "method": name, "mean": e["mean"], "seconds": e["seconds"],
+                row = {"p": pv, "weighting": weighting, "method": name, "mean": e["mean"], "mean_ci": e.get("mean_ci"),
+                       "seconds": e["seconds"],
                        "router_accuracy": e["router_accuracy"], "mean_adapters": e["mean_adapters"],
                        "max_adapters": max((len(s) for s in sets), default=0),
                        "single_adapter_share": 100 * sum(len(s) == 1 for s in sets) / max(1, len(sets)),
@@ -386,8 +399,8 @@ class _Run:
                 rows.append(row)
                 log(f"  {name:>10} p={pv:<4g}: mean {e['mean']:.2f} (LoRA {lora['mean']:.2f}), "
                     f"{e['mean_adapters']:.2f} adapters, top weight {row['mean_top_weight']:.2f}")
-        return {"setting": setting, "tasks": s_tasks, "lora_mean": lora["mean"], "lora_seconds": lora["seconds"],
-                "rows": rows}
+        return {"setting": setting, "tasks": s_tasks, "lora_mean": lora["mean"], "lora_mean_ci": lora.get("mean_ci"),
+                "lora_seconds": lora["seconds"], "rows": rows}
 
 
 def _warm_up(fused, arrow_runner, names) -> None:

@@ -26,7 +26,7 @@ METHODS = ("base", "lora", "dlp", "arrow", "merge-all")
 SINGLE_METHODS = ("base", "lora")
 METHOD_LABELS = {"base": "Base", "lora": "LoRA (oracle)", "dlp": "DLP-LoRA", "dlp-renorm": "DLP-LoRA (renorm)",
                  "arrow": "Arrow (PEFT)", "merge-all": "Merge-all"}
-RESULTS_FORMAT = 1
+RESULTS_FORMAT = 2  # 2: per-example scores, bootstrap intervals ("ci", "mean_ci") and paired tests ("paired")
 
 
 def task_group(task: str, examples: list[dict]) -> str:
