@@ -17,7 +17,8 @@ enter our means.
 
 from __future__ import annotations
 
-SOURCE = "arXiv 2410.01497v2, Tables 1-3"
+ARXIV = "arXiv 2410.01497v2"
+SOURCE = f"{ARXIV}, Tables 1-3"
 BACKBONE = "Qwen-2 1.5B"
 METHODS = ("basic", "lora", "dlp")
 """The paper's columns, in its order: Basic (the backbone alone), LoRA (the task's own adapter), DLP-LoRA."""

@@ -1,18 +1,23 @@
-"""The report: OUT/results.json, OUT/RESULTS.md (tables in the paper's style, the paper's claims beside ours) and
-OUT/figures/*.png."""
+"""The report: OUT/results.json, OUT/RESULTS.md (tables in the paper's style, the paper's claims and its Qwen-2 1.5B
+numbers beside ours, 95% intervals, adapter vs base paired tests) and OUT/figures/*.png.
+
+A results.json written before per-example scores were kept (format 1) still renders: its intervals and paired
+tests are left blank."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from ..errors import DLPLoRAError
 from ..tasks import TASKS
+from . import paper, stats
 from .settings import METHOD_LABELS
 
 # The paper's headline claims, as the project brief and the paper's abstract (arXiv 2410.01497v2) state them. Its
-# per-task tables are not available to us, so RESULTS.md sets only these beside our numbers.
+# per-task numbers (Qwen-2 1.5B) are in :mod:`.paper`; the per-task tables set them beside ours.
 PAPER_CLAIMS = {
     "plugin_accuracy": 98.45,  # % over 26 tasks
     "gap_to_lora": 0.35,  # "within 0.35% of the oracle single LoRA"
@@ -45,7 +50,7 @@ def _claims_lines(results: dict) -> list[str]:
         if d and lo:
             gap = d["mean"] - lo["mean"]
             rows.append((f"DLP-LoRA mean minus oracle LoRA mean, `{setting}` (points)", f"≥ -{PAPER_CLAIMS['gap_to_lora']}",
-                         f"{gap:+.2f}", gap >= -PAPER_CLAIMS["gap_to_lora"]))
+                         f"{gap:+.2f}{_ci_text(_gap_ci(d, lo), signed=True)}", gap >= -PAPER_CLAIMS["gap_to_lora"]))
             if lo.get("seconds"):
                 r = d["seconds"] / lo["seconds"]
                 rows.append((f"DLP-LoRA time / oracle LoRA time, `{setting}`",
@@ -53,34 +58,128 @@ def _claims_lines(results: dict) -> list[str]:
                              f"{PAPER_CLAIMS['time_ratio_avg'][1]})", f"{r:.2f}x", r < PAPER_CLAIMS["time_ratio_max"]))
         if d and b:
             gain = d["mean"] - b["mean"]
-            rows.append((f"DLP-LoRA mean minus base mean, `{setting}` (points)", "> 0 (gains over base)", f"{gain:+.2f}",
-                         gain > 0))
+            rows.append((f"DLP-LoRA mean minus base mean, `{setting}` (points)", "> 0 (gains over base)",
+                         f"{gain:+.2f}{_ci_text(_gap_ci(d, b), signed=True)}", gain > 0))
     d17 = m("composite-17", "dlp")
     if d17:
         rows.append(("mean accuracy, multiple-choice tasks, `composite-17` (%)",
-                     f"{PAPER_CLAIMS['mcq_accuracy']} (7B-8B and 1.5B backbones)", f"{d17['mean']:.2f}",
+                     f"{PAPER_CLAIMS['mcq_accuracy']} (7B-8B and 1.5B backbones)",
+                     f"{d17['mean']:.2f}{_ci_text(d17.get('mean_ci'))}",
                      d17["mean"] >= PAPER_CLAIMS["mcq_accuracy"]))
     d9 = m("composite-9", "dlp")
     if d9:
         ts = [r for r in d9["tasks"].values() if "bleu" in r]
         if ts:
             ours = [sum(r[k] for r in ts) / len(ts) for k in ("bleu", "rouge1", "rougeL")]
-            paper = PAPER_CLAIMS["qa_bleu_rouge"]
+            cis = [stats.mean_interval(ts, k) for k in ("bleu", "rouge1", "rougeL")]
+            claim = PAPER_CLAIMS["qa_bleu_rouge"]
             rows.append(("BLEU / ROUGE-1 / ROUGE-L, generative tasks, `composite-9` (greedy generation)",
-                         " / ".join(f"{x}" for x in paper), " / ".join(f"{x:.1f}" for x in ours),
-                         all(o >= q for o, q in zip(ours, paper))))
+                         " / ".join(f"{x}" for x in claim),
+                         " / ".join(f"{x:.1f}{_ci_text(c)}" for x, c in zip(ours, cis)),
+                         all(o >= q for o, q in zip(ours, claim))))
     if not rows:
         return []
     out = ["## Against the paper's claims", "",
            "The paper's figures are its headline claims (the project brief; the abstract of arXiv 2410.01497v2), "
-           "measured on 1.5B–8B backbones with its own scoring; ours come from this run on the backbone above.", "",
+           "measured on 1.5B–8B backbones with its own scoring; ours come from this run on the backbone above "
+           "(a difference's interval resamples the test examples of both methods together, pairing them).", "",
            "| claim | paper | ours | met |", "|---|---|---|---|"]
     out += [f"| {c} | {p} | {o} | {'yes' if ok else 'no'} |" for c, p, o, ok in rows]
     return out + [""]
 
 
+def _gap_ci(a: dict, b: dict) -> list[float] | None:
+    """The paired interval of method a's mean over tasks minus method b's (same setting, same examples)."""
+    return stats.paired_mean_interval([a["tasks"][t] for t in a["tasks"]], [b["tasks"].get(t, {}) for t in a["tasks"]])
+
+
+def _paper_composite_lines(results: dict) -> list[str]:
+    """The paper's Table 3 (Qwen-2 1.5B composites) beside ours, and the averages of its Tables 1 and 2."""
+    st = results.get("settings", {})
+    rows = []
+    for setting, by_method in paper.COMPOSITES.items():
+        ours_ms = (st.get(setting) or {}).get("methods") or {}
+        if not ours_ms:
+            continue
+        for pm, figs in by_method.items():
+            ours = ours_ms.get(paper.OUR_METHOD[pm])
+            label = f"{paper.METHOD_LABELS[pm]} / {METHOD_LABELS.get(paper.OUR_METHOD[pm])}"
+            if "accuracy" in figs:
+                cell = f"{ours['mean']:.2f}{_ci_text(ours.get('mean_ci'))}" if ours else "–"
+                rows.append(f"| `{setting}` | {label} | accuracy (%) | {figs['accuracy']:.2f} | {cell} |")
+            else:
+                keys = ("bleu", "rouge1", "rougeL")
+                ts = [r for r in (ours or {}).get("tasks", {}).values() if "bleu" in r]
+                cell = " / ".join(f"{sum(r[k] for r in ts) / len(ts):.1f}{_ci_text(stats.mean_interval(ts, k))}"
+                                  for k in keys) if ts else "–"
+                rows.append(f"| `{setting}` | {label} | BLEU / ROUGE-1 / ROUGE-L | "
+                            f"{' / '.join(f'{figs[k]:.2f}' for k in keys)} | {cell} |")
+    if not rows:
+        return []
+    av = paper.AVERAGES
+    return [f"## The paper's composites ({paper.BACKBONE}) beside ours", "",
+            f"The paper's column is its Table 3 on {paper.BACKBONE} ({paper.ARXIV}); ours is this run on the backbone "
+            "above. Our composite-17 figure is the mean of each task's main figure (exact match for DisflQA and "
+            "ObjCount, accuracy elsewhere).", "",
+            f"| setting | method (paper / ours) | figure | paper, {paper.BACKBONE} | ours |", "|---|---|---|---|---|",
+            *rows, "",
+            f"The paper's printed per-task averages on {paper.BACKBONE}: accuracy over its 17 multiple-choice tasks "
+            f"Basic {av['accuracy']['basic']:.2f}, LoRA {av['accuracy']['lora']:.2f} (Table 1); BLEU / ROUGE-1 / "
+            f"ROUGE-L over its 9 QA tasks Basic {av['bleu']['basic']:.2f} / {av['rouge1']['basic']:.2f} / "
+            f"{av['rougeL']['basic']:.2f}, LoRA {av['bleu']['lora']:.2f} / {av['rouge1']['lora']:.2f} / "
+            f"{av['rougeL']['lora']:.2f} (Table 2).", ""]
+
+
 def _fmt(v, nd=1) -> str:
     return "–" if v is None else f"{v:.{nd}f}"
+
+
+def _ci_text(ci, nd=1, signed=False) -> str:
+    """' [lo, hi]' for a 95% interval, '' when there is none (results without per-example scores)."""
+    if not ci:
+        return ""
+    f = f"{{:+.{nd}f}}" if signed else f"{{:.{nd}f}}"
+    return f" [{f.format(ci[0])}, {f.format(ci[1])}]"
+
+
+def _fmt_ci(v, ci, nd=1) -> str:
+    """A figure and its interval, e.g. '45.0 [35.0, 55.0]'."""
+    return "–" if v is None else _fmt(v, nd) + _ci_text(ci, nd)
+
+
+def _task_ci(r: dict, key: str = "main"):
+    """The interval of one figure of a task result: stored with it, else computed from its per-example scores."""
+    ci = (r.get("ci") or {}).get(key)
+    if ci is None and r.get("per_example"):
+        s = stats.task_sample(r, key)
+        ci = stats.bootstrap_ci(s) if s is not None else None
+    return ci
+
+
+def _paired(s: dict, ms: dict) -> dict:
+    """The setting's paired tests of the oracle LoRA against base, per task (empty without per-example scores)."""
+    if s.get("paired") is not None:
+        return s["paired"]
+    if "lora" in ms and "base" in ms:
+        return stats.paired_tests(ms["lora"]["tasks"], ms["base"]["tasks"])
+    return {}
+
+
+def _paired_cell(r: dict | None) -> str:
+    """'wins–losses, p' of a paired test, with ✓ when the adapter is significantly better and ✗ when worse."""
+    if not r:
+        return "–"
+    mark = " ✓" if r["better"] else " ✗" if r.get("worse") else ""
+    p = "p < 0.001" if r["p"] < 0.001 else f"p {r['p']:.3f}"
+    return f"{r['wins']}–{r['losses']}, {p}{mark}"
+
+
+_PAPER_HEADER = " | ".join(f"paper {paper.METHOD_LABELS[m]} ({paper.BACKBONE})" for m in paper.METHODS)
+
+
+def _paper_cells(task: str, metric: str) -> str:
+    row = paper.paper_scores(task, metric)
+    return " | ".join(_fmt(row[m], 2) if row else "–" for m in paper.METHODS)
 
 
 def _method_order(methods: dict) -> list[str]:
@@ -104,7 +203,8 @@ def _short(task: str) -> str:
 def format_results_md(results: dict, preamble: str = "") -> str:
     """RESULTS.md: the run's configuration, the paper's claims beside ours, the summary, one section per setting,
     the effect of p, and where the predictions are cached."""
-    lines = _header_lines(results, preamble) + _claims_lines(results) + _summary_lines(results)
+    lines = (_header_lines(results, preamble) + _claims_lines(results) + _paper_composite_lines(results)
+             + _summary_lines(results))
     for sname, s, ms, order in _evaluated_settings(results):
         lines += _setting_lines(sname, s, ms, order, (results.get("figures") or {}).get(sname))
     lines += _p_sweep_lines(results.get("p_sweep"))
@@ -114,6 +214,12 @@ def format_results_md(results: dict, preamble: str = "") -> str:
     return "\n".join(lines)
 
 
+def _has_per_example(results: dict) -> bool:
+    """Whether any task result of the run carries per-example scores (results.json format 2 on)."""
+    return any(r.get("per_example") for s in results.get("settings", {}).values()
+               for e in (s.get("methods") or {}).values() for r in e.get("tasks", {}).values())
+
+
 def _header_lines(results: dict, preamble: str) -> list[str]:
     cfg = results.get("config", {})
     bb = cfg.get("backbone") or {}
@@ -121,10 +227,10 @@ def _header_lines(results: dict, preamble: str) -> list[str]:
     if preamble:
         lines += [preamble.strip(), ""]
     lines += [
-        "Every number below was measured by the command shown; nothing is copied from the paper. The paper's "
-        "own figures (Qwen-2 1.5B and larger backbones) are not reproduced in a column here: we do not have "
-        "them verbatim (only its headline claims, set beside ours below), and a different backbone would not be "
-        "comparable anyway.", "",
+        "Every number of ours was measured by the command shown. The columns headed *paper* are the paper's own "
+        f"numbers ({paper.SOURCE}; its {paper.BACKBONE} columns Basic / LoRA / DLP-LoRA), set beside ours for "
+        f"reference only: they were measured on its backbone ({paper.BACKBONE}), with its adapters and its "
+        "scoring, and never enter our means.", "",
         "| setting | value |", "|---|---|",
         f"| backbone | {bb.get('name', '?')} ({bb.get('params', 0) / 1e6:.0f}M parameters) |" if bb else "| backbone | ? |",
         f"| adapters | {len(cfg.get('adapters', []))}: {', '.join(cfg.get('adapters', []))} |",
@@ -148,7 +254,15 @@ def _header_lines(results: dict, preamble: str) -> list[str]:
               "Means are over tasks of the main figure. Time is the sum of the compute time of a method's "
               "predictions (routing included), measured on this machine (a shared CPU: expect noise). A prediction "
               "(method, example, adapter set) is computed once and shared by every setting that contains it, with "
-              "its recorded time: e.g. composite-26 reuses the composite-17 / composite-9 predictions.", ""]
+              "its recorded time: e.g. composite-26 reuses the composite-17 / composite-9 predictions.", "",
+              "Uncertainty: *[lo, hi]* after a figure is its 95% percentile-bootstrap interval over the test "
+              f"examples ({stats.N_RESAMPLES} resamples, seed {stats.SEED}; BLEU recomputed as corpus BLEU on each "
+              "resample; a mean over tasks resamples each task on its own). *LoRA vs base* compares the two on the "
+              "same test examples: wins–losses (examples where the adapter scores higher / lower), and the exact "
+              "two-sided sign-test p-value (the exact McNemar test on 0/1 scores; per-example ROUGE-L for generative "
+              "tasks); ✓ marks an adapter significantly better than base at 95%, ✗ significantly worse." +
+              ("" if _has_per_example(results) else " **This results.json predates per-example scores: it shows "
+               "no interval and no paired test.**"), ""]
     if results.get("skipped"):
         for m, why in results["skipped"].items():
             lines.append(f"- **{m} skipped**: {why}")
@@ -169,7 +283,8 @@ def _summary_lines(results: dict) -> list[str]:
         for m in _method_order(ms):
             e = ms[m]
             ratio = f"{e['seconds'] / lora_t:.2f}x" if lora_t else "–"
-            lines.append(f"| {sname} | {METHOD_LABELS.get(m, m)} | {_fmt(e['mean'], 2)} | {_fmt(e['seconds'])} | {ratio} | "
+            lines.append(f"| {sname} | {METHOD_LABELS.get(m, m)} | {_fmt_ci(e['mean'], e.get('mean_ci'), 2)} | "
+                         f"{_fmt(e['seconds'])} | {ratio} | "
                          f"{_fmt(e.get('router_accuracy'))} | {_fmt(e.get('mean_adapters'), 2)} |")
         if s.get("skipped"):
             lines.append(f"| {sname} | (skipped: {s['skipped']}) | | | | | |")
@@ -194,10 +309,16 @@ def _setting_lines(sname: str, s: dict, ms: dict, order: list[str], figure: str 
     lines += [f"## Setting `{sname}`", "", desc + ".", ""]
     mcq = [t for t in tasks if first.get(t, {}).get("metric") in ("accuracy", "exact_match")]
     qa = [t for t in tasks if first.get(t, {}).get("metric") == "rougeL"]
+    paired = _paired(s, ms)
     if mcq:
-        lines += _mcq_lines(mcq, first, ms, order, header)
+        lines += _mcq_lines(mcq, first, ms, order, header, paired)
     if qa:
-        lines += _qa_lines(qa, first, ms, order, header)
+        lines += _qa_lines(qa, first, ms, order, header, paired)
+    if paired:
+        better = sum(r["better"] for r in paired.values())
+        worse = sum(bool(r.get("worse")) for r in paired.values())
+        lines += [f"**Adapters significantly better than base** (LoRA (oracle) vs Base, paired sign test, 95%): "
+                  f"**{better} of {len(paired)}** tasks; significantly worse: {worse}.", ""]
     if sname == "multiturn":
         lines += _turn_lines(s, ms, order)
     if figure:
@@ -205,39 +326,88 @@ def _setting_lines(sname: str, s: dict, ms: dict, order: list[str], figure: str 
     return lines
 
 
-def _mcq_lines(mcq: list[str], first: dict, ms: dict, order: list[str], header: str) -> list[str]:
-    lines: list[str] = []
-    lines += ["### Multiple-choice and exact-match tasks (Table 1 style), %", "",
-              f"| task | n | metric | {header} |", "|---|---|---|" + "---|" * len(order)]
+def _mcq_lines(mcq: list[str], first: dict, ms: dict, order: list[str], header: str, paired: dict) -> list[str]:
+    """The Table 1 style table: our main figure per task and method with its interval, the LoRA vs base paired
+    test, and the paper's Qwen-2 1.5B accuracy columns; then the generated-answer exact match."""
+    with_paper = any(paper.paper_scores(t) for t in mcq)
+    head = header + (" | LoRA vs base" if paired else "") + (f" | {_PAPER_HEADER}" if with_paper else "")
+    ncols = len(order) + bool(paired) + 3 * with_paper
+    lines: list[str] = ["### Multiple-choice and exact-match tasks (Table 1 style), %", ""]
+    if with_paper:
+        lines += [f"The *paper* columns are the paper's accuracy on {paper.BACKBONE} ({paper.ARXIV}, Table 1; it "
+                  "scores DisflQA and ObjCount by accuracy), not ours; their mean row is the mean of the paper's "
+                  f"rows shown (its printed 17-task averages: Basic {paper.AVERAGES['accuracy']['basic']:.2f}, "
+                  f"LoRA {paper.AVERAGES['accuracy']['lora']:.2f}).", ""]
+    lines += [f"| task | n | metric | {head} |", "|---|---|---|" + "---|" * ncols]
     for t in mcq:
         r0 = first[t]
-        lines.append(f"| {_short(t)} | {r0['n']} | {r0['metric']} | " +
-                     " | ".join(_fmt(ms[m]['tasks'][t].get('main')) for m in order) + " |")
-    lines.append("| **mean** | | | " + " | ".join(
-        f"**{_fmt(sum(ms[m]['tasks'][t]['main'] for t in mcq) / len(mcq))}**" for m in order) + " |")
+        cells = [_fmt_ci(ms[m]["tasks"][t].get("main"), _task_ci(ms[m]["tasks"][t])) for m in order]
+        if paired:
+            cells.append(_paired_cell(paired.get(t)))
+        if with_paper:
+            cells.append(_paper_cells(t, "main"))
+        lines.append(f"| {_short(t)} | {r0['n']} | {r0['metric']} | " + " | ".join(cells) + " |")
+    cells = []
+    for m in order:
+        rs = [ms[m]["tasks"][t] for t in mcq]
+        cells.append(f"**{_fmt(sum(r['main'] for r in rs) / len(rs))}**{_ci_text(stats.mean_interval(rs))}")
+    if paired:
+        cells.append("")
+    if with_paper:
+        pm = paper.paper_mean(mcq)
+        cells.append(" | ".join(_fmt(pm[m], 2) if pm else "–" for m in paper.METHODS))
+    lines.append("| **mean** | | | " + " | ".join(cells) + " |")
     with_em = [t for t in mcq if first[t]["metric"] == "accuracy"]
     if with_em:
         lines += ["", "Generated-answer exact match on the multiple-choice tasks (greedy answer vs the gold "
                   "choice), %:", "", f"| task | {header} |", "|---|" + "---|" * len(order)]
         for t in with_em:
-            lines.append(f"| {_short(t)} | " + " | ".join(_fmt(ms[m]['tasks'][t].get('exact_match')) for m in order) + " |")
+            lines.append(f"| {_short(t)} | " + " | ".join(
+                _fmt_ci(ms[m]["tasks"][t].get("exact_match"), _task_ci(ms[m]["tasks"][t], "exact_match"))
+                for m in order) + " |")
     lines.append("")
     return lines
 
 
-def _qa_lines(qa: list[str], first: dict, ms: dict, order: list[str], header: str) -> list[str]:
-    lines: list[str] = []
-    lines += ["### Generative tasks (Table 2 style): BLEU / ROUGE-1 / ROUGE-L", "",
-              f"| task | n | {header} |", "|---|---|" + "---|" * len(order)]
+_QA_METRICS = (("bleu", "BLEU"), ("rouge1", "ROUGE-1"), ("rougeL", "ROUGE-L"))
+
+
+def _qa_lines(qa: list[str], first: dict, ms: dict, order: list[str], header: str, paired: dict) -> list[str]:
+    """The Table 2 style table: one row per task and metric (BLEU, ROUGE-1, ROUGE-L, and GSM8K's final-answer
+    accuracy) with intervals, the LoRA vs base paired test on ROUGE-L, and the paper's Qwen-2 1.5B columns for the
+    same metric; then the mean rows; then the teacher-forced figures when present."""
+    with_paper = any(paper.paper_scores(t) for t in qa)
+    head = header + (" | LoRA vs base" if paired else "") + (f" | {_PAPER_HEADER}" if with_paper else "")
+    ncols = len(order) + bool(paired) + 3 * with_paper
+    lines: list[str] = ["### Generative tasks (Table 2 style): BLEU / ROUGE-1 / ROUGE-L", ""]
+    if with_paper:
+        lines += [f"The *paper* columns are the paper's figures on {paper.BACKBONE} ({paper.ARXIV}, Table 2), "
+                  "not ours; their mean rows are the means of the paper's rows shown. The paired test is on "
+                  "ROUGE-L, our main figure.", ""]
+    lines += [f"| task | metric | n | {head} |", "|---|---|---|" + "---|" * ncols]
     for t in qa:
+        keys = list(_QA_METRICS) + ([("answer_accuracy", "answer acc. (%)")]
+                                    if any("answer_accuracy" in ms[m]["tasks"][t] for m in order) else [])
+        for i, (key, label) in enumerate(keys):
+            cells = [_short(t) if i == 0 else "", label, str(first[t]["n"]) if i == 0 else ""]
+            cells += [_fmt_ci(ms[m]["tasks"][t].get(key), _task_ci(ms[m]["tasks"][t], key)) for m in order]
+            if paired:
+                cells.append(_paired_cell(paired.get(t)) if key == "rougeL" else "")
+            if with_paper:
+                cells.append(_paper_cells(t, key))
+            lines.append("| " + " | ".join(cells) + " |")
+    for key, label in _QA_METRICS:
         cells = []
         for m in order:
-            r = ms[m]["tasks"][t]
-            cell = f"{_fmt(r.get('bleu'))} / {_fmt(r.get('rouge1'))} / {_fmt(r.get('rougeL'))}"
-            if "answer_accuracy" in r:
-                cell += f" (answer acc. {_fmt(r['answer_accuracy'])})"
-            cells.append(cell)
-        lines.append(f"| {_short(t)} | {first[t]['n']} | " + " | ".join(cells) + " |")
+            rs = [ms[m]["tasks"][t] for t in qa]
+            cells.append(f"**{_fmt(sum(r.get(key, 0.0) for r in rs) / len(rs))}**"
+                         f"{_ci_text(stats.mean_interval(rs, key))}")
+        if paired:
+            cells.append("")
+        if with_paper:
+            pm = paper.paper_mean(qa, key)
+            cells.append(" | ".join(_fmt(pm[m], 2) if pm else "–" for m in paper.METHODS))
+        lines.append(f"| **mean** | {label} | | " + " | ".join(cells) + " |")
     if any("teacher_forced" in ms[m]["tasks"][t] for m in order for t in qa):
         lines += ["", "**Teacher-forced** (paper-code style, NOT generation): BLEU / ROUGE-1 / ROUGE-L", "",
                   f"| task | {header} |", "|---|" + "---|" * len(order)]
@@ -259,7 +429,7 @@ def _turn_lines(s: dict, ms: dict, order: list[str]) -> list[str]:
         pt = ms[m].get("per_turn", [])
         cells = []
         for x in pt:
-            c = _fmt(x["mean"])
+            c = _fmt_ci(x["mean"], x.get("mean_ci"))
             if "router_accuracy" in x:
                 c += f" (router {_fmt(x['router_accuracy'], 0)}%)"
             cells.append(c)
@@ -274,13 +444,14 @@ def _p_sweep_lines(sw: dict | None) -> list[str]:
     lines: list[str] = []
     lines += [f"## Effect of top-p (`{sw['setting']}`)", "",
               f"The same stream as the `{sw['setting']}` setting, routed at each p; the oracle single LoRA scores "
-              f"{_fmt(sw['lora_mean'], 2)} on it. *adapters* is the mean number kept per prompt, *top weight* the "
-              "mean fusion weight of the most probable adapter (1.0 = the single adapter alone). Teacher-forced "
-              "scoring is not part of the sweep.", "",
+              f"{_fmt_ci(sw['lora_mean'], sw.get('lora_mean_ci'), 2)} on it. *adapters* is the mean number kept "
+              "per prompt, *top weight* the mean fusion weight of the most probable adapter (1.0 = the single "
+              "adapter alone). Teacher-forced scoring is not part of the sweep.", "",
               "| weighting | p | mean | vs LoRA | adapters / prompt | single-adapter prompts (%) | top weight | "
               "router acc. (%) | time (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sw["rows"]:
-        lines.append(f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['p']:g} | {_fmt(r['mean'], 2)} | "
+        lines.append(f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['p']:g} | "
+                     f"{_fmt_ci(r['mean'], r.get('mean_ci'), 2)} | "
                      f"{r['gap_to_lora']:+.2f} | {_fmt(r['mean_adapters'], 2)} | {_fmt(r['single_adapter_share'])} | "
                      f"{_fmt(r['mean_top_weight'], 2)} | {_fmt(r['router_accuracy'])} | {_fmt(r['seconds'])} |")
     lines.append("")
@@ -321,6 +492,16 @@ def plot_results(results: dict, fig_dir: str | os.PathLike, rel_to: str | os.Pat
     return paths
 
 
+_NUMBER = r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
+_NUMBER_LIST = re.compile(rf"\[\n\s*({_NUMBER}(?:,\n\s*{_NUMBER})*)\n\s*\]")
+
+
+def results_json(results: dict) -> str:
+    """results.json's text: indented, but each list of plain numbers (the per-example scores) on one line."""
+    text = json.dumps(results, indent=2, ensure_ascii=False, default=float)
+    return _NUMBER_LIST.sub(lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
+
+
 def write_outputs(results: dict, out: str | os.PathLike, preamble: str = "") -> None:
     """OUT/results.json, OUT/figures/*.png and OUT/RESULTS.md. A hand-written OUT/discussion.md, if present, is
     appended to RESULTS.md under 'Discussion', so regenerating the report keeps it."""
@@ -331,7 +512,7 @@ def write_outputs(results: dict, out: str | os.PathLike, preamble: str = "") -> 
     results["figures"] = plot_results(results, out / "figures", rel_to=out)
     if preamble:
         results["preamble"] = preamble
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False, default=float))
+    atomic_write_text(out / "results.json", results_json(results))
     md = format_results_md(results, preamble=preamble)
     disc = out / "discussion.md"
     if disc.is_file():
