@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 
 from ..errors import DLPLoRAError
-from ..tasks import TASKS
 from . import paper, stats
 from .settings import METHOD_LABELS
+from .tables import ci_text, fmt, fmt_ci, method_order, p_sweep_lines, setting_lines, short
 
 # The paper's headline claims, as the project brief and the paper's abstract (arXiv 2410.01497v2) state them. Its
 # per-task numbers (Qwen-2 1.5B) are in :mod:`.paper`; the per-task tables set them beside ours.
@@ -50,7 +50,7 @@ def _claims_lines(results: dict) -> list[str]:
         if d and lo:
             gap = d["mean"] - lo["mean"]
             rows.append((f"DLP-LoRA mean minus oracle LoRA mean, `{setting}` (points)", f"≥ -{PAPER_CLAIMS['gap_to_lora']}",
-                         f"{gap:+.2f}{_ci_text(_gap_ci(d, lo), signed=True)}", gap >= -PAPER_CLAIMS["gap_to_lora"]))
+                         f"{gap:+.2f}{ci_text(_gap_ci(d, lo), signed=True)}", gap >= -PAPER_CLAIMS["gap_to_lora"]))
             if lo.get("seconds"):
                 r = d["seconds"] / lo["seconds"]
                 rows.append((f"DLP-LoRA time / oracle LoRA time, `{setting}`",
@@ -59,12 +59,12 @@ def _claims_lines(results: dict) -> list[str]:
         if d and b:
             gain = d["mean"] - b["mean"]
             rows.append((f"DLP-LoRA mean minus base mean, `{setting}` (points)", "> 0 (gains over base)",
-                         f"{gain:+.2f}{_ci_text(_gap_ci(d, b), signed=True)}", gain > 0))
+                         f"{gain:+.2f}{ci_text(_gap_ci(d, b), signed=True)}", gain > 0))
     d17 = m("composite-17", "dlp")
     if d17:
         rows.append(("mean accuracy, multiple-choice tasks, `composite-17` (%)",
                      f"{PAPER_CLAIMS['mcq_accuracy']} (7B-8B and 1.5B backbones)",
-                     f"{d17['mean']:.2f}{_ci_text(d17.get('mean_ci'))}",
+                     f"{d17['mean']:.2f}{ci_text(d17.get('mean_ci'))}",
                      d17["mean"] >= PAPER_CLAIMS["mcq_accuracy"]))
     d9 = m("composite-9", "dlp")
     if d9:
@@ -75,7 +75,7 @@ def _claims_lines(results: dict) -> list[str]:
             claim = PAPER_CLAIMS["qa_bleu_rouge"]
             rows.append(("BLEU / ROUGE-1 / ROUGE-L, generative tasks, `composite-9` (greedy generation)",
                          " / ".join(f"{x}" for x in claim),
-                         " / ".join(f"{x:.1f}{_ci_text(c)}" for x, c in zip(ours, cis)),
+                         " / ".join(f"{x:.1f}{ci_text(c)}" for x, c in zip(ours, cis)),
                          all(o >= q for o, q in zip(ours, claim))))
     if not rows:
         return []
@@ -105,12 +105,12 @@ def _paper_composite_lines(results: dict) -> list[str]:
             ours = ours_ms.get(paper.OUR_METHOD[pm])
             label = f"{paper.METHOD_LABELS[pm]} / {METHOD_LABELS.get(paper.OUR_METHOD[pm])}"
             if "accuracy" in figs:
-                cell = f"{ours['mean']:.2f}{_ci_text(ours.get('mean_ci'))}" if ours else "–"
+                cell = f"{ours['mean']:.2f}{ci_text(ours.get('mean_ci'))}" if ours else "–"
                 rows.append(f"| `{setting}` | {label} | accuracy (%) | {figs['accuracy']:.2f} | {cell} |")
             else:
                 keys = ("bleu", "rouge1", "rougeL")
                 ts = [r for r in (ours or {}).get("tasks", {}).values() if "bleu" in r]
-                cell = " / ".join(f"{sum(r[k] for r in ts) / len(ts):.1f}{_ci_text(stats.mean_interval(ts, k))}"
+                cell = " / ".join(f"{sum(r[k] for r in ts) / len(ts):.1f}{ci_text(stats.mean_interval(ts, k))}"
                                   for k in keys) if ts else "–"
                 rows.append(f"| `{setting}` | {label} | BLEU / ROUGE-1 / ROUGE-L | "
                             f"{' / '.join(f'{figs[k]:.2f}' for k in keys)} | {cell} |")
@@ -130,74 +130,12 @@ def _paper_composite_lines(results: dict) -> list[str]:
             f"{av['rougeL']['lora']:.2f} (Table 2).", ""]
 
 
-def _fmt(v, nd=1) -> str:
-    return "–" if v is None else f"{v:.{nd}f}"
-
-
-def _ci_text(ci, nd=1, signed=False) -> str:
-    """' [lo, hi]' for a 95% interval, '' when there is none (results without per-example scores)."""
-    if not ci:
-        return ""
-    f = f"{{:+.{nd}f}}" if signed else f"{{:.{nd}f}}"
-    return f" [{f.format(ci[0])}, {f.format(ci[1])}]"
-
-
-def _fmt_ci(v, ci, nd=1) -> str:
-    """A figure and its interval, e.g. '45.0 [35.0, 55.0]'."""
-    return "–" if v is None else _fmt(v, nd) + _ci_text(ci, nd)
-
-
-def _task_ci(r: dict, key: str = "main"):
-    """The interval of one figure of a task result: stored with it, else computed from its per-example scores."""
-    ci = (r.get("ci") or {}).get(key)
-    if ci is None and r.get("per_example"):
-        s = stats.task_sample(r, key)
-        ci = stats.bootstrap_ci(s) if s is not None else None
-    return ci
-
-
-def _paired(s: dict, ms: dict) -> dict:
-    """The setting's paired tests of the oracle LoRA against base, per task (empty without per-example scores)."""
-    if s.get("paired") is not None:
-        return s["paired"]
-    if "lora" in ms and "base" in ms:
-        return stats.paired_tests(ms["lora"]["tasks"], ms["base"]["tasks"])
-    return {}
-
-
-def _paired_cell(r: dict | None) -> str:
-    """'wins–losses, p' of a paired test, with ✓ when the adapter is significantly better and ✗ when worse."""
-    if not r:
-        return "–"
-    mark = " ✓" if r["better"] else " ✗" if r.get("worse") else ""
-    p = "p < 0.001" if r["p"] < 0.001 else f"p {r['p']:.3f}"
-    return f"{r['wins']}–{r['losses']}, {p}{mark}"
-
-
-_PAPER_HEADER = " | ".join(f"paper {paper.METHOD_LABELS[m]} ({paper.BACKBONE})" for m in paper.METHODS)
-
-
-def _paper_cells(task: str, metric: str) -> str:
-    row = paper.paper_scores(task, metric)
-    return " | ".join(_fmt(row[m], 2) if row else "–" for m in paper.METHODS)
-
-
-def _method_order(methods: dict) -> list[str]:
-    order = ["base", "lora", "dlp", "dlp-renorm", "arrow", "merge-all"]
-    return [m for m in order if m in methods] + [m for m in methods if m not in order]
-
-
 def _evaluated_settings(results: dict):
     """(setting name, its entry, its methods, their display order) for every setting that has results."""
     for sname, s in results.get("settings", {}).items():
         ms = s.get("methods") or {}
         if ms:
-            yield sname, s, ms, _method_order(ms)
-
-
-def _short(task: str) -> str:
-    spec = TASKS.get(task)
-    return spec.short if spec is not None else task
+            yield sname, s, ms, method_order(ms)
 
 
 def format_results_md(results: dict, preamble: str = "") -> str:
@@ -206,8 +144,8 @@ def format_results_md(results: dict, preamble: str = "") -> str:
     lines = (_header_lines(results, preamble) + _claims_lines(results) + _paper_composite_lines(results)
              + _summary_lines(results))
     for sname, s, ms, order in _evaluated_settings(results):
-        lines += _setting_lines(sname, s, ms, order, (results.get("figures") or {}).get(sname))
-    lines += _p_sweep_lines(results.get("p_sweep"))
+        lines += setting_lines(sname, s, ms, order, (results.get("figures") or {}).get(sname))
+    lines += p_sweep_lines(results.get("p_sweep"))
     c = results.get("cache") or {}
     lines += [f"Predictions cached in `{c.get('dir')}` ({c.get('new_predictions', 0)} computed in this run, "
               f"{c.get('hits', 0)} reused); this run took {results.get('run_seconds', 0):.0f}s.", ""]
@@ -280,181 +218,16 @@ def _summary_lines(results: dict) -> list[str]:
     for sname, s in results.get("settings", {}).items():
         ms = s.get("methods") or {}
         lora_t = ms.get("lora", {}).get("seconds")
-        for m in _method_order(ms):
+        for m in method_order(ms):
             e = ms[m]
             ratio = f"{e['seconds'] / lora_t:.2f}x" if lora_t else "–"
-            lines.append(f"| {sname} | {METHOD_LABELS.get(m, m)} | {_fmt_ci(e['mean'], e.get('mean_ci'), 2)} | "
-                         f"{_fmt(e['seconds'])} | {ratio} | "
-                         f"{_fmt(e.get('router_accuracy'))} | {_fmt(e.get('mean_adapters'), 2)} |")
+            lines.append(f"| {sname} | {METHOD_LABELS.get(m, m)} | {fmt_ci(e['mean'], e.get('mean_ci'), 2)} | "
+                         f"{fmt(e['seconds'])} | {ratio} | "
+                         f"{fmt(e.get('router_accuracy'))} | {fmt(e.get('mean_adapters'), 2)} |")
         if s.get("skipped"):
             lines.append(f"| {sname} | (skipped: {s['skipped']}) | | | | | |")
     lines.append("")
 
-    return lines
-
-
-def _setting_lines(sname: str, s: dict, ms: dict, order: list[str], figure: str | None) -> list[str]:
-    """One setting: its tables of multiple-choice and generative tasks (and turns), then its figure."""
-    tasks = s["tasks"]
-    first = ms[order[0]]["tasks"]
-    header = " | ".join(METHOD_LABELS.get(m, m) for m in order)
-    desc = {"single": "each task's test set alone, the right adapter given",
-            "composite-17": "the multiple-choice tasks' test prompts shuffled into one stream, no task label",
-            "composite-9": "the generative tasks' test prompts shuffled into one stream, no task label",
-            "composite-26": "all tasks' test prompts shuffled into one stream, no task label",
-            "multiturn": f"{s.get('conversations')} conversations of {s.get('turns')} turns from different "
-                         f"tasks; routers re-decide every turn, reading the turn plus {s.get('route_window')} "
-                         f"earlier user turn(s)"}.get(sname, "")
-    lines: list[str] = []
-    lines += [f"## Setting `{sname}`", "", desc + ".", ""]
-    mcq = [t for t in tasks if first.get(t, {}).get("metric") in ("accuracy", "exact_match")]
-    qa = [t for t in tasks if first.get(t, {}).get("metric") == "rougeL"]
-    paired = _paired(s, ms)
-    if mcq:
-        lines += _mcq_lines(mcq, first, ms, order, header, paired)
-    if qa:
-        lines += _qa_lines(qa, first, ms, order, header, paired)
-    if paired:
-        better = sum(r["better"] for r in paired.values())
-        worse = sum(bool(r.get("worse")) for r in paired.values())
-        lines += [f"**Adapters significantly better than base** (LoRA (oracle) vs Base, paired sign test, 95%): "
-                  f"**{better} of {len(paired)}** tasks; significantly worse: {worse}.", ""]
-    if sname == "multiturn":
-        lines += _turn_lines(s, ms, order)
-    if figure:
-        lines += [f"![{sname}]({figure})", ""]
-    return lines
-
-
-def _mcq_lines(mcq: list[str], first: dict, ms: dict, order: list[str], header: str, paired: dict) -> list[str]:
-    """The Table 1 style table: our main figure per task and method with its interval, the LoRA vs base paired
-    test, and the paper's Qwen-2 1.5B accuracy columns; then the generated-answer exact match."""
-    with_paper = any(paper.paper_scores(t) for t in mcq)
-    head = header + (" | LoRA vs base" if paired else "") + (f" | {_PAPER_HEADER}" if with_paper else "")
-    ncols = len(order) + bool(paired) + 3 * with_paper
-    lines: list[str] = ["### Multiple-choice and exact-match tasks (Table 1 style), %", ""]
-    if with_paper:
-        lines += [f"The *paper* columns are the paper's accuracy on {paper.BACKBONE} ({paper.ARXIV}, Table 1; it "
-                  "scores DisflQA and ObjCount by accuracy), not ours; their mean row is the mean of the paper's "
-                  f"rows shown (its printed 17-task averages: Basic {paper.AVERAGES['accuracy']['basic']:.2f}, "
-                  f"LoRA {paper.AVERAGES['accuracy']['lora']:.2f}).", ""]
-    lines += [f"| task | n | metric | {head} |", "|---|---|---|" + "---|" * ncols]
-    for t in mcq:
-        r0 = first[t]
-        cells = [_fmt_ci(ms[m]["tasks"][t].get("main"), _task_ci(ms[m]["tasks"][t])) for m in order]
-        if paired:
-            cells.append(_paired_cell(paired.get(t)))
-        if with_paper:
-            cells.append(_paper_cells(t, "main"))
-        lines.append(f"| {_short(t)} | {r0['n']} | {r0['metric']} | " + " | ".join(cells) + " |")
-    cells = []
-    for m in order:
-        rs = [ms[m]["tasks"][t] for t in mcq]
-        cells.append(f"**{_fmt(sum(r['main'] for r in rs) / len(rs))}**{_ci_text(stats.mean_interval(rs))}")
-    if paired:
-        cells.append("")
-    if with_paper:
-        pm = paper.paper_mean(mcq)
-        cells.append(" | ".join(_fmt(pm[m], 2) if pm else "–" for m in paper.METHODS))
-    lines.append("| **mean** | | | " + " | ".join(cells) + " |")
-    with_em = [t for t in mcq if first[t]["metric"] == "accuracy"]
-    if with_em:
-        lines += ["", "Generated-answer exact match on the multiple-choice tasks (greedy answer vs the gold "
-                  "choice), %:", "", f"| task | {header} |", "|---|" + "---|" * len(order)]
-        for t in with_em:
-            lines.append(f"| {_short(t)} | " + " | ".join(
-                _fmt_ci(ms[m]["tasks"][t].get("exact_match"), _task_ci(ms[m]["tasks"][t], "exact_match"))
-                for m in order) + " |")
-    lines.append("")
-    return lines
-
-
-_QA_METRICS = (("bleu", "BLEU"), ("rouge1", "ROUGE-1"), ("rougeL", "ROUGE-L"))
-
-
-def _qa_lines(qa: list[str], first: dict, ms: dict, order: list[str], header: str, paired: dict) -> list[str]:
-    """The Table 2 style table: one row per task and metric (BLEU, ROUGE-1, ROUGE-L, and GSM8K's final-answer
-    accuracy) with intervals, the LoRA vs base paired test on ROUGE-L, and the paper's Qwen-2 1.5B columns for the
-    same metric; then the mean rows; then the teacher-forced figures when present."""
-    with_paper = any(paper.paper_scores(t) for t in qa)
-    head = header + (" | LoRA vs base" if paired else "") + (f" | {_PAPER_HEADER}" if with_paper else "")
-    ncols = len(order) + bool(paired) + 3 * with_paper
-    lines: list[str] = ["### Generative tasks (Table 2 style): BLEU / ROUGE-1 / ROUGE-L", ""]
-    if with_paper:
-        lines += [f"The *paper* columns are the paper's figures on {paper.BACKBONE} ({paper.ARXIV}, Table 2), "
-                  "not ours; their mean rows are the means of the paper's rows shown. The paired test is on "
-                  "ROUGE-L, our main figure.", ""]
-    lines += [f"| task | metric | n | {head} |", "|---|---|---|" + "---|" * ncols]
-    for t in qa:
-        keys = list(_QA_METRICS) + ([("answer_accuracy", "answer acc. (%)")]
-                                    if any("answer_accuracy" in ms[m]["tasks"][t] for m in order) else [])
-        for i, (key, label) in enumerate(keys):
-            cells = [_short(t) if i == 0 else "", label, str(first[t]["n"]) if i == 0 else ""]
-            cells += [_fmt_ci(ms[m]["tasks"][t].get(key), _task_ci(ms[m]["tasks"][t], key)) for m in order]
-            if paired:
-                cells.append(_paired_cell(paired.get(t)) if key == "rougeL" else "")
-            if with_paper:
-                cells.append(_paper_cells(t, key))
-            lines.append("| " + " | ".join(cells) + " |")
-    for key, label in _QA_METRICS:
-        cells = []
-        for m in order:
-            rs = [ms[m]["tasks"][t] for t in qa]
-            cells.append(f"**{_fmt(sum(r.get(key, 0.0) for r in rs) / len(rs))}**"
-                         f"{_ci_text(stats.mean_interval(rs, key))}")
-        if paired:
-            cells.append("")
-        if with_paper:
-            pm = paper.paper_mean(qa, key)
-            cells.append(" | ".join(_fmt(pm[m], 2) if pm else "–" for m in paper.METHODS))
-        lines.append(f"| **mean** | {label} | | " + " | ".join(cells) + " |")
-    if any("teacher_forced" in ms[m]["tasks"][t] for m in order for t in qa):
-        lines += ["", "**Teacher-forced** (paper-code style, NOT generation): BLEU / ROUGE-1 / ROUGE-L", "",
-                  f"| task | {header} |", "|---|" + "---|" * len(order)]
-        for t in qa:
-            cells = []
-            for m in order:
-                tf = ms[m]["tasks"][t].get("teacher_forced")
-                cells.append(f"{_fmt(tf['bleu'])} / {_fmt(tf['rouge1'])} / {_fmt(tf['rougeL'])}" if tf else "–")
-            lines.append(f"| {_short(t)} | " + " | ".join(cells) + " |")
-    lines.append("")
-    return lines
-
-
-def _turn_lines(s: dict, ms: dict, order: list[str]) -> list[str]:
-    lines: list[str] = []
-    lines += ["Mean score by turn:", "", "| method | " + " | ".join(f"turn {i + 1}" for i in range(s.get('turns', 0))) + " |",
-              "|---|" + "---|" * s.get("turns", 0)]
-    for m in order:
-        pt = ms[m].get("per_turn", [])
-        cells = []
-        for x in pt:
-            c = _fmt_ci(x["mean"], x.get("mean_ci"))
-            if "router_accuracy" in x:
-                c += f" (router {_fmt(x['router_accuracy'], 0)}%)"
-            cells.append(c)
-        lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
-    lines.append("")
-    return lines
-
-
-def _p_sweep_lines(sw: dict | None) -> list[str]:
-    if not sw or not sw.get("rows"):
-        return []
-    lines: list[str] = []
-    lines += [f"## Effect of top-p (`{sw['setting']}`)", "",
-              f"The same stream as the `{sw['setting']}` setting, routed at each p; the oracle single LoRA scores "
-              f"{_fmt_ci(sw['lora_mean'], sw.get('lora_mean_ci'), 2)} on it. *adapters* is the mean number kept "
-              "per prompt, *top weight* the mean fusion weight of the most probable adapter (1.0 = the single "
-              "adapter alone). Teacher-forced scoring is not part of the sweep.", "",
-              "| weighting | p | mean | vs LoRA | adapters / prompt | single-adapter prompts (%) | top weight | "
-              "router acc. (%) | time (s) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in sw["rows"]:
-        lines.append(f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['p']:g} | "
-                     f"{_fmt_ci(r['mean'], r.get('mean_ci'), 2)} | "
-                     f"{r['gap_to_lora']:+.2f} | {_fmt(r['mean_adapters'], 2)} | {_fmt(r['single_adapter_share'])} | "
-                     f"{_fmt(r['mean_top_weight'], 2)} | {_fmt(r['router_accuracy'])} | {_fmt(r['seconds'])} |")
-    lines.append("")
     return lines
 
 
@@ -479,7 +252,7 @@ def plot_results(results: dict, fig_dir: str | os.PathLike, rel_to: str | os.Pat
                    label=METHOD_LABELS.get(m, m))
         first = ms[order[0]]["tasks"]
         ax.set_xticks(range(len(tasks)))
-        ax.set_xticklabels([f"{_short(t)}\n({first[t].get('metric', '')})" for t in tasks], rotation=45 if len(tasks) > 6 else 0,
+        ax.set_xticklabels([f"{short(t)}\n({first[t].get('metric', '')})" for t in tasks], rotation=45 if len(tasks) > 6 else 0,
                            ha="right" if len(tasks) > 6 else "center", fontsize=8)
         ax.set_ylabel("score (%)")
         ax.set_title(f"{sname}: per-task main metric")
@@ -496,7 +269,7 @@ _NUMBER = r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
 _NUMBER_LIST = re.compile(rf"\[\n\s*({_NUMBER}(?:,\n\s*{_NUMBER})*)\n\s*\]")
 
 
-def results_json(results: dict) -> str:
+def results_json_text(results: dict) -> str:
     """results.json's text: indented, but each list of plain numbers (the per-example scores) on one line."""
     text = json.dumps(results, indent=2, ensure_ascii=False, default=float)
     return _NUMBER_LIST.sub(lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
@@ -512,7 +285,7 @@ def write_outputs(results: dict, out: str | os.PathLike, preamble: str = "") -> 
     results["figures"] = plot_results(results, out / "figures", rel_to=out)
     if preamble:
         results["preamble"] = preamble
-    atomic_write_text(out / "results.json", results_json(results))
+    atomic_write_text(out / "results.json", results_json_text(results))
     md = format_results_md(results, preamble=preamble)
     disc = out / "discussion.md"
     if disc.is_file():
