@@ -240,7 +240,8 @@ def test_bad_requests_answer_openai_errors_and_the_server_stays_healthy(http, cl
         _err(http.post(url, json=_chat("hi", model="alpha", max_tokens=bad)), 400, "max_tokens")
     _err(http.post(url, json=_chat("hi", model="alpha", temperature=-1)), 400, "temperature")
     _err(http.post(url, json=_chat("hi", model="alpha", top_p=0)), 400, "top_p")
-    _err(http.post(url, json=_chat("hi", model="alpha", n=2)), 400, "n")
+    for bad in (0, 9, 1.5, "2"):  # n > 1 is served up to the server's max_n (8 by default)
+        _err(http.post(url, json=_chat("hi", model="alpha", n=bad)), 400, "n")
     long = " ".join(["quick brown fox"] * 400)  # far over the tiny model's 512-token context
     err = _err(http.post(url, json=_chat(long, model="alpha", max_tokens=8)), 400, "messages")
     assert err["code"] == "context_length_exceeded" and "context window" in err["message"]

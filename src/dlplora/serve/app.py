@@ -20,7 +20,16 @@ Continuous batching: one background thread owns the model and decodes every runn
 (:mod:`dlplora.serve.scheduler`); requests are parsed by :mod:`dlplora.serve.protocol`.
 
 Sampling is greedy unless the request gives ``temperature`` (> 0; then ``top_p`` and ``seed``
-apply, with one generator per request). A row's results do not depend on its neighbours (padding
+apply, with one generator per choice). ``n`` > 1 asks for n choices: sampled ones run as n rows, choice i with
+seed ``seed + i`` when a seed is given; greedy choices are all the same, so they are generated once and
+repeated. ``logprobs`` (and ``top_logprobs`` in chat) report the log probability of each token and its most
+likely alternatives, from the logits the decode computes anyway (:mod:`dlplora.serve.logprobs`). Parameters
+this server does not implement (tools, penalties, ``logit_bias``, ``response_format``, ...) are refused with 400
+naming them unless they hold their default; unknown fields are ignored and logged (:mod:`dlplora.serve.protocol`).
+
+Security: with ``api_key`` set (``--api-key`` or ``$DLP_LORA_API_KEY``) every route but ``/health`` needs
+``Authorization: Bearer <key>`` (else 401, compared in constant time). Limits, each answered with a clear 4xx:
+the body size (413), the number of messages, the prompt tokens, ``max_tokens`` and ``n`` (400). A row's results do not depend on its neighbours (padding
 is masked, positions are per row), so a greedy request gives the same text batched or alone, up to
 float rounding. Requests wait in a bounded queue (``max_queue``; beyond it: 503 with Retry-After);
 each has a token limit (``max_tokens_limit``) and a deadline (``request_timeout``; then 504). A
@@ -32,6 +41,7 @@ from the batch at the next step boundary.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import threading
 import time
@@ -42,8 +52,8 @@ from ..engine import adapter_set, routing_field
 from ..errors import ContextLengthError, DLPLoRAError
 from .config import COMPLETIONS_DEFAULT_MAX_TOKENS, ROUTE_ALIASES, APIError, QueueFull, ServeConfig
 from .metrics import Metrics
+from .logprobs import ChoiceLogprobs, LogprobRequest, LogprobScheduler, TokenText
 from .protocol import GenerationParams, ResponseWriter, error_response, parse_generation, read_json
-from .scheduler import GenRequest, Scheduler
 
 log = logging.getLogger("dlplora.server")
 
@@ -55,10 +65,18 @@ class ServerState:
         self.metrics = Metrics()
         self.tok_lock = threading.Lock()
         self.router_lock = threading.Lock()
-        self.scheduler = Scheduler(engine, self.config, self.metrics, self.tok_lock)
+        self.scheduler = LogprobScheduler(engine, self.config, self.metrics, self.tok_lock)
+        self._token_text = None
         info = getattr(engine, "info", None)
         self.base_name = config.model_name or (info.name if info is not None else "base")
         self.created = int(time.time())
+
+    @property
+    def token_text(self) -> TokenText:
+        """Token strings for the ``logprobs`` fields (made on first use)."""
+        if self._token_text is None:
+            self._token_text = TokenText(self.engine.tokenizer, self.tok_lock)
+        return self._token_text
 
     # -------------------------------------------------- adapter choice
     def choose(self, params: GenerationParams) -> tuple[dict | None, str]:
@@ -119,6 +137,10 @@ class ServerState:
             raise APIError(400, str(exc).replace("max_new_tokens", "max_tokens"), param=param,
                            code="context_length_exceeded" if isinstance(exc, ContextLengthError) else None) from None
         ids = req.ids
+        limit = self.config.max_prompt_tokens
+        if limit is not None and len(ids) > limit:
+            raise APIError(400, f"the prompt is {len(ids)} tokens, over this server's limit of {limit} prompt tokens",
+                           param="messages" if params.chat else "prompt", code="prompt_too_long")
         max_tokens = params.max_tokens
         if max_tokens is None:
             room = (eng.context_length - len(ids)) if eng.context_length else default_max
@@ -132,6 +154,33 @@ class ServerState:
                 raise APIError(400, str(exc), param="model") from None
         adapters = [{"name": n, "weight": round(float(w), 6)} for n, w in sorted(aset.items(), key=lambda kv: -kv[1])]
         return ids, routing_field(adapters, source, why), max_tokens, aset
+
+
+class _Auth:
+    """ASGI middleware: every HTTP route but /health needs "Authorization: Bearer <key>"; a missing or wrong key
+    gets 401 in the OpenAI format (the key is compared in constant time)."""
+
+    OPEN = ("/health",)
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode("ascii")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") in self.OPEN:
+            return await self.app(scope, receive, send)
+        auth = next((v for k, v in scope.get("headers", []) if k == b"authorization"), None)
+        if auth is None:
+            err = "missing API key: send the header 'Authorization: Bearer <key>' (the key given to the server " \
+                  "with --api-key or $DLP_LORA_API_KEY)"
+        else:
+            scheme, _, token = auth.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+                return await self.app(scope, receive, send)
+            err = "incorrect API key provided" if scheme.lower() == b"bearer" else \
+                "the Authorization header must be 'Bearer <key>'"
+        resp = error_response(APIError(401, err, "invalid_request_error", code="invalid_api_key",
+                                       headers={"WWW-Authenticate": "Bearer"}))
+        await resp(scope, receive, send)
 
 
 class _StatusCounter:
@@ -160,78 +209,115 @@ class _StatusCounter:
 
 
 async def generate(state: ServerState, request: Request, chat: bool):
-    """POST /v1/chat/completions (`chat`) or /v1/completions: parse, choose and route, queue for the scheduler,
-    then answer with the whole completion or stream it (SSE)."""
+    """POST /v1/chat/completions (`chat`) or /v1/completions: parse, choose and route, queue for the scheduler
+    (one row per sampled choice), then answer with the whole completion or stream it (SSE)."""
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
-    body = await read_json(request, state.config.max_body_bytes)
-    params = parse_generation(body, chat, state.config.max_tokens_limit)
+    cfg = state.config
+    body = await read_json(request, cfg.max_body_bytes)
+    params = parse_generation(body, chat, cfg.max_tokens_limit, cfg.max_messages, cfg.max_n)
+    if params.ignored:
+        log.info("ignoring unknown request fields: %s", ", ".join(repr(k)[:40] for k in params.ignored[:20]))
     aset, source = state.choose(params)
-    limit = state.config.max_tokens_limit
+    limit = cfg.max_tokens_limit
     default_max = limit if chat else min(limit, COMPLETIONS_DEFAULT_MAX_TOKENS)
     ids, routing, max_new, aset = await run_in_threadpool(state.prepare, params, aset, source, default_max)
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    n = params.n
+    runs = n if params.temperature > 0 else 1  # greedy choices are all the same: one row, repeated
+    seeds = params.choice_seeds()
+    deadline = time.monotonic() + cfg.request_timeout
 
-    def emit(kind, payload):
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
-        except RuntimeError:  # the event loop is gone (shutdown)
-            pass
+    def emitter(k: int):
+        def emit(kind, payload):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (k, kind, payload))
+            except RuntimeError:  # the event loop is gone (shutdown)
+                pass
+        return emit
 
-    req = GenRequest(ids=ids, adapters=aset, max_new=max_new, emit=emit, temperature=params.temperature,
-                     top_p=params.top_p, seed=params.seed, stop=params.stop,
-                     deadline=time.monotonic() + state.config.request_timeout)
+    reqs = [LogprobRequest(ids=ids, adapters=aset, max_new=max_new, emit=emitter(k), temperature=params.temperature,
+                           top_p=params.top_p, seed=seeds[k], stop=params.stop, deadline=deadline,
+                           logprobs=params.logprobs) for k in range(runs)]
+
+    def cancel_all():
+        for r in reqs:
+            if not r.finished:
+                r.cancel()
+
     try:
-        state.scheduler.submit(req)
+        for r in reqs:
+            state.scheduler.submit(r)
     except QueueFull:
-        raise APIError(503, f"the server is busy: {state.config.max_queue} requests are already waiting; "
+        cancel_all()
+        raise APIError(503, f"the server is busy: {cfg.max_queue} requests are already waiting; "
                             f"retry shortly", "server_overloaded", code="queue_full",
                        headers={"Retry-After": "1"}) from None
+    except BaseException:
+        cancel_all()
+        raise
     state.metrics.count_routing(routing)
-    out = ResponseWriter(params, req.id, int(time.time()), params.model or state.base_name, routing)
+    out = ResponseWriter(params, reqs[0].id, int(time.time()), params.model or state.base_name, routing)
+    choices_of = (lambda k: [k]) if runs == n else (lambda k: range(n))  # the choices a row answers
+    tracks = [ChoiceLogprobs(r, state.token_text) if params.logprobs is not None else None for r in reqs]
 
     if not params.stream:
+        dones: list = [None] * runs
         try:
-            while True:
+            while any(d is None for d in dones):
                 try:
-                    kind, payload = await asyncio.wait_for(queue.get(), 0.5)
+                    k, kind, payload = await asyncio.wait_for(queue.get(), 0.5)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        req.cancel()
+                        cancel_all()
                         return JSONResponse({}, status_code=499)
                     continue
                 if kind == "error":
+                    cancel_all()
                     raise payload
                 if kind == "done":
-                    break
+                    dones[k] = payload
         except asyncio.CancelledError:
-            req.cancel()
+            cancel_all()
             raise
-        return out.completion(payload, ids)
+        lps = None
+        if params.logprobs is not None:
+            lps = await run_in_threadpool(lambda: [t.final(d) for t, d in zip(tracks, dones)])
+        if runs != n:
+            dones, lps = dones * n, (lps * n if lps is not None else None)
+        return out.completion(dones, ids, lps)
 
     async def events():
+        dones: list = [None] * runs
+        emitted = [0] * runs
         try:
             if chat:
-                yield out.chunk("", first=True)
-            while True:
-                kind, payload = await queue.get()
+                for i in range(n):
+                    yield out.chunk("", first=True, index=i)
+            while any(d is None for d in dones):
+                k, kind, payload = await queue.get()
                 if kind == "delta":
-                    yield out.chunk(payload)
+                    emitted[k] += len(payload)
+                    lp = tracks[k].stream(emitted[k]) if tracks[k] is not None else None
+                    for i in choices_of(k):
+                        yield out.chunk(payload, index=i, logprobs=lp)
                 elif kind == "error":
                     yield out.error_chunk(payload)
                     break
                 else:
-                    yield out.chunk(None if chat else "", finish=payload["finish_reason"])
-                    if params.include_usage:
-                        yield out.usage_chunk(payload)
-                    break
+                    dones[k] = payload
+                    lp = tracks[k].final(payload) if tracks[k] is not None else None
+                    for i in choices_of(k):
+                        yield out.chunk(None if chat else "", finish=payload["finish_reason"], index=i, logprobs=lp)
+            else:
+                if params.include_usage:
+                    yield out.usage_chunk(dones * (n // runs))
             yield "data: [DONE]\n\n"
         finally:
-            if not req.finished:
-                req.cancel()
+            cancel_all()
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -306,7 +392,9 @@ def create_app(engine, config: ServeConfig | None = None):
     async def completions(request: Request):
         return await generate(state, request, chat=False)
 
-    app.add_middleware(_StatusCounter, metrics=state.metrics)
+    if state.config.api_key:
+        app.add_middleware(_Auth, key=state.config.api_key)
+    app.add_middleware(_StatusCounter, metrics=state.metrics)  # outermost: counts the 401s too
     return app
 
 
