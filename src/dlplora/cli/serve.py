@@ -6,16 +6,30 @@ from ..errors import DLPLoRAError
 from .common import LIBRARY_MODEL_HELP, add_precision_arguments, add_routing_arguments, routing_from_args
 
 
+def config_from_args(args):
+    """The :class:`dlplora.serve.ServeConfig` of `dlp-lora serve`'s arguments (the API key: --api-key, else
+    $DLP_LORA_API_KEY when set and non-empty), checked."""
+    import os
+
+    from ..serve import ServeConfig
+    from ..serve.config import API_KEY_ENV
+
+    key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+    return ServeConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                       max_tokens_limit=args.max_tokens_limit, request_timeout=args.request_timeout,
+                       max_body_bytes=args.max_body_bytes, model_name=args.served_model_name,
+                       prefill_chunk=args.prefill_chunk, compile=args.compile, max_messages=args.max_messages,
+                       max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n, api_key=key,
+                       allow_runtime_adapters=args.allow_runtime_adapters, adapter_root=args.adapter_root).check()
+
+
 def cmd_serve(args) -> None:
     from ..engine import DLPLoRA
-    from ..serve import ServeConfig, serve
+    from ..serve import serve
 
     if not 0 < args.port < 65536:
         raise DLPLoRAError(f"--port must be in 1..65535, got {args.port}")
-    config = ServeConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                         max_tokens_limit=args.max_tokens_limit, request_timeout=args.request_timeout,
-                         max_body_bytes=args.max_body_bytes, model_name=args.served_model_name,
-                         prefill_chunk=args.prefill_chunk, compile=args.compile).check()
+    config = config_from_args(args)
     engine = DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin,
                                   routing=routing_from_args(args), dtype=args.dtype, device=args.device,
                                   quantize=args.quantize)
@@ -26,6 +40,7 @@ def cmd_serve(args) -> None:
     name = config.model_name or engine.info.name
     print(f"serving {name} with {len(engine.names)} adapters ({', '.join(engine.names)}); "
           f"plugin: {'yes' if engine.router is not None else 'no (pinned adapters only)'}; "
+          f"API key: {'required' if config.api_key else 'none (open to anyone who can reach the port)'}; "
           f"http://{args.host}:{args.port}/v1", flush=True)
     serve(engine, config, host=args.host, port=args.port, log_level=args.log_level)
 
@@ -59,6 +74,19 @@ def register(sub, model_help: str) -> None:
                    help="seconds from arrival to the last token before a request fails with 504 (default 120)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
                    help="largest request body; above: 413 (default 1 MiB)")
+    s.add_argument("--max-messages", type=int, default=256, metavar="N",
+                   help="most chat messages in one request; above: 400 (default 256)")
+    s.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                   help="most prompt tokens in one request; above: 400 (default: the model's context window)")
+    s.add_argument("--max-n", type=int, default=8, metavar="N",
+                   help="most choices ('n') in one request; above: 400 (default 8)")
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health (else 401); default: "
+                        "$DLP_LORA_API_KEY when set, else no key")
+    s.add_argument("--allow-runtime-adapters", action="store_true",
+                   help="turn on POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default)")
+    s.add_argument("--adapter-root", metavar="DIR", default=None,
+                   help="a runtime load's lora_path must lie under DIR (else 403)")
     s.add_argument("--served-model-name", metavar="NAME",
                    help="the id of the base model in /v1/models (default: the backbone's name)")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import DLPLoRAError
 
 ROUTE_ALIASES = ("dlp-lora", "auto", "dlp-lora/auto")  # model ids that mean "route by content"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
+API_KEY_ENV = "DLP_LORA_API_KEY"  # `dlp-lora serve` reads the API key from here when --api-key is not given
+MAX_TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's limit for chat)
 
 
 @dataclass
@@ -21,14 +25,36 @@ class ServeConfig:
     model_name: str | None = None  # the public id of the base model (default: the backbone's name)
     prefill_chunk: int = 256  # prompt tokens per prefill chunk (between two decode steps of the running rows)
     compile: bool = False  # torch.compile the decode step (see `dlp-lora bench decode --compile`)
+    max_messages: int = 256  # chat messages per request; above: 400
+    max_prompt_tokens: int | None = None  # prompt tokens per request (None: only the model's context window); above: 400
+    max_n: int = 8  # choices per request ('n'); above: 400
+    # every route but /health needs "Authorization: Bearer <api_key>" when set (else 401)
+    api_key: str | None = field(default=None, repr=False)
+    allow_runtime_adapters: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter are on
+    adapter_root: str | None = None  # lora_path of a runtime load must lie under this directory (else 403)
 
     def check(self) -> "ServeConfig":
-        for name in ("max_batch_size", "max_queue", "max_tokens_limit", "max_body_bytes", "prefill_chunk"):
+        for name in ("max_batch_size", "max_queue", "max_tokens_limit", "max_body_bytes", "prefill_chunk",
+                     "max_messages", "max_n"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise DLPLoRAError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        v = self.max_prompt_tokens
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise DLPLoRAError(f"--max-prompt-tokens must be a positive integer, got {v!r}")
         if not (self.request_timeout > 0 and math.isfinite(self.request_timeout)):
             raise DLPLoRAError(f"--request-timeout must be a positive number of seconds, got {self.request_timeout!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str)
+                                         or not re.fullmatch(r"[\x21-\x7e]+", self.api_key)):
+            raise DLPLoRAError(f"--api-key (or ${API_KEY_ENV}) must be a non-empty string of printable ASCII without "
+                               f"spaces (it travels in the header 'Authorization: Bearer <key>')")
+        if not isinstance(self.allow_runtime_adapters, bool):
+            raise DLPLoRAError(f"allow_runtime_adapters must be true or false, got {self.allow_runtime_adapters!r}")
+        if self.adapter_root is not None:
+            root = Path(str(self.adapter_root)).expanduser()
+            if not str(self.adapter_root).strip() or not root.is_dir():
+                raise DLPLoRAError(f"--adapter-root {self.adapter_root}: no such directory")
+            self.adapter_root = str(root.resolve())
         return self
 
 
