@@ -1,8 +1,11 @@
 """The one reader of PEFT LoRA adapter directories (``adapter_config.json`` + ``adapter_model.safetensors``).
 
-- :func:`read_adapter_config`: the config, checked (a LoRA, a positive rank, no DoRA / fan_in_fan_out),
-  with PEFT's ``rank_pattern`` / ``alpha_pattern`` rule (:func:`pattern_value`);
-- :func:`lora_pairs`: the weight file's keys grouped into (lora_A, lora_B) per module;
+- :func:`read_adapter_config`: the config, checked (a LoRA, a positive rank, a finite alpha, no DoRA /
+  fan_in_fan_out, no ``modules_to_save``, trained biases or trainable tokens), with PEFT's ``rank_pattern`` /
+  ``alpha_pattern`` rule (:func:`pattern_value`);
+- :func:`lora_pairs`: the weight file's keys grouped into (lora_A, lora_B) per module; any other tensor (a full
+  copy of ``lm_head`` or ``embed_tokens``, a bias) is refused: the fused engine applies only the low-rank
+  deltas, so skipping it would change the adapter's outputs;
 - :func:`load_peft_adapter`: an adapter as plain tensors, for the fused layers (:mod:`dlplora.fusion`);
 - :func:`validate_adapter`: an adapter checked against a base model's layers without loading its
   weights (``dlp-lora library add``).
@@ -86,24 +89,76 @@ def read_adapter_config(path: str | os.PathLike, name: str | None = None) -> Ada
         raise DLPLoRAError(f"{where}: fan_in_fan_out adapters (Conv1D models) are not supported")
     r = cfg.get("r", 8)
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise DLPLoRAError(f"{where}: rank r={r!r} in {CONFIG_FILE}; it must be a positive integer")
+        raise DLPLoRAError(f"{where}: rank r={_short(r)} in {CONFIG_FILE}; it must be a positive integer")
+    alpha = cfg.get("lora_alpha", r)
+    if not _finite(alpha):
+        raise DLPLoRAError(f"{where}: lora_alpha={_short(alpha)} in {CONFIG_FILE}; it must be a finite number")
+    if cfg.get("modules_to_save"):
+        raise DLPLoRAError(f"{where}: {CONFIG_FILE} has modules_to_save={_short(cfg['modules_to_save'])}: the adapter "
+                           f"carries full copies of those modules, which the fused engine cannot apply (only LoRA "
+                           f"deltas are fused), so its outputs would differ from PEFT's; retrain without "
+                           f"modules_to_save")
+    if cfg.get("bias") not in (None, "none"):
+        raise DLPLoRAError(f"{where}: bias={_short(cfg['bias'])} in {CONFIG_FILE}: the adapter trains the base layers' "
+                           f"biases, which the fused engine does not apply; only bias='none' adapters are supported")
+    if cfg.get("trainable_token_indices"):
+        raise DLPLoRAError(f"{where}: trainable_token_indices in {CONFIG_FILE}: trained token embeddings are not "
+                           f"supported by the fused engine")
+    if cfg.get("use_rslora") not in (None, True, False):
+        raise DLPLoRAError(f"{where}: use_rslora={_short(cfg['use_rslora'])} in {CONFIG_FILE}; it must be true or false")
+    patterns = {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = cfg.get(key) or {}
+        if not isinstance(pat, dict):
+            raise DLPLoRAError(f"{where}: {key} in {CONFIG_FILE} must be an object {{module regex: value}}")
+        for k, v in pat.items():
+            try:
+                re.compile(rf"(.*\.)?({k})$")  # as pattern_value uses it
+            except re.error as exc:
+                raise DLPLoRAError(f"{where}: {key} key {_short(k)} in {CONFIG_FILE} is not a valid regex: {exc}") from None
+            ok = (isinstance(v, int) and not isinstance(v, bool) and v > 0) if key == "rank_pattern" else _finite(v)
+            if not ok:
+                raise DLPLoRAError(f"{where}: {key}[{_short(k)}] = {_short(v)} in {CONFIG_FILE}; it must be a "
+                                   f"{'positive integer' if key == 'rank_pattern' else 'finite number'}")
+        patterns[key] = pat
     if not (path / WEIGHTS_FILE).is_file():
         raise DLPLoRAError(f"{where}: {path / WEIGHTS_FILE} is missing (save adapters with safe_serialization)")
-    return AdapterConfig(path=path, where=where, rank=r, alpha=float(cfg.get("lora_alpha", r)),
-                         use_rslora=bool(cfg.get("use_rslora", False)), rank_pattern=cfg.get("rank_pattern") or {},
-                         alpha_pattern=cfg.get("alpha_pattern") or {}, raw=cfg)
+    return AdapterConfig(path=path, where=where, rank=r, alpha=float(alpha), use_rslora=bool(cfg.get("use_rslora")),
+                         rank_pattern=patterns["rank_pattern"], alpha_pattern=patterns["alpha_pattern"], raw=cfg)
+
+
+def _short(v, n: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def lora_pairs(items: Mapping[str, object], where: str) -> dict[str, dict[str, object]]:
     """Weight-file entries (key -> tensor or shape) grouped per module: {module: {"A": ..., "B": ...}}."""
     pairs: dict[str, dict[str, object]] = {}
+    others = []
     for key, value in items.items():
         m = _KEY.match(key)
         if m is None:
             if "lora_embedding" in key or "magnitude" in key:
                 raise DLPLoRAError(f"{where}: tensor {key} (embedding LoRA / DoRA) is not supported")
-            continue  # e.g. modules_to_save copies: not part of the low-rank delta
-        pairs.setdefault(m["module"], {})[m["ab"]] = value
+            others.append(key)
+            continue
+        ab = pairs.setdefault(m["module"], {})
+        if m["ab"] in ab:
+            raise DLPLoRAError(f"{where}: the weights hold two lora_{m['ab']} tensors for layer {m['module']} "
+                               f"(several adapters in one file?)")
+        ab[m["ab"]] = value
+    if others:
+        full = [k for k in others if "modules_to_save" in k or re.search(r"(lm_head|embed_tokens|wte|embed_out)", k)]
+        what = ("full copies of modules (modules_to_save, e.g. lm_head / embed_tokens)" if full else
+                "tensors that are not LoRA factors (lora_A / lora_B)")
+        raise DLPLoRAError(f"{where}: the weights hold {len(others)} {what}: {', '.join(sorted(others)[:3])}"
+                           f"{', ...' if len(others) > 3 else ''}; the fused engine applies only the low-rank deltas, "
+                           f"so this adapter's outputs would differ from PEFT's. Save an adapter of LoRA layers only")
     if not pairs:
         raise DLPLoRAError(f"{where}: the weights hold no lora_A/lora_B tensors")
     for module, ab in pairs.items():
@@ -119,10 +174,21 @@ def _read_weights(cfg: AdapterConfig, shapes_only: bool) -> dict:
     try:
         with safe_open(str(cfg.weights_file), framework="pt", device="cpu") as fh:
             for k in fh.keys():
-                out[k] = tuple(fh.get_slice(k).get_shape()) if shapes_only else fh.get_tensor(k)
+                if shapes_only:
+                    out[k] = tuple(fh.get_slice(k).get_shape())
+                    continue
+                t = fh.get_tensor(k)
+                if not t.is_floating_point():
+                    raise DLPLoRAError(f"{cfg.where}: tensor {k} in {cfg.weights_file} is {t.dtype}, not floating "
+                                       f"point")
+                if not bool(torch.isfinite(t).all()):
+                    raise DLPLoRAError(f"{cfg.where}: tensor {k} in {cfg.weights_file} holds NaN or infinite values")
+                out[k] = t
+    except DLPLoRAError:
+        raise
     except Exception as exc:  # truncated or garbage file
         raise DLPLoRAError(f"{cfg.where}: could not read {cfg.weights_file}: it is unreadable or corrupt "
-                           f"({exc})") from exc
+                           f"({type(exc).__name__}: {exc})") from exc
     return out
 
 
@@ -172,11 +238,17 @@ def validate_adapter(path: str | os.PathLike, model=None, base: dict | None = No
     cfg = read_adapter_config(path)
     meta = path / ADAPTER_META
     if base and meta.is_file():
-        theirs = json.loads(meta.read_text()).get("base_model", {})
+        try:
+            theirs = json.loads(meta.read_text())
+        except (ValueError, RecursionError) as exc:
+            raise DLPLoRAError(f"{path}: {meta.name} is corrupt: {exc}") from None
+        theirs = theirs.get("base_model") if isinstance(theirs, dict) else None
+        theirs = theirs if isinstance(theirs, dict) else {}
         if theirs.get("fingerprint") and base.get("fingerprint") and theirs["fingerprint"] != base["fingerprint"]:
             raise DLPLoRAError(f"{path} was trained on base model {theirs.get('name')} ({theirs['fingerprint']}), "
                                f"but the library's base is {base.get('name')} ({base['fingerprint']})")
-    pairs = lora_pairs(_read_weights(cfg, shapes_only=True), cfg.where)
+    # the whole tensors, not only the shapes: a NaN or a damaged tensor is refused here rather than at serving
+    pairs = lora_pairs({k: tuple(t.shape) for k, t in _read_weights(cfg, shapes_only=False).items()}, cfg.where)
     config = load_config(model)
     with torch.device("meta"):
         net = AutoModelForCausalLM.from_config(config)
