@@ -16,6 +16,7 @@ batch to vectors inside the network (:class:`EncoderModule`).
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ from .features import FEATURIZER, RETRAIN_HINT, Features, HashedNgramTokenizer
 ENCODERS = ("hashed", "backbone")
 BACKBONE_ENCODER = "backbone-embeddings-v1"
 _WINDOWS = (("head", 0, 64), ("body", 0, 256), ("tail", -64, None))
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class HashedEncoder:
@@ -90,6 +92,7 @@ class BackboneEncoder:
     def encode(self, texts: Sequence[str]):
         import torch
 
+        texts = [_LONE_SURROGATE.sub("\ufffd", t) for t in texts]  # the BPE tokenizer cannot encode them
         turns = [t.rsplit(TURN_SEPARATOR, 1) if TURN_SEPARATOR in t else ["", t] for t in texts]
         cur = self.tok([c for _, c in turns], add_special_tokens=False)["input_ids"]
         hist = self.tok([h for h, _ in turns], add_special_tokens=False)["input_ids"]

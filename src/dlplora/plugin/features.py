@@ -105,7 +105,8 @@ class HashedNgramTokenizer:
     # -------------------------------------------------------- segments
     def _normalise(self, text: str) -> bytes:
         norm = " ".join(text.split()).replace("\x00", " ")  # NUL separates segments in the batch buffer
-        return (norm.lower() if self.lowercase else norm).encode("utf-8")
+        # a lone surrogate (JSON can carry "\ud800") is hashed as its 3 bytes instead of failing to encode
+        return (norm.lower() if self.lowercase else norm).encode("utf-8", "surrogatepass")
 
     def _segments(self, text: str) -> list[bytes]:
         """The segments of one text in slot order; a current turn that fits in the head is one segment
