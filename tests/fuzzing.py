@@ -29,9 +29,9 @@ texts = st.one_of(  # empty to huge
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 70), 2 ** 70),
                          st.floats(allow_nan=False, allow_infinity=False), st.text(weird_char, max_size=12))
-json_values = st.recursive(json_scalars, lambda kids: st.one_of(st.lists(kids, max_size=4),
-                                                                 st.dictionaries(st.text(max_size=8), kids, max_size=4)),
-                           max_leaves=12)
+json_values = st.recursive(
+    json_scalars, lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=8), kids, max_size=4)),
+    max_leaves=12)
 
 
 def deep(depth: int, kind: str = "[") -> bytes:

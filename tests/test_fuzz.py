@@ -246,7 +246,8 @@ def _mutations(good: Path):
         .map(lambda flips: ("flip", flips)),
         st.binary(max_size=400).map(lambda b: ("garbage", b)),
         json_values.map(lambda v: ("config", v)),
-        st.sampled_from(["{", "", "null", "[]", '{"r": NaN}', "\x00", '{"r": 1e999}']).map(lambda t: ("config_text", t)),
+        st.sampled_from(["{", "", "null", "[]", '{"r": NaN}', "\x00", '{"r": 1e999}'])
+        .map(lambda t: ("config_text", t)),
         st.tuples(st.sampled_from(config_keys), st.one_of(json_values, st.floats())).map(lambda kv: ("field", kv)),
         st.tuples(st.sampled_from(keys), st.sampled_from(["drop", "nan", "transpose", "grow", "int", "scalar"]))
         .map(lambda kv: ("tensor", kv)),
@@ -302,7 +303,8 @@ def test_library_add_on_damaged_adapter_files(good_adapter, tiny_model, fuzz_lib
                     key, how = arg
                     t = ts.pop(key)
                     if how != "drop":
-                        ts[key] = {"nan": lambda: torch.full_like(t, float("nan")), "transpose": lambda: t.T.contiguous(),
+                        ts[key] = {"nan": lambda: torch.full_like(t, float("nan")),
+                                   "transpose": lambda: t.T.contiguous(),
                                    "grow": lambda: torch.zeros(t.shape[0] + 1, t.shape[1]),
                                    "int": lambda: t.to(torch.int64), "scalar": lambda: torch.tensor(1.0)}[how]()
                 save_file(ts, str(src / WEIGHTS_FILE))

@@ -68,8 +68,8 @@ def _post(client, path, body: bytes, headers=JSON):
 
 content = st.one_of(texts, st.lists(st.one_of(st.fixed_dictionaries({"type": st.just("text"), "text": texts}),
                                               json_values), max_size=3), json_values)
-message = st.one_of(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "developer", "tool"]),
-                                           "content": content}), json_values)
+roles = st.sampled_from(["user", "system", "assistant", "developer", "tool"])
+message = st.one_of(st.fixed_dictionaries({"role": roles, "content": content}), json_values)
 small = st.one_of(st.integers(-2, 5), json_values)
 fields = {"model": st.one_of(st.sampled_from(["alpha", "beta", "dlp-lora", "auto", "nope", ""]), json_values),
           "max_tokens": small, "max_completion_tokens": small, "n": small, "logprobs": st.one_of(st.booleans(), small),

@@ -105,7 +105,8 @@ def read_adapter_config(path: str | os.PathLike, name: str | None = None) -> Ada
         raise DLPLoRAError(f"{where}: trainable_token_indices in {CONFIG_FILE}: trained token embeddings are not "
                            f"supported by the fused engine")
     if cfg.get("use_rslora") not in (None, True, False):
-        raise DLPLoRAError(f"{where}: use_rslora={_short(cfg['use_rslora'])} in {CONFIG_FILE}; it must be true or false")
+        raise DLPLoRAError(f"{where}: use_rslora={_short(cfg['use_rslora'])} in {CONFIG_FILE}; it must be true or "
+                           f"false")
     patterns = {}
     for key in ("rank_pattern", "alpha_pattern"):
         pat = cfg.get(key) or {}
@@ -115,7 +116,8 @@ def read_adapter_config(path: str | os.PathLike, name: str | None = None) -> Ada
             try:
                 re.compile(rf"(.*\.)?({k})$")  # as pattern_value uses it
             except re.error as exc:
-                raise DLPLoRAError(f"{where}: {key} key {_short(k)} in {CONFIG_FILE} is not a valid regex: {exc}") from None
+                raise DLPLoRAError(f"{where}: {key} key {_short(k)} in {CONFIG_FILE} is not a valid regex: "
+                                   f"{exc}") from None
             ok = (isinstance(v, int) and not isinstance(v, bool) and v > 0) if key == "rank_pattern" else _finite(v)
             if not ok:
                 raise DLPLoRAError(f"{where}: {key}[{_short(k)}] = {_short(v)} in {CONFIG_FILE}; it must be a "

@@ -26,7 +26,7 @@ class ServeConfig:
     prefill_chunk: int = 256  # prompt tokens per prefill chunk (between two decode steps of the running rows)
     compile: bool = False  # torch.compile the decode step (see `dlp-lora bench decode --compile`)
     max_messages: int = 256  # chat messages per request; above: 400
-    max_prompt_tokens: int | None = None  # prompt tokens per request (None: only the model's context window); above: 400
+    max_prompt_tokens: int | None = None  # prompt tokens per request (None: the context window); above: 400
     max_n: int = 8  # choices per request ('n'); above: 400
     # every route but /health needs "Authorization: Bearer <api_key>" when set (else 401)
     api_key: str | None = field(default=None, repr=False)

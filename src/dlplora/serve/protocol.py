@@ -93,7 +93,8 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise APIError(400, f"'{name}' must be a number, got {_short(v)}", param=name)
     if (v <= lo if lo_open else v < lo) or v > hi:
-        raise APIError(400, f"'{name}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {_short(v)}", param=name)
+        raise APIError(400, f"'{name}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {_short(v)}",
+                       param=name)
     return float(v)
 
 
@@ -192,7 +193,8 @@ async def read_json(request, limit: int) -> dict:
     try:
         body = json.loads(raw)
     except RecursionError:
-        raise APIError(400, "the request body is not valid JSON: it is nested too deeply", code="invalid_json") from None
+        raise APIError(400, "the request body is not valid JSON: it is nested too deeply",
+                       code="invalid_json") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -314,7 +316,8 @@ def parse_generation(body: dict, chat: bool, max_tokens_limit: int, max_messages
         if not _is_int(max_tokens) or max_tokens < 1:
             raise APIError(400, f"'{key}' must be a positive integer, got {_short(max_tokens)}", param=key)
         if max_tokens > max_tokens_limit:
-            raise APIError(400, f"'{key}' is {_short(max_tokens)}, over this server's limit of {max_tokens_limit}", param=key)
+            raise APIError(400, f"'{key}' is {_short(max_tokens)}, over this server's limit of {max_tokens_limit}",
+                           param=key)
     temperature = _number(body, "temperature", 0.0, 0.0, 2.0)  # default greedy (OpenAI: 1)
     if temperature < MIN_TEMPERATURE:
         temperature = 0.0
