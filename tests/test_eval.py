@@ -24,6 +24,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------- metric functions
 
+def single_paired(res):
+    return res["settings"]["single"]["paired"]
+
+
 def test_exact_match_normalisation():
     assert metrics.normalize_answer("  The Answer: 42!\nmore text") == "answer 42"
     assert metrics.exact_match("An apple.", ["apple"]) == 1.0
@@ -192,10 +196,14 @@ def test_harness_end_to_end_all_settings_and_methods(tiny_library, tiny_data, ti
     man = Library.open(tiny_library).manifest["adapters"]
     single = res["settings"]["single"]["methods"]
     for t in ("quiz", "sums"):
-        sc = man[t]["score"]
-        assert sc["adapter"] == pytest.approx(single["lora"]["tasks"][t]["main"], abs=0.01)
-        assert sc["base"] == pytest.approx(single["base"]["tasks"][t]["main"], abs=0.01)
-        assert man[t]["beats_base"] == (sc["adapter"] > sc["base"]) and "eval --setting single" in sc["source"]
+        e = man[t]
+        assert e["score"] == pytest.approx(single["lora"]["tasks"][t]["main"], abs=0.01)
+        assert e["base_score"] == pytest.approx(single["base"]["tasks"][t]["main"], abs=0.01)
+        assert e["n_test"] == single["lora"]["tasks"][t]["n"]
+        assert e["interval"][0] <= e["score"] <= e["interval"][1]
+        assert e["base_interval"][0] <= e["base_score"] <= e["base_interval"][1]
+        assert 0 < e["p_value"] <= 1 and e["significant"] == single_paired(res)[t]["better"]
+        assert e["beats_base"] == (e["score"] > e["base_score"]) and "eval --setting single" in e["score_detail"]["source"]
 
     # a second run resumes from the cache: no new prediction, same numbers
     engine.router.calls.clear()

@@ -54,8 +54,9 @@ def test_train_library_manifest_resume_and_peft_load(tiny_model, tiny_data, tmp_
     for key in ("task", "path", "base_model", "rank", "targets", "n_train", "steps", "final_loss", "wall_seconds"):
         assert key in e
     assert e["rank"] == 4 and e["targets"] == ["q_proj", "v_proj"] and e["steps"] == 3
-    assert e["score"]["metric"] == "accuracy" and "beats_base" in e
-    assert m["adapters"]["sums"]["score"]["metric"] == "rougeL"
+    assert e["score_detail"]["metric"] == "accuracy" and "beats_base" in e
+    assert e["n_test"] > 0 and e["interval"][0] <= e["score"] <= e["interval"][1] and 0 < e["p_value"] <= 1
+    assert m["adapters"]["sums"]["score_detail"]["metric"] == "rougeL"
     assert m["base_model"]["fingerprint"]
     # resumable: a second run skips both
     logs.clear()

@@ -115,17 +115,52 @@ def base_record(info) -> dict:
     return {"name": info.name, "path": info.path, "fingerprint": info.fingerprint, "architecture": info.architecture}
 
 
+SCORE_FIELDS = ("score", "base_score", "n_test", "interval", "base_interval", "p_value", "significant",
+                "wins_losses_ties", "score_detail", "beats_base")  # what score_record writes
+
+
 def score_record(adapter: dict, base: dict, source: str) -> dict:
     """The manifest fields for an adapter scored on its own task against the base model: `adapter` and `base` are
-    task results (metric, n, main and every metric)."""
+    task results (metric, n, main and every metric; with per-example scores, as :mod:`dlplora.eval.metrics` makes
+    them, also the 95% bootstrap interval of each and the paired sign test of adapter against base).
+
+    Top level: ``score`` / ``base_score`` (the main figure), ``n_test``, ``interval`` / ``base_interval`` (95%
+    percentile bootstrap over the test examples), ``p_value`` (exact two-sided sign test on the per-example
+    scores), ``significant`` (better than base at 95%) and ``beats_base``; ``score_detail`` keeps every metric."""
+    from .eval.stats import main_scores, paired_test
+
     def rounded(score):
         return {k: round(v, 2) for k, v in score.items() if isinstance(v, (int, float))}
 
-    return {"score": {"metric": adapter["metric"], "n": adapter["n"], "adapter": round(adapter["main"], 2),
-                      "base": round(base["main"], 2), "adapter_all": rounded(adapter), "base_all": rounded(base),
-                      "source": source},
-            "beats_base": adapter["main"] > base["main"]}
+    def interval(result):
+        ci = (result.get("ci") or {}).get("main")
+        return [round(ci[0], 2), round(ci[1], 2)] if ci else None
 
+    rec = {"score": round(adapter["main"], 2), "base_score": round(base["main"], 2), "n_test": adapter["n"],
+           "interval": interval(adapter), "base_interval": interval(base),
+           "score_detail": {"metric": adapter["metric"], "adapter_all": rounded(adapter), "base_all": rounded(base),
+                            "source": source},
+           "beats_base": adapter["main"] > base["main"]}
+    a, b = main_scores(adapter), main_scores(base)
+    if a is not None and b is not None and len(a) == len(b) and a:
+        t = paired_test(a, b)
+        rec.update({"p_value": round(t["p"], 5), "significant": bool(t["better"]),
+                    "wins_losses_ties": [t["wins"], t["losses"], t["ties"]]})
+    return rec
+
+
+def score_line(entry: dict) -> str:
+    """One line of an adapter's recorded score against base: "accuracy 62.0 [52.0, 71.0] vs base 41.0, p=0.003 (n=100)";
+    also reads the manifests written before the top-level fields (``score`` was a dict then)."""
+    sc = entry.get("score")
+    if isinstance(sc, dict):  # older manifest
+        return f"{sc.get('metric')} {sc.get('adapter', 0):.1f} vs base {sc.get('base', 0):.1f} (n={sc.get('n')})"
+    metric = (entry.get("score_detail") or {}).get("metric", "score")
+    ci = entry.get("interval")
+    line = f"{metric} {sc:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "") + f" vs base {entry.get('base_score', 0):.1f}"
+    if entry.get("p_value") is not None:
+        line += f", p={entry['p_value']:.3g}" + (" (significant)" if entry.get("significant") else "")
+    return line + f" (n={entry.get('n_test')})"
 
 
 # ---------------------------------------------------------------- adding an adapter trained elsewhere

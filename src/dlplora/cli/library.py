@@ -84,8 +84,7 @@ def cmd_library_list(args) -> None:
     print(f"base model: {base.get('name')} ({base.get('fingerprint')})")
     for name in lib.names:
         e = lib.entry(name)
-        sc = e.get("score")
-        extra = f"  {sc['metric']} {sc['adapter']:.1f} (base {sc['base']:.1f})" if sc else ""
+        extra = f"  {score_line(e)}" if e.get("score") is not None else ""
         print(f"  {name:42} r={e.get('rank')} {','.join(e.get('targets', []))}{extra}")
 
 

@@ -59,8 +59,9 @@ def cache_namespace(method: str) -> str:
 
 def library_signature(library) -> str:
     """Changes when the adapters or the plugin change: part of every cache key."""
+    from ..library import SCORE_FIELDS as scored  # written back by evaluations: not what the adapters compute
+
     h = hashlib.sha1()
-    scored = ("score", "beats_base")  # written back by evaluations: not part of what the adapters compute
     adapters = {n: {k: v for k, v in e.items() if k not in scored} for n, e in library.manifest.get("adapters", {}).items()}
     h.update(json.dumps(adapters, sort_keys=True).encode())
     for n in library.names:

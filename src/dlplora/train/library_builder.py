@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..adapters import ADAPTER_META, CONFIG_FILE, WEIGHTS_FILE
 from ..errors import DLPLoRAError
-from ..library import Library, base_record, score_record
+from ..library import Library, base_record, score_line, score_record
 from ..paths import atomic_write_text
 
 
@@ -115,10 +115,9 @@ def train_library(tasks, data_dir: str | os.PathLike, out: str | os.PathLike, mo
             base_cache[key] = bscore
             atomic_write_text(_base_scores_path(root), json.dumps(base_cache, indent=2))
         lib.set_entry(task, entry)
-        sc = entry.get("score")
         msg = f"{task}: loss {entry['first_loss']:.3f} -> {entry['final_loss']:.3f} in {entry['train_seconds']:.0f}s"
-        if sc:
-            msg += f"; {sc['metric']} adapter {sc['adapter']:.1f} vs base {sc['base']:.1f}"
+        if entry.get("score") is not None:
+            msg += f"; {score_line(entry)}"
             if not entry["beats_base"]:
                 msg += "  [FLAG: does not beat the base model]"
         log(msg)
