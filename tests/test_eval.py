@@ -129,8 +129,8 @@ def test_harness_end_to_end_all_settings_and_methods(tiny_library, tiny_data, ti
     out = tmp_path / "out"
     logs = []
     res = run_evaluation(tiny_library, data=tiny_data, out=out, settings=list(settings.SETTINGS), methods=list(settings.METHODS),
-                            teacher_forced=True, model=str(tiny_model), progress=False, engine=engine, arrow=arrow,
-                            log=logs.append)
+                            teacher_forced=True, mcq_exact_match=True, model=str(tiny_model), progress=False,
+                            engine=engine, arrow=arrow, log=logs.append)
     assert res["skipped"] == {}
     all_methods = {"base", "lora", "dlp", "dlp-renorm", "arrow", "merge-all"}
     assert set(res["settings"]["single"]["methods"]) == {"base", "lora"}
@@ -208,8 +208,8 @@ def test_harness_end_to_end_all_settings_and_methods(tiny_library, tiny_data, ti
     # a second run resumes from the cache: no new prediction, same numbers
     engine.router.calls.clear()
     res2 = run_evaluation(tiny_library, data=tiny_data, out=out, settings=list(settings.SETTINGS), methods=list(settings.METHODS),
-                             teacher_forced=True, model=str(tiny_model), progress=False, engine=engine, arrow=arrow,
-                             log=logs.append)
+                             teacher_forced=True, mcq_exact_match=True, model=str(tiny_model), progress=False,
+                             engine=engine, arrow=arrow, log=logs.append)
     assert res2["cache"]["new_predictions"] == 0 and res2["cache"]["hits"] > 0
     for s in settings.SETTINGS:
         for m, e in res["settings"][s]["methods"].items():
@@ -224,13 +224,16 @@ def test_cache_survives_a_truncated_line_and_limit(tiny_library, tiny_data, tiny
                            log=lambda *a: None)
     assert r1["settings"]["composite-17"]["methods"]["base"]["tasks"]["quiz"]["n"] == 2
     assert set(r1["settings"]["composite-17"]["methods"]) == {"base", "dlp"}
+    # by default a multiple-choice prompt is only ranked (no generated answer, no exact match)
+    assert "exact_match" not in r1["settings"]["composite-17"]["methods"]["base"]["tasks"]["quiz"]
+    assert r1["cache"]["new_predictions"] == 2 * 2  # 2 examples x 2 methods, ranking only
     with open(out / "cache" / "base.jsonl", "a") as fh:
         fh.write('{"k": "trunc')  # a crash mid-write
     r2 = run_evaluation(tiny_library, data=tiny_data, out=out, settings=["composite-17"], methods=["base", "dlp"],
                            weightings=["softmax"], limit=3, model=str(tiny_model), progress=False, engine=engine,
                            log=lambda *a: None)
     # two examples per method came from the cache; only the third example's predictions are new
-    assert r2["cache"]["new_predictions"] == 2 * 2  # (choice + generated answer) x 2 methods
+    assert r2["cache"]["new_predictions"] == 2  # the third example's ranking x 2 methods
 
 
 def test_label_hiding_with_a_fake_router(tiny_library, tiny_data, tiny_model, models, tmp_path):

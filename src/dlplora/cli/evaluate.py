@@ -20,7 +20,7 @@ def cmd_eval(args) -> None:
                         batch_size=args.batch_size, route_window=args.route_window,
                         turns=args.turns, conversations=args.conversations, arrow_top_k=args.arrow_top_k,
                         progress=not args.no_progress, command=command_line(), cache_dir=args.cache, note=args.note,
-                        p_sweep=parse_p_values(args.p_sweep))
+                        p_sweep=parse_p_values(args.p_sweep), mcq_exact_match=args.mcq_exact_match)
     results = run_evaluation(config, log=log)
     if not args.json:
         print(f"wrote {os.path.join(args.out, 'results.json')}, RESULTS.md and figures/ "
@@ -37,7 +37,7 @@ def cmd_reproduce(args) -> None:
         model=args.model, settings=args.setting, methods=args.methods, p=args.p, weightings=args.weightings,
         teacher_forced=not args.no_teacher_forced, top_layers=parse_top_layers(args.top_layers),
         batch_size=args.batch_size, progress=not args.no_progress, command=command_line(), p_sweep=args.p_sweep,
-        conversations=args.conversations))
+        conversations=args.conversations, mcq_exact_match=args.mcq_exact_match))
 
 
 def cmd_report(args) -> None:
@@ -56,6 +56,10 @@ def _common(p, model_help: str) -> None:
                    help="also run dlp at these top-p values on the widest composite setting (a table of the effect of "
                         "p: score, adapters per prompt, fusion weight)")
     p.add_argument("--conversations", type=int, default=None, help="multiturn: at most this many conversations")
+    p.add_argument("--mcq-exact-match", action="store_true",
+                   help="also generate an answer to every single-turn multiple-choice prompt and report its exact "
+                        "match (a secondary figure; the main one is the log-likelihood ranking; costs a generation "
+                        "per prompt)")
     p.add_argument("--weightings", default="softmax,renorm",
                    help="DLP fusion weightings to report: softmax (the paper's, reported as `dlp`) and/or renorm "
                         "(`dlp-renorm`)")

@@ -38,9 +38,11 @@ def _chunks(seq, n):
 
 
 def run_method_items(runner, method: str, items: list[dict], sets: list[dict], cache: PredictionCache, sig: str,
-                     teacher_forced: bool = False, batch_size: int = 8, progress: bool = True, desc: str = "") -> list[dict]:
+                     teacher_forced: bool = False, batch_size: int = 8, progress: bool = True, desc: str = "",
+                     choice_gen: bool = True) -> list[dict]:
     """Predictions for `items` (in their order, batched as they come): per item {"choice", "gen", "tf"}
-    (as applicable) and "seconds" (compute time, from the cache for cached predictions)."""
+    (as applicable) and "seconds" (compute time, from the cache for cached predictions). `choice_gen`: also
+    generate an answer for multiple-choice items (their exact match; a conversation's next turn needs it)."""
     from tqdm.auto import tqdm
 
     tok = runner.tokenizer
@@ -49,7 +51,8 @@ def run_method_items(runner, method: str, items: list[dict], sets: list[dict], c
         kind = scoring_kind(it["task"], it["ex"])
         if kind == "choice":
             jobs.append(("choice", i))
-        jobs.append(("gen", i))
+        if kind != "choice" or choice_gen:
+            jobs.append(("gen", i))
         if teacher_forced and kind == "gen" and not it.get("history"):
             jobs.append(("tf", i))
     preds = [{"seconds": 0.0} for _ in items]
@@ -215,7 +218,7 @@ class _Run:
                 "backbone": (engine.info.to_dict() if getattr(engine, "info", None) is not None else None),
                 "tasks": self.tasks, "limit": c.limit, "p": self.p, "weightings": self.weightings,
                 "methods": self.methods, "settings": self.settings, "teacher_forced": c.teacher_forced,
-                "seed": c.seed, "batch_size": c.batch_size, "route_window": c.route_window, "turns": c.turns,
+                "mcq_exact_match": c.mcq_exact_match, "seed": c.seed, "batch_size": c.batch_size, "route_window": c.route_window, "turns": c.turns,
                 "arrow": {"top_k": min(c.arrow_top_k, len(names)), "temperature": 1.0,
                           "implementation": "peft ArrowConfig / arrow_router LoRA variant"},
                 "merge_all": f"every row uses all {len(names)} adapters with weight 1/{len(names)}",
@@ -295,7 +298,8 @@ class _Run:
             sets = fixed_sets(method, stream, self.names)
         route_s = time.perf_counter() - t0
         preds = run_method_items(runner, name, stream, sets, self.cache, sig, teacher_forced=c.teacher_forced,
-                                 batch_size=c.batch_size, progress=c.progress, desc=desc)
+                                 batch_size=c.batch_size, progress=c.progress, desc=desc,
+                                 choice_gen=c.mcq_exact_match)
         entry = summarise(tasks, stream, preds, sets, route_s, route_log)
         if method == "dlp":
             entry.update({"weighting": weighting, "p": self.p, "routing_seconds": round(route_s, 4)})
@@ -375,7 +379,7 @@ class _Run:
         log(f"== p sweep on {setting}: p in {', '.join(f'{x:g}' for x in self.p_sweep)}")
         lora_sets = fixed_sets("lora", stream, self.engine.names)
         preds = run_method_items(self.fused, "lora", stream, lora_sets, self.cache, self.sig, batch_size=c.batch_size,
-                                 progress=c.progress, desc="p sweep lora")
+                                 progress=c.progress, desc="p sweep lora", choice_gen=c.mcq_exact_match)
         lora = summarise(s_tasks, stream, preds, lora_sets, 0.0)
         rows = []
         for weighting in self.weightings:
@@ -385,7 +389,8 @@ class _Run:
                 sets = self._dlp_sets(texts, pv, weighting)
                 route_s = time.perf_counter() - t0
                 preds = run_method_items(self.fused, name, stream, sets, self.cache, self.sig, batch_size=c.batch_size,
-                                         progress=c.progress, desc=f"p sweep {name} p={pv:g}")
+                                         progress=c.progress, desc=f"p sweep {name} p={pv:g}",
+                                         choice_gen=c.mcq_exact_match)
                 e = summarise(s_tasks, stream, preds, sets, route_s, top_names(sets))
                 top_w = [max(s.values()) for s in sets if s]
                 row = {"p": pv, "weighting": weighting, "method": name, "mean": e["mean"], "mean_ci": e.get("mean_ci"),

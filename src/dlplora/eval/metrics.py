@@ -142,7 +142,8 @@ def generation_result(task: str, examples: list[dict], preds: list[str]) -> dict
 
 
 def scoring_kind(task: str, ex: dict) -> str:
-    """'choice' (log-likelihood ranking + generated exact match), 'em' (generated exact match) or 'gen'."""
+    """'choice' (log-likelihood ranking, + optionally the generated answer's exact match), 'em' (generated exact
+    match) or 'gen'."""
     if ex.get("choices"):
         return "choice"
     spec = TASKS.get(task)
@@ -162,9 +163,12 @@ def task_metrics(task: str, items: list[dict], preds: list[dict]) -> dict:
     gens = [p.get("gen", "") for p in preds]
     if kind == "choice":
         acc = _hits(p.get("choice") == ex["answer_index"] for p, ex in zip(preds, exs))
-        em = _hits(exact_match(g, [ex["target"], *(ex.get("aliases") or [])]) for g, ex in zip(gens, exs))
-        res.update({"accuracy": _mean(acc), "main": _mean(acc), "metric": "accuracy", "exact_match": _mean(em),
-                    "per_example": {"accuracy": acc, "exact_match": em}})
+        res.update({"accuracy": _mean(acc), "main": _mean(acc), "metric": "accuracy",
+                    "per_example": {"accuracy": acc}})
+        if all("gen" in p for p in preds):  # the generated answers are optional (EvalConfig.mcq_exact_match)
+            em = _hits(exact_match(g, [ex["target"], *(ex.get("aliases") or [])]) for g, ex in zip(gens, exs))
+            res["exact_match"] = _mean(em)
+            res["per_example"]["exact_match"] = em
         with_intervals(res)
     else:
         res.update(generation_result(task, exs, gens))

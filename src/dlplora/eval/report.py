@@ -184,7 +184,8 @@ def _header_lines(results: dict, preamble: str) -> list[str]:
         lines.append(f"| command | `{cfg['command']}` |")
     lines.append("")
     lines += ["Metrics: multiple-choice tasks by log-likelihood ranking of the choices (BIG-bench "
-              "`multiple_choice_grade`, the main figure), and the exact match of a greedy generated answer; "
+              "`multiple_choice_grade`, the main figure), and, when the run asked for it (`--mcq-exact-match`), the exact "
+              "match of a greedy generated answer; "
               "ObjCount / DisflQA by exact match of the greedy answer; generative tasks by greedy generation "
               "then BLEU (sacrebleu), ROUGE-1 and ROUGE-L (rouge-score; ROUGE-L is the main figure) and "
               "final-answer accuracy for GSM8K. The *teacher-forced* rows (when present) score the argmax token "

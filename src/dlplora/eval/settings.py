@@ -167,6 +167,9 @@ class EvalConfig:
     p: float = field(default=DEFAULT_P, metadata={"help": "DLP top-p threshold"})
     weightings: Sequence[str] = field(default=WEIGHTINGS, metadata={"help": "DLP fusion weightings to report"})
     teacher_forced: bool = field(default=False, metadata={"help": "also score generative tasks teacher-forced"})
+    mcq_exact_match: bool = field(default=False, metadata={
+        "help": "also generate an answer to each single-turn multiple-choice prompt and report its exact match "
+                "(a secondary figure; it costs a generation per prompt)"})
     model: str | os.PathLike | None = field(default=None, metadata={"help": "base model (default: the library's)"})
     dtype: str = field(default="float32", metadata={"help": "auto, float32, bfloat16 or float16 (dlplora.device)"})
     device: str = field(default="cpu", metadata={"help": "auto, cpu or cuda"})

@@ -139,7 +139,8 @@ def _mcq_lines(mcq: list[str], first: dict, ms: dict, order: list[str], header: 
         pm = paper.paper_mean(mcq)
         cells.append(" | ".join(fmt(pm[m], 2) if pm else "–" for m in paper.METHODS))
     lines.append("| **mean** | | | " + " | ".join(cells) + " |")
-    with_em = [t for t in mcq if first[t]["metric"] == "accuracy"]
+    with_em = [t for t in mcq if first[t]["metric"] == "accuracy" and all("exact_match" in ms[m]["tasks"][t]
+                                                                            for m in order)]
     if with_em:
         lines += ["", "Generated-answer exact match on the multiple-choice tasks (greedy answer vs the gold "
                   "choice), %:", "", f"| task | {header} |", "|---|" + "---|" * len(order)]
