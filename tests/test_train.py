@@ -190,3 +190,49 @@ def test_training_with_the_bottom_layers_cached_follows_the_same_losses(tiny_mod
     # updates amplify on near-zero gradients (the exact equivalence is the gradient test above)
     assert runs[0][0] == pytest.approx(runs[1][0], abs=1e-4) and len(runs[0]) == 6
     assert runs[0] == pytest.approx(runs[1], rel=0.01)
+
+
+def test_packed_rows_give_the_same_loss_and_gradients_as_one_example_per_row(tiny_model, tiny_data):
+    """Packing (train.pack): examples share a row but not attention; positions restart per example."""
+    from dlplora.backbone import load_backbone
+    from dlplora.tasks import load_split
+    from dlplora.train.lora import make_peft_model
+    from dlplora.train.pack import pack_rows, packed_collate, packed_loss
+
+    model, tok, _ = load_backbone(str(tiny_model))
+    pm = make_peft_model(model, TrainConfig(**dict(CFG, top_layers=None), bf16=False)).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    enc = [encode_example(tok, r, 64, 32) for r in load_split(tiny_data, "sums", "train")[:6]]
+    lengths = [len(s) for s, _ in enc]
+    rows = pack_rows(lengths, row_tokens=2 * max(lengths))
+    assert len(rows) < len(enc) and sorted(i for r in rows for i in r) == list(range(6))
+    assert all(sum(lengths[i] for i in r) <= 2 * max(lengths) for r in rows)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    order = [i for r in rows for i in r]  # the same examples, one per row, in the packed order
+    full = target_only_loss(pm, *collate([enc[i] for i in order], tok.pad_token_id), bf16=False)
+    packed = packed_loss(pm, *packed_collate(enc, rows, tok.pad_token_id), bf16=False)
+    torch.testing.assert_close(packed, full, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(packed, params), torch.autograd.grad(full, params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # without the block mask the examples would see each other: the loss changes
+    ids, positions, segs, *rest = packed_collate(enc, rows, tok.pad_token_id)
+    leaky = packed_loss(pm, ids, positions, (segs > 0).long(), *rest, bf16=False)
+    assert abs(leaky.item() - full.item()) > 1e-4
+    pm.unload()
+
+
+def test_bench_batching_reports_padding_and_speed_of_the_three_batchings(tiny_model, tiny_data):
+    from dlplora.bench.train import bench_batching
+    from dlplora.tasks import load_split
+
+    exs = load_split(tiny_data, "sums", "train")
+    res = bench_batching(str(tiny_model), examples=exs, n_examples=12, batch_size=4, max_len=64, repeats=1,
+                         log=lambda *_: None)
+    pad = res["padding_share"]
+    assert set(pad) == {"random_order", "length_bucketed", "packed"} and res["examples"] == min(12, len(exs))
+    assert 0 <= pad["length_bucketed"] <= pad["random_order"] < 1  # sorting never pads more than random order
+    assert res["vs_length_bucketed"]["length_bucketed"] == 1.0 and all(v > 0 for v in res["tokens_per_second"].values())
+    assert res["steps_per_epoch"]["length_bucketed"] == -(-res["examples"] // 4)

@@ -7,10 +7,17 @@ import json
 
 
 def cmd_bench_train(args) -> None:
-    from ..bench.train import bench_train
+    from ..bench.train import bench_batching, bench_train
 
+    bf16 = {"auto": None, "on": True, "off": False}[args.bf16]
+    if args.epoch:
+        result = bench_batching(args.model, task=args.task, n_examples=args.epoch, batch_size=args.batch_size,
+                                max_len=args.max_len, repeats=args.repeats, bf16=bf16)
+        if args.json:
+            print(json.dumps(result))
+        return
     result = bench_train(args.model, task=args.task, batch_size=args.batch_size, repeats=args.repeats,
-                         max_len=args.max_len, bf16={"auto": None, "on": True, "off": False}[args.bf16])
+                         max_len=args.max_len, bf16=bf16)
     if args.json:
         print(json.dumps(result))
 
@@ -28,6 +35,9 @@ def register(sub, model_help: str) -> None:
     t.add_argument("--max-len", type=int, default=192)
     t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast for our step (auto: only where the CPU has native bf16)")
+    t.add_argument("--epoch", type=int, default=0, metavar="N",
+                   help="instead: one epoch over the task's first N examples batched three ways (random order, "
+                        "length-bucketed, packed rows), padding share and tokens/s side by side")
     t.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     t.set_defaults(func=cmd_bench_train)
     from ..bench import decode, fusion, gpu, routing, serve
