@@ -29,7 +29,10 @@ over adapters or rows. Modes:
               different sets: unmerged.
 
 Adapters are read straight from the PEFT files by :func:`dlplora.adapters.load_peft_adapter` and
-checked here against the model's layers.
+checked here against the model's layers. A live library adds and removes adapters between forward passes
+(:meth:`LoRAFusion.add_adapter` / ``remove_adapter``: one stack row more or less; a slot keeps the copy it gathered,
+so a row in flight finishes with its weights). Callers name adapters, never stack indices (a removal shifts the
+indices after it): :meth:`LoRAFusion.encode` maps names to indices at gather time.
 """
 
 from __future__ import annotations
@@ -95,8 +98,7 @@ class FusedLoRALinear(nn.Module):
         self.register_buffer("B", B, persistent=False)  # [N, out, r]
         self.register_buffer("scale", scale, persistent=False)  # [N]
         self.state = state
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+        self.in_features, self.out_features = base.in_features, base.out_features
         self._A_sel = self._B_sel = None  # A_sel^T, B_sel^T: [b, in, kr], [b, kr, out] (unmerged) or [in, kr], [kr, out]
         self._saved_weight = None  # the original weight while merged
         self._slots: dict[str, list[torch.Tensor]] = {}  # slot tables by owner: [A [slots, in, KR], B [slots, KR, out]]
@@ -153,8 +155,8 @@ class FusedLoRALinear(nn.Module):
         """Gather a set (indices [k], weights [k]; k may be 0) into `slot`, in place (the table only grows
         wider when a set needs more columns than any before)."""
         t = self._slots[table]
-        t[0][slot].zero_()
-        t[1][slot].zero_()
+        for x in t:
+            x[slot].zero_()
         if indices.numel() == 0:
             return
         a_sel, b_sel = self._select(indices[None], weights[None])  # [1, kr, in], [1, out, kr]
@@ -167,9 +169,25 @@ class FusedLoRALinear(nn.Module):
         t[1][slot, :kr] = b_sel[0].T.to(t[1].dtype)
 
     def move_slot(self, table: str, src: int, dst: int) -> None:
-        t = self._slots[table]
-        t[0][dst] = t[0][src]
-        t[1][dst] = t[1][src]
+        for t in self._slots[table]:
+            t[dst] = t[src]
+
+    def add_row(self, ab: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
+        """One adapter more at the end of the stacks: its (A [r, in], B [out, r], scale), or zeros (None: it does not
+        target this layer); r_max grows (zero-padded) when r is larger."""
+        n, r_max = self.A.shape[0], self.A.shape[1]
+        r = ab[0].shape[0] if ab is not None else 0
+        if r > r_max:
+            self.A = torch.cat([self.A, self.A.new_zeros(n, r - r_max, self.in_features)], 1)
+            self.B = torch.cat([self.B, self.B.new_zeros(n, self.out_features, r - r_max)], 2)
+        a_row, b_row = self.A.new_zeros(1, *self.A.shape[1:]), self.B.new_zeros(1, *self.B.shape[1:])
+        if ab is not None:
+            a_row[0, :r], b_row[0, :, :r] = ab[0].to(a_row), ab[1].to(b_row)
+        self.A, self.B = torch.cat([self.A, a_row]), torch.cat([self.B, b_row])
+        self.scale = torch.cat([self.scale, self.scale.new_tensor([ab[2] if ab is not None else 0.0])])
+
+    def remove_row(self, i: int) -> None:
+        self.A, self.B, self.scale = (torch.cat([t[:i], t[i + 1:]]) for t in (self.A, self.B, self.scale))
 
     def restore(self) -> None:
         """Undo a merge: copy the saved original weight back (bit-exact)."""
@@ -243,50 +261,105 @@ class LoRAFusion:
         self.slot_tables: dict[str, int] = {}  # slots mode: owner -> number of slots
 
         modules = dict(model.named_modules())
-        by_layer: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
-        for i, ad in enumerate(adapters):
-            for mod_name, (a, b, s) in ad.layers.items():
-                mod = modules.get(mod_name)
-                if mod is None:
-                    raise DLPLoRAError(f"adapter {ad.name!r} targets module {mod_name}, which the model lacks "
-                                       f"(was it trained on another base model?)")
-                base = mod.base if isinstance(mod, FusedLoRALinear) else mod
-                if not isinstance(base, nn.Linear):
-                    raise DLPLoRAError(f"adapter {ad.name!r} targets {mod_name}, a {type(base).__name__}; "
-                                       f"only linear layers are supported")
-                if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
-                    raise DLPLoRAError(
-                        f"adapter {ad.name!r}, layer {mod_name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
-                        f"do not fit the model's layer ({base.out_features} x {base.in_features}); expected "
-                        f"lora_A [r, {base.in_features}] and lora_B [{base.out_features}, r]")
-                by_layer.setdefault(mod_name, []).append((i, a, b, s))
         if any(isinstance(m, FusedLoRALinear) for m in modules.values()):
             raise DLPLoRAError("this model already has fused LoRA layers; call unfuse() on the old fusion first")
+        by_layer: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
+        for i, ad in enumerate(adapters):
+            for mod_name, (a, b, s) in self._fit(ad, modules).items():
+                by_layer.setdefault(mod_name, []).append((i, a, b, s))
+        self._targets = {ad.name: set(ad.layers) for ad in adapters}  # the layers each adapter targets
 
-        n = len(adapters)
         for mod_name, entries in by_layer.items():
-            base = modules[mod_name]
-            w = base.weight
-            r_max = max(a.shape[0] for _, a, _, _ in entries)
-            A = torch.zeros(n, r_max, base.in_features, dtype=w.dtype, device=w.device)
-            B = torch.zeros(n, base.out_features, r_max, dtype=w.dtype, device=w.device)
-            scale = torch.zeros(n, dtype=torch.float32, device=w.device)
-            for i, a, b, s in entries:
-                r = a.shape[0]
-                A[i, :r] = a.to(A)
-                B[i, :, :r] = b.to(B)
-                scale[i] = s
-            fused = FusedLoRALinear(base, A, B, scale, self.state, mod_name)
-            _set_module(model, mod_name, fused)
-            self.layers[mod_name] = fused
+            self._wrap(modules[mod_name], mod_name, len(adapters), entries)
+
+    def _fit(self, ad: AdapterWeights, modules: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """Check that every layer `ad` targets exists in the model, is linear and fits its factors' shapes."""
+        for mod_name, (a, b, _) in ad.layers.items():
+            mod = modules.get(mod_name)
+            if mod is None:
+                raise DLPLoRAError(f"adapter {ad.name!r} targets module {mod_name}, which the model lacks "
+                                   f"(was it trained on another base model?)")
+            base = mod.base if isinstance(mod, FusedLoRALinear) else mod
+            if not isinstance(mod, FusedLoRALinear) and not isinstance(base, nn.Linear):
+                raise DLPLoRAError(f"adapter {ad.name!r} targets {mod_name}, a {type(base).__name__}; "
+                                   f"only linear layers are supported (of a quantised model: only the layers "
+                                   f"that the library's adapters target)")
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                raise DLPLoRAError(
+                    f"adapter {ad.name!r}, layer {mod_name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
+                    f"do not fit the model's layer ({base.out_features} x {base.in_features}); expected "
+                    f"lora_A [r, {base.in_features}] and lora_B [{base.out_features}, r]")
+        return ad.layers
+
+    def _wrap(self, base: nn.Module, mod_name: str, n: int, entries) -> "FusedLoRALinear":
+        """Replace the linear `base` by a fused layer of `n` adapters; `entries`: (index, A, B, scale) of those
+        that target it (the others are zero here). A layer made after the slot tables gets them, empty."""
+        w = base.weight
+        r_max = max(a.shape[0] for _, a, _, _ in entries)
+        A = torch.zeros(n, r_max, base.in_features, dtype=w.dtype, device=w.device)
+        B = torch.zeros(n, base.out_features, r_max, dtype=w.dtype, device=w.device)
+        scale = torch.zeros(n, dtype=torch.float32, device=w.device)
+        for i, a, b, s in entries:
+            r = a.shape[0]
+            A[i, :r], B[i, :, :r], scale[i] = a.to(A), b.to(B), s
+        fused = FusedLoRALinear(base, A, B, scale, self.state, mod_name)
+        for table, slots in self.slot_tables.items():
+            fused.init_slots(table, slots, r_max)
+        _set_module(self.model, mod_name, fused)
+        self.layers[mod_name] = fused
+        return fused
+
+    # -------------------------------------------------- a live library
+    def _check_idle(self, what: str) -> None:
+        if self.mode not in (None, "slots"):  # its gathered (or merged) weights would not match the stacks
+            raise DLPLoRAError(f"cannot {what} while a {self.mode} routing is set; call clear() first")
+
+    def add_adapter(self, ad: AdapterWeights) -> None:
+        """Add `ad` at the end of every stack (index N; the others keep theirs), wrapping the layers only it targets.
+        Between forward passes: refused while a per-generation routing is set; slots mode is fine (each slot holds
+        its own gathered copy, and a new layer's slots are empty, as no set in them uses `ad`)."""
+        if ad.name in self._index:
+            raise DLPLoRAError(f"an adapter named {ad.name!r} is already loaded")
+        self._check_idle(f"add adapter {ad.name!r}")
+        modules = dict(self.model.named_modules())
+        layers = self._fit(ad, modules)
+        n = len(self.names)
+        with torch.no_grad():
+            for mod_name, layer in self.layers.items():
+                layer.add_row(layers.get(mod_name))
+            for mod_name, (a, b, s) in layers.items():
+                if mod_name not in self.layers:
+                    self._wrap(modules[mod_name], mod_name, n + 1, [(n, a, b, s)])
+        self._targets[ad.name] = set(layers)
+        self.names = self.names + [ad.name]  # a new list: readers in other threads see the old or the new one
+        self._index = {name: i for i, name in enumerate(self.names)}
+
+    def remove_adapter(self, name: str) -> None:
+        """Remove adapter `name` from every stack (the indices after it shift down by one) and unwrap the layers no
+        other adapter targets. The caller makes sure that no running row uses it (a slot's gathered set would
+        survive, but an unwrapped layer would drop its part); the server waits for those rows."""
+        i = self.index(name)
+        if len(self.names) == 1:
+            raise DLPLoRAError(f"{name!r} is the only adapter; the fusion needs at least one")
+        self._check_idle(f"remove adapter {name!r}")
+        others = set().union(*(t for n, t in self._targets.items() if n != name))
+        with torch.no_grad():
+            for mod_name in list(self.layers):
+                layer = self.layers[mod_name]
+                layer.remove_row(i)
+                if mod_name not in others:
+                    layer.restore()
+                    _set_module(self.model, mod_name, self.layers.pop(mod_name).base)
+        del self._targets[name]
+        self.names = [n for n in self.names if n != name]
+        self._index = {n: j for j, n in enumerate(self.names)}
 
     @classmethod
     def from_dirs(cls, model: nn.Module, dirs: Mapping[str, str | os.PathLike]) -> "LoRAFusion":
         return cls(model, [load_peft_adapter(d, n) for n, d in dirs.items()])
 
     # -------------------------------------------------- routing
-    def __contains__(self, name) -> bool:
-        """Whether an adapter of this name is loaded."""
+    def __contains__(self, name) -> bool:  # whether an adapter of this name is loaded
         return name in self._index
 
     def index(self, name: str) -> int:
@@ -409,9 +482,7 @@ class LoRAFusion:
         """Back to the base model; merged weights are restored exactly."""
         for layer in self.layers.values():
             layer.clear()
-        self.state.mode = None
-        self.state.batch = 0
-        self.mode = None
+        self.state.mode, self.state.batch, self.mode = None, 0, None
 
     @contextmanager
     def routing(self, indices, weights=None, mode: str = "auto", expected_tokens: int | None = None):
