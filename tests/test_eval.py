@@ -405,3 +405,31 @@ def test_reproduce_end_to_end_on_custom_tasks(tiny_data, tiny_model, tmp_path):
     assert r2["cache"]["new_predictions"] == 0
     assert r2["settings"]["composite-26"]["methods"]["dlp"]["mean"] == pytest.approx(
         r1["settings"]["composite-26"]["methods"]["dlp"]["mean"])
+
+
+def test_arrow_check_records_arrows_own_top1(tiny_library, tiny_data, models):
+    """The Arrow diagnostic sees every Arrow layer and every prompt token, and its top-1 is Arrow's: with one
+    prototype made to match every token (a huge weight on a constant direction), that adapter wins everywhere."""
+    from dlplora.eval.arrow_check import _arrow_layers, arrow_agreement
+    from dlplora.library import Library
+    from dlplora.tasks import load_split, user_message
+
+    _, (model, tok) = models
+    names = Library.open(tiny_library).names
+    prompts = {t: [user_message(ex) for ex in load_split(tiny_data, t, "test")[:2]] for t in names}
+    rep = arrow_agreement(model, tok, names, prompts)
+    layers = _arrow_layers(model)
+    assert rep["layers"] == len(layers) > 0 and rep["chance"] == pytest.approx(100 / len(names))
+    assert set(rep["own_top1_by_task"]) == set(names) and len(rep["own_top1_by_layer"]) == len(layers)
+    assert all(0 <= v <= 100 for v in rep["own_top1_by_task"].values())
+    saved = [a.prototypes.clone() for _, _, a in layers]
+    try:
+        with torch.inference_mode():  # Arrow built its prototypes under inference mode
+            for (_, _, a), p in zip(layers, saved):
+                a.prototypes[a.task_adapter_names.index("task_0")] = 1e6  # |x . p| largest for task_0 on every token
+        rep0 = arrow_agreement(model, tok, names, prompts)
+        assert rep0["own_top1_by_task"][names[0]] > 99 and rep0["own_top1_by_task"][names[1]] < 1
+    finally:
+        with torch.inference_mode():
+            for (_, _, a), p in zip(layers, saved):
+                a.prototypes.copy_(p)

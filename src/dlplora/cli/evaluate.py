@@ -40,6 +40,27 @@ def cmd_reproduce(args) -> None:
         conversations=args.conversations, mcq_exact_match=args.mcq_exact_match))
 
 
+def cmd_arrow_check(args) -> None:
+    from ..eval.arrow_check import arrow_agreement
+    from ..eval.runners import build_arrow_model
+    from ..library import Library
+    from ..tasks import load_split, user_message
+
+    lib = Library.open(args.library)
+    data = args.data or lib.manifest.get("data_dir")
+    model, tok = build_arrow_model(lib, model=args.model, top_k=args.arrow_top_k)
+    prompts = {t: [user_message(ex) for ex in load_split(data, t, "test")[:args.prompts]] for t in lib.names}
+    rep = arrow_agreement(model, tok, lib.names, prompts)
+    rep.update({"library": os.path.abspath(args.library), "top_k": args.arrow_top_k, "command": command_line()})
+    if args.json:
+        print_json(rep)
+        return
+    print(f"Arrow's per-token top-1 is the prompt's own adapter in {rep['mean_own_top1']:.1f}% of (token, layer) "
+          f"choices (chance {rep['chance']:.1f}%; {rep['layers']} Arrow layers, {args.prompts} test prompts per task)")
+    for t, v in sorted(rep["own_top1_by_task"].items(), key=lambda kv: -kv[1]):
+        print(f"  {t:42} {v:6.1f}%")
+
+
 def cmd_report(args) -> None:
     from ..eval.report import rewrite_report
 
@@ -114,6 +135,18 @@ def register(sub, model_help: str) -> None:
     r.add_argument("--no-teacher-forced", action="store_true", help="skip the teacher-forced QA variant")
     _common(r, model_help)
     r.set_defaults(func=cmd_reproduce)
+
+    ac = sub.add_parser("arrow-check", help="is PEFT's Arrow wired right? its per-token top-1 on prompts of one task",
+                        description="Build PEFT's Arrow over the library's adapters (as `dlp-lora eval` does) and "
+                                    "report how often its per-layer, per-token top-1 adapter is the prompt's own task, "
+                                    "on test prompts of each task, against chance (1 / adapters).")
+    ac.add_argument("--library", required=True)
+    ac.add_argument("--data", help="prepared data (default: the library's data_dir)")
+    ac.add_argument("--prompts", type=int, default=10, help="test prompts per task (default 10)")
+    ac.add_argument("--arrow-top-k", type=int, default=3)
+    ac.add_argument("--model", help=model_help)
+    ac.add_argument("--json", action="store_true")
+    ac.set_defaults(func=cmd_arrow_check)
 
     rp = sub.add_parser("report", help="rewrite RESULTS.md and figures from a results.json",
                         description="Rewrite RESULTS.md and figures/ next to RESULTS_JSON from its numbers, without "
