@@ -149,6 +149,9 @@ class DLPLoRA:
         self.routing = routing_config(routing, **routing_overrides)
         self.info = info
         self.library = library
+        # labels of the router that must never be chosen (a live library: unloaded or pinned-only adapters); its
+        # choice is then cut to the others, reweighted, or the base model; swapped whole with the router
+        self.unroutable = frozenset(getattr(router, "labels", ())) - set(fusion.names)
         self.lock = threading.RLock()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -209,7 +212,7 @@ class DLPLoRA:
             if pdir.is_dir() and any(pdir.iterdir()):
                 from .plugin import Plugin
 
-                router = Plugin.load(pdir, expected_labels=lib.names)
+                router = Plugin.load(pdir, expected_labels=lib.names, partial=True)
         return cls(net, tok, fusion, router=router, routing=routing, info=info, library=lib)
 
     def _route_rows(self, sets: list[dict], mode: str, expected_tokens: int) -> str | None:
@@ -264,17 +267,24 @@ class DLPLoRA:
             raise DLPLoRAError(f"the library has no plugin to route prompts; train one with "
                                f"`dlp-lora train-plugin --library {lib}` or pass adapters explicitly "
                                f"(--adapters name=weight)")
-        routings = self.router.route(list(texts), **(routing or self.routing).selection())
+        router, hidden = self.router, self.unroutable
+        routings = router.route(list(texts), **(routing or self.routing).selection())
         if len(routings) != len(texts):
             raise DLPLoRAError(f"the router returned {len(routings)} routings for {len(texts)} texts")
         out = []
         for r in routings:
             s = adapter_set(r, "router")
+            why = None if s else getattr(r, "base_reason", None) or "the router chose no adapter"
+            cut = sorted(n for n in s if n in hidden)
+            if cut:
+                total = sum(w for n, w in s.items() if n not in hidden)
+                s = {n: w / total for n, w in s.items() if n not in hidden} if total > 0 else {}
+                why = None if s else f"the router chose {', '.join(cut)}, not routed to (pinned-only or unloaded)"
             unknown = [n for n in s if n not in self.fusion]
             if unknown:
                 raise DLPLoRAError(f"the plugin chose adapters {', '.join(unknown)} that are not loaded; "
                                    f"retrain it with `dlp-lora train-plugin` for this library")
-            out.append((s, None if s else getattr(r, "base_reason", None) or "the router chose no adapter"))
+            out.append((s, why))
         return out
 
     @contextmanager

@@ -6,6 +6,8 @@ Layout of a library directory::
     LIB/adapters/<name>/adapter_config.json
     LIB/adapters/<name>/adapter_model.safetensors
     LIB/plugin/                           the router (written by `dlp-lora train-plugin`)
+    LIB/routing/<name>.jsonl              the prompts the router learns the adapter from (one JSON object a line:
+                                          "input", and for prepared task rows their prefixes and choices)
 
 ``library.json``::
 
@@ -26,11 +28,15 @@ from .adapters import ADAPTER_META, validate_adapter
 from .errors import DLPLoRAError
 from .paths import atomic_write_text, read_json
 
-__all__ = ["ADAPTER_META", "FORMAT", "MANIFEST", "Library", "add_adapter", "base_record", "score_record",
+__all__ = ["ADAPTER_META", "FORMAT", "MANIFEST", "ROUTING_DIR", "Library", "add_adapter", "base_record",
+           "check_adapter_name", "example_rows", "read_examples", "remove_adapter", "score_record", "stage_adapter",
            "validate_adapter"]
 
 MANIFEST = "library.json"
 FORMAT = 1
+ROUTING_DIR = "routing"
+ROUTING_FIELDS = ("input", "task_prefix", "input_prefix", "output_prefix", "choices")  # what the router's views use
+MAX_EXAMPLE_CHARS = 20_000
 
 
 @dataclass
@@ -82,6 +88,44 @@ class Library:
     def plugin_dir(self) -> Path:
         return self.root / "plugin"
 
+    def routing_path(self, name: str) -> Path:
+        return self.root / ROUTING_DIR / f"{name}.jsonl"
+
+    def routing_prompts(self, name: str) -> list[dict] | None:
+        """The prompts the router learns adapter `name` from: LIB/routing/<name>.jsonl, else (a library built by
+        `train-loras` before the prompts were kept) the train split of the data directory recorded in library.json
+        when it is still there; None when there are none."""
+        from .tasks import prepared_path, read_jsonl
+
+        path = self.routing_path(name)
+        if not path.is_file():
+            data = self.manifest.get("data_dir")
+            path = prepared_path(data, name, "train") if data else None
+            if path is None or not path.is_file():
+                return None
+        rows = [{k: r[k] for k in ROUTING_FIELDS if r.get(k) is not None} for r in read_jsonl(path, ("input",))]
+        return rows or None
+
+    def keep_routing_prompts(self, data_dir, names=None) -> list[str]:
+        """Keep the train split in `data_dir` of each adapter (`names`, default all) that has no routing prompts in
+        LIB/routing yet (what a plugin trained from the data directory learnt); returns the names written."""
+        from .tasks import prepared_path, read_jsonl
+
+        done = []
+        for n in self.names if names is None else names:
+            src = prepared_path(data_dir, n, "train")
+            if not self.routing_path(n).is_file() and src.is_file():
+                self.save_routing_prompts(n, read_jsonl(src, ("input",)))
+                done.append(n)
+        return done
+
+    def save_routing_prompts(self, name: str, rows) -> Path:
+        """Keep `rows` (prepared task rows, or {"input": prompt}) as adapter `name`'s routing prompts."""
+        path = self.routing_path(name)
+        keep = [{k: r[k] for k in ROUTING_FIELDS if r.get(k) is not None} for r in rows]
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
+        return path
+
     def check_base(self, base_model: dict) -> None:
         mine = self.base_model.get("fingerprint")
         theirs = base_model.get("fingerprint")
@@ -95,6 +139,12 @@ class Library:
     def set_entry(self, name: str, entry: dict) -> None:
         self.manifest["adapters"][name] = entry
         self.save()
+
+    def remove_entry(self, name: str) -> dict:
+        entry = self.entry(name)
+        del self.manifest["adapters"][name]
+        self.save()
+        return entry
 
     def record_scores(self, results: dict[str, tuple[dict, dict]], source: str) -> list[str]:
         """Record per adapter its score on its own task against the base model: `results` maps a task to its
@@ -163,23 +213,87 @@ def score_line(entry: dict) -> str:
     return line + f" (n={entry.get('n_test')})"
 
 
-# ---------------------------------------------------------------- adding an adapter trained elsewhere
+# ---------------------------------------------------------------- adding and removing adapters
 
-def add_adapter(library: str | os.PathLike, name: str, path: str | os.PathLike, model=None, force: bool = False) -> dict:
-    """Copy a PEFT LoRA into the library after validating it against the library's base model.
-    Creates the library (for `model`, default the embedded backbone) if it does not exist yet."""
+def check_adapter_name(name) -> str:
     import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
+        raise DLPLoRAError(f"adapter name {str(name)[:80]!r}: use letters, digits, '_', '-' and '.' only (at most 128, "
+                           f"starting with a letter or digit)")
+    return name
+
+
+def example_rows(examples, where: str = "examples") -> list[dict]:
+    """Routing prompts from example prompts: each a string, or an object with "input" (a prepared task row, whose
+    prefixes and choices are kept), "text" or "prompt"."""
+    if not isinstance(examples, (list, tuple)):
+        raise DLPLoRAError(f"{where} must be a list of prompts, got {type(examples).__name__}")
+    rows = []
+    for i, ex in enumerate(examples):
+        row = dict(ex) if isinstance(ex, dict) else {"input": ex}
+        text = next((row[k] for k in ("input", "text", "prompt") if k in row), None)
+        if not isinstance(text, str) or not text.strip():
+            raise DLPLoRAError(f"{where}[{i}]: a prompt must be a non-empty string (or an object with 'input', 'text' "
+                               f"or 'prompt')")
+        if len(text) > MAX_EXAMPLE_CHARS:
+            raise DLPLoRAError(f"{where}[{i}]: the prompt is {len(text)} characters, over {MAX_EXAMPLE_CHARS}")
+        row["input"] = text.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate cannot be written as UTF-8
+        rows.append({k: row[k] for k in ROUTING_FIELDS if row.get(k) is not None})
+    if not rows:
+        raise DLPLoRAError(f"{where} is empty: give at least one example prompt of the adapter's task")
+    return rows
+
+
+def read_examples(path: str | os.PathLike) -> list[dict]:
+    """Example prompts from a JSONL file: per line a JSON string, or an object with "input", "text" or "prompt"."""
+    path = Path(path)
+    if not path.is_file():
+        raise DLPLoRAError(f"examples file {path} does not exist")
+    items = []
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 is text
+    except UnicodeDecodeError as exc:
+        raise DLPLoRAError(f"examples file {path} is not UTF-8 text ({exc})") from None
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                items.append(json.loads(line))
+            except (ValueError, RecursionError) as exc:
+                raise DLPLoRAError(f"{path}:{lineno}: not a JSON string or object ({str(exc)[:100]})") from None
+    return example_rows(items, str(path))
+
+
+def stage_adapter(lib: Library, name: str, path: str | os.PathLike, model=None) -> dict:
+    """Validate a PEFT LoRA against the library's base model (`model`: its directory, default the recorded one) and
+    copy it to LIB/adapters/<name>, replacing what is there; returns its manifest entry (not yet recorded)."""
     import shutil
 
+    check_adapter_name(name)
+    base = lib.base_model
+    info = validate_adapter(path, base.get("path") if model is None else model, base)
+    final = lib.root / "adapters" / name
+    tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(path, tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return {"task": name, "path": f"adapters/{name}", "source": str(Path(path).resolve()), **info}
+
+
+def add_adapter(library: str | os.PathLike, name: str, path: str | os.PathLike, model=None, force: bool = False,
+                examples=None) -> dict:
+    """Copy a PEFT LoRA into the library after validating it against the library's base model.
+    Creates the library (for `model`, default the embedded backbone) if it does not exist yet. `examples` (rows of
+    :func:`example_rows` or :func:`read_examples`) become its routing prompts (LIB/routing/<name>.jsonl)."""
     from .backbone import fingerprint, model_name, resolve_model
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
-        raise DLPLoRAError(f"adapter name {name!r}: use letters, digits, '_', '-' and '.' only")
+    check_adapter_name(name)
     root = Path(library)
     if (root / MANIFEST).is_file():
         lib = Library.open(root)
-        base = lib.base_model
-        where = base.get("path") if model is None else resolve_model(model)
+        where = None if model is None else resolve_model(model)
         if model is not None:
             lib.check_base({"name": model_name(where), "fingerprint": fingerprint(where)})
     else:
@@ -188,14 +302,21 @@ def add_adapter(library: str | os.PathLike, name: str, path: str | os.PathLike, 
         lib = Library.open_or_create(root, base)
     if name in lib.manifest["adapters"] and not force:
         raise DLPLoRAError(f"the library already has an adapter named {name!r}; pick another name or pass --force")
-    info = validate_adapter(path, where, base)
-    final = root / "adapters" / name
-    tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(path, tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    entry = {"task": name, "path": f"adapters/{name}", "source": str(Path(path).resolve()), **info}
+    entry = stage_adapter(lib, name, path, where)
+    if examples is not None:
+        lib.save_routing_prompts(name, examples)
     lib.set_entry(name, entry)
+    return entry
+
+
+def remove_adapter(library: str | os.PathLike, name: str) -> dict:
+    """Remove adapter `name` from the library: its manifest entry, then its files and routing prompts."""
+    import shutil
+
+    lib = Library.open(library)
+    entry = lib.remove_entry(name)
+    files = (lib.root / str(entry.get("path") or f"adapters/{name}")).resolve()
+    if files.is_relative_to((lib.root / "adapters").resolve()):  # never delete outside LIB/adapters
+        shutil.rmtree(files, ignore_errors=True)
+    lib.routing_path(name).unlink(missing_ok=True)
     return entry

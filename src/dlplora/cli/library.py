@@ -1,4 +1,4 @@
-"""CLI: `train-loras`, `learning-curve`, `library add`, `library list`."""
+"""CLI: `train-loras`, `learning-curve`, `library add`, `library remove`, `library list`."""
 
 from __future__ import annotations
 
@@ -65,16 +65,34 @@ def cmd_learning_curve(args) -> None:
 
 
 def cmd_library_add(args) -> None:
-    from ..library import add_adapter
+    from ..library import Library, add_adapter, read_examples
 
-    entry = add_adapter(args.library, args.name, args.path, model=args.model, force=args.force)
+    examples = read_examples(args.examples) if args.examples else None
+    entry = add_adapter(args.library, args.name, args.path, model=args.model, force=args.force, examples=examples)
     print(f"added {args.name} to {args.library}: rank {entry['rank']}, targets {','.join(entry['targets'])}")
+    if examples:
+        print(f"kept {len(examples)} routing prompts in {Library.open(args.library).routing_path(args.name)}; the "
+              f"router learns them when retrained: dlp-lora train-plugin --library {args.library}")
+    else:
+        print("no --examples: the router cannot learn this adapter's task, so it is served when pinned or mixed only")
     if args.json:
         print(json.dumps(entry))
 
 
+def cmd_library_remove(args) -> None:
+    from ..library import Library, remove_adapter
+
+    remove_adapter(args.library, args.name)
+    print(f"removed {args.name} from {args.library}")
+    lib = Library.open(args.library)
+    cfg = lib.plugin_dir() / "plugin.json"
+    if cfg.is_file() and args.name in (json.loads(cfg.read_text()).get("labels") or []):
+        print(f"the router still knows {args.name} (it is never chosen); retrain it: "
+              f"dlp-lora train-plugin --library {args.library}")
+
+
 def cmd_library_list(args) -> None:
-    from ..library import Library
+    from ..library import Library, score_line
 
     lib = Library.open(args.library)
     if args.json:
@@ -148,8 +166,16 @@ def register(sub, model_help: str) -> None:
     a.add_argument("--library", required=True)
     a.add_argument("--model", help="base model of a new library; " + model_help)
     a.add_argument("--force", action="store_true", help="replace an adapter of the same name")
+    a.add_argument("--examples", metavar="FILE",
+                   help="JSONL of example prompts of the adapter's task (per line a JSON string, or an object with "
+                        "'input', 'text' or 'prompt'), kept as its routing prompts (LIB/routing/NAME.jsonl) for the "
+                        "router to learn; without them the adapter is served only when pinned or mixed")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_library_add)
+    rm = lib.add_parser("remove", help="remove an adapter (its entry, files and routing prompts)")
+    rm.add_argument("name")
+    rm.add_argument("--library", required=True)
+    rm.set_defaults(func=cmd_library_remove)
     ls = lib.add_parser("list", help="list the adapters of a library")
     ls.add_argument("--library", required=True)
     ls.add_argument("--json", action="store_true")

@@ -30,6 +30,8 @@ def cmd_train_plugin(args) -> None:
         if args.tasks:
             raise DLPLoRAError("give either --library (route to its adapters) or --tasks, not both")
         data = args.data or lib.manifest.get("data_dir")
+        if not args.data and not (data and all(os.path.isfile(os.path.join(data, n, "train.jsonl")) for n in names)):
+            return _train_from_library(args, lib)  # the routing prompts the library keeps (LIB/routing)
         if not data:
             raise DLPLoRAError(f"no training prompts: pass --data PREPARED_DIR (the library {args.library} "
                                "records no data_dir)")
@@ -51,6 +53,8 @@ def cmd_train_plugin(args) -> None:
                                             augment=not args.no_augment, n_views=args.views, background=background,
                                             encoder=args.encoder, ood_draws=args.ood_draws)
     path = plugin.save(out)
+    if lib is not None:
+        lib.keep_routing_prompts(data)  # what it learnt, so that a server can retrain it without the data
     t0 = time.perf_counter()
     from ..plugin import Plugin
 
@@ -66,6 +70,22 @@ def cmd_train_plugin(args) -> None:
           f"(loads in {report['load_ms']} ms)")
     if args.json:  # accuracy, views {name: accuracy}, ood_to_base (with --ood-draws), train_seconds, details
         _print_json(report)
+
+
+def _train_from_library(args, lib) -> None:
+    """`train-plugin --library LIB` without prepared data for every adapter: train on the routing prompts the library
+    keeps (LIB/routing/<name>.jsonl, else its data_dir's train split); there is no test split to report on."""
+    from ..plugin import train_plugin_from_library
+
+    plugin, report = train_plugin_from_library(lib, epochs=args.epochs, seed=args.seed, encoder=args.encoder,
+                                               n_views=0 if args.no_augment else args.views,
+                                               background=args.background, log=None if args.json else print)
+    path = plugin.save(args.out or lib.plugin_dir())
+    print(f"{report['params']:,} parameters, trained on {report['train_examples']} prompts of the library's routing "
+          f"prompts ({report['tasks']} adapters, {report['background_prompts']} background prompts) in "
+          f"{report['train_seconds']:.1f}s; saved to {path} (no test split: pass --data for the accuracy table)")
+    if args.json:
+        _print_json(report | {"out": str(path)})
 
 
 def cmd_route(args) -> None:

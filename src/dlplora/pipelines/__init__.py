@@ -27,6 +27,7 @@ def ensure_plugin(lib, data_dir, log) -> None:
 
     plugin, report = train_plugin_from_data(data_dir, lib.names)
     plugin.save(lib.plugin_dir())
+    lib.keep_routing_prompts(data_dir)  # what it learnt, so that a server can retrain it without the data
     log(f"plugin: {report['params']:,} parameters, held-out routing accuracy {100 * report['accuracy']:.1f}% over "
         f"{report['tasks']} tasks ({100 * report['views']['input_only']:.1f}% on the bare inputs), trained in "
         f"{report['train_seconds']:.1f}s")

@@ -10,7 +10,8 @@ Modules, in the order the data flows (see docs/plugin.md)::
     train.py       training set, optimisation, calibration of the base-model threshold
     evaluate.py    accuracy per view, leave-tasks-out, routing latency
 
-:func:`train_plugin_from_data` ties them together for prepared task data.
+:func:`train_plugin_from_data` ties them together for prepared task data, :func:`train_plugin_from_library` for the
+routing prompts an adapter library keeps (LIB/routing; a running server retrains with it after a runtime load).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from .views import VIEWS, render_view
 __all__ = ["BASE", "CONFIG_FILE", "DEFAULT_P", "FEATURIZER", "FORMAT", "Features", "HashedNgramTokenizer", "Plugin",
            "RETRAIN_HINT", "Routing", "VIEWS", "WEIGHTINGS", "WEIGHTS_FILE", "bench_routing", "build_training_set",
            "calibrate_base_threshold", "check_selection_args", "evaluate", "fit", "leave_out", "load_task_rows",
-           "render_view", "select", "train_plugin_from_data", "view_table"]
+           "render_view", "retrain_settings", "select", "train_plugin_from_data", "train_plugin_from_library",
+           "view_table"]
 
 CALIBRATION_SHARE = 0.05  # of each task's training rows, held back to calibrate the base threshold
 
@@ -144,3 +146,65 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
     plugin.config["report"] = {k: report[k] for k in ("accuracy", "train_seconds", "tasks", "views", "ood_to_base")
                                if k in report}
     return plugin, report
+
+
+def retrain_settings(plugin: Plugin) -> dict:
+    """Keyword arguments of :func:`fit` that train a router like `plugin`: the same encoder (its hashed tokenizer,
+    dimension), network sizes and training settings, and whether it had a "none of these" class."""
+    cfg = plugin.config
+    tr, model = cfg.get("training") or {}, cfg.get("model") or {}
+    out = {k: tr[k] for k in ("epochs", "seed", "n_views", "batch_size", "lr", "emb_lr") if k in tr}
+    if "hidden" in model:
+        out["hidden"] = tuple(model["hidden"])
+    if "dropout" in model:
+        out["dropout"] = float(model["dropout"])
+    enc = plugin.encoder
+    out["encoder"] = enc.kind
+    if enc.kind == "hashed":
+        out.update(tokenizer=enc.tokenizer, dim=enc.dim)
+    else:
+        out["model"] = getattr(enc, "model", None)
+    out["none_class"], out["default_p"] = plugin.none_class, plugin.default_p
+    return out
+
+
+def train_plugin_from_library(lib, names: Sequence[str] | None = None, *, like: Plugin | None = None,
+                              max_per_adapter: int | None = None, background="cached", log=None,
+                              **kw) -> tuple[Plugin, dict]:
+    """Train a router for the library's adapters (`names`, default all) on the routing prompts it keeps
+    (:meth:`dlplora.library.Library.routing_prompts`), with the settings of `like` (:func:`retrain_settings`) or the
+    defaults, overridden by `kw`. At most `max_per_adapter` prompts per adapter (a seeded sample). `background`:
+    "cached" = the BIG-bench pool when it is cached (never downloaded) and `like` had a "none of these" class (or
+    there is no `like`), "none", or as :func:`resolve_background`. Returns (plugin, report)."""
+    names = list(lib.names if names is None else names)
+    settings = retrain_settings(like) if like is not None else {}
+    none_class = settings.pop("none_class", True)
+    settings.update(kw)
+    rows, missing = {}, []
+    rng = random.Random(settings.get("seed", 0))
+    for n in names:
+        got = lib.routing_prompts(n)
+        if not got:
+            missing.append(n)
+        else:
+            rows[n] = rng.sample(got, max_per_adapter) if max_per_adapter and len(got) > max_per_adapter else got
+    if missing:
+        raise DLPLoRAError(f"no routing prompts for {', '.join(missing)} in {lib.root}: add them with "
+                           f"`dlp-lora library add NAME DIR --examples FILE --force` (or keep the data directory "
+                           f"recorded in library.json)")
+    if background == "cached":
+        from ..background import read_background
+        from ..tasks import background_path
+
+        path = background_path()
+        bg = [r["text"] for r in read_background(path, exclude_tasks=names)] if none_class and path.is_file() else []
+    else:
+        bg = resolve_background(background, names, log)
+    t0 = time.perf_counter()
+    plugin = fit(rows, background=bg, log=log, **settings)
+    train_s = time.perf_counter() - t0
+    plugin.config["training"].update({"source": "library routing prompts", "background": len(bg),
+                                      "max_per_adapter": max_per_adapter})
+    return plugin, {"params": plugin.params, "tasks": len(names), "train_examples": plugin.config["training"]["examples"],
+                    "train_seconds": round(train_s, 2), "background_prompts": len(bg),
+                    "prompts": {n: len(r) for n, r in rows.items()}}

@@ -155,9 +155,11 @@ class Plugin:
         return d
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, expected_labels: Sequence[str] | None = None) -> "Plugin":
+    def load(cls, directory: str | os.PathLike, expected_labels: Sequence[str] | None = None,
+             partial: bool = False) -> "Plugin":
         """Load a saved plugin; with `expected_labels` (the library's adapter names, in order),
-        refuse a plugin trained for other adapters."""
+        refuse a plugin trained for other adapters; with `partial`, only one that knows none of them (a live library:
+        the adapters it does not know are served pinned only, and its labels the library lost are never chosen)."""
         from safetensors.torch import load_file
 
         d = Path(directory)
@@ -172,7 +174,7 @@ class Plugin:
         labels = list(cfg["labels"])
         if expected_labels is not None:
             expected = list(expected_labels)
-            if expected != labels:
+            if expected != labels and not (partial and set(expected) & set(labels)):
                 if sorted(expected) == sorted(labels):
                     why = "the same adapters in a different order"
                 else:
