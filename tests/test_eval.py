@@ -132,7 +132,7 @@ def test_harness_end_to_end_all_settings_and_methods(tiny_library, tiny_data, ti
                             teacher_forced=True, mcq_exact_match=True, model=str(tiny_model), progress=False,
                             engine=engine, arrow=arrow, log=logs.append)
     assert res["skipped"] == {}
-    all_methods = {"base", "lora", "dlp", "dlp-renorm", "arrow", "merge-all"}
+    all_methods = {"base", "lora", "dlp", "dlp-renorm", "arrow", "merge-all", "ties"}
     assert set(res["settings"]["single"]["methods"]) == {"base", "lora"}
     for s in ("composite-26", "multiturn"):
         assert set(res["settings"][s]["methods"]) == all_methods
@@ -410,7 +410,7 @@ def test_reproduce_end_to_end_on_custom_tasks(tiny_data, tiny_model, tmp_path):
 def test_arrow_check_records_arrows_own_top1(tiny_library, tiny_data, models):
     """The Arrow diagnostic sees every Arrow layer and every prompt token, and its top-1 is Arrow's: with one
     prototype made to match every token (a huge weight on a constant direction), that adapter wins everywhere."""
-    from dlplora.eval.arrow_check import _arrow_layers, arrow_agreement
+    from dlplora.eval.arrow_check import arrow_layers, arrow_agreement
     from dlplora.library import Library
     from dlplora.tasks import load_split, user_message
 
@@ -418,7 +418,7 @@ def test_arrow_check_records_arrows_own_top1(tiny_library, tiny_data, models):
     names = Library.open(tiny_library).names
     prompts = {t: [user_message(ex) for ex in load_split(tiny_data, t, "test")[:2]] for t in names}
     rep = arrow_agreement(model, tok, names, prompts)
-    layers = _arrow_layers(model)
+    layers = arrow_layers(model)
     assert rep["layers"] == len(layers) > 0 and rep["chance"] == pytest.approx(100 / len(names))
     assert set(rep["own_top1_by_task"]) == set(names) and len(rep["own_top1_by_layer"]) == len(layers)
     assert all(0 <= v <= 100 for v in rep["own_top1_by_task"].values())

@@ -1,4 +1,4 @@
-"""Uncertainty (dlplora.eval.stats) and what the report makes of it: bootstrap intervals, corpus BLEU resampled
+"""Uncertainty (dlplora.stats) and what the report makes of it: bootstrap intervals, corpus BLEU resampled
 from per-example statistics, the exact sign / McNemar test, the per-example scores a task result carries, and
 RESULTS.md with intervals, paired tests and the paper's columns -- or, for a results.json without per-example
 scores, without them."""
@@ -11,7 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from dlplora.eval import metrics, report, stats
+from dlplora import stats
+from dlplora.eval import metrics, report
 
 # ---------------------------------------------------------------- intervals
 

@@ -177,7 +177,7 @@ def score_record(adapter: dict, base: dict, source: str) -> dict:
     Top level: ``score`` / ``base_score`` (the main figure), ``n_test``, ``interval`` / ``base_interval`` (95%
     percentile bootstrap over the test examples), ``p_value`` (exact two-sided sign test on the per-example
     scores), ``significant`` (better than base at 95%) and ``beats_base``; ``score_detail`` keeps every metric."""
-    from .eval.stats import main_scores, paired_test
+    from .stats import main_scores, paired_test
 
     def rounded(score):
         return {k: round(v, 2) for k, v in score.items() if isinstance(v, (int, float))}

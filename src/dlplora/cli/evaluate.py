@@ -19,6 +19,7 @@ def cmd_eval(args) -> None:
                         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
                         batch_size=args.batch_size, route_window=args.route_window,
                         turns=args.turns, conversations=args.conversations, arrow_top_k=args.arrow_top_k,
+                        ties_density=args.ties_density,
                         progress=not args.no_progress, command=command_line(), cache_dir=args.cache, note=args.note,
                         p_sweep=parse_p_values(args.p_sweep), mcq_exact_match=args.mcq_exact_match)
     results = run_evaluation(config, log=log)
@@ -68,9 +69,9 @@ def cmd_report(args) -> None:
 
 
 def _common(p, model_help: str) -> None:
-    p.add_argument("--methods", default="base,lora,dlp,arrow,merge-all",
+    p.add_argument("--methods", default="base,lora,dlp,arrow,merge-all,ties",
                    help="comma-separated: base, lora (oracle adapter), dlp (plugin), arrow (PEFT Arrow), merge-all "
-                        "(default: all)")
+                        "(uniform), ties (PEFT's TIES merge) (default: all)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="test examples per task (default: all)")
     p.add_argument("--p", type=float, default=DEFAULT_P, help=f"DLP top-p threshold (default {DEFAULT_P})")
     p.add_argument("--p-sweep", default="", metavar="P1,P2,...",
@@ -111,6 +112,8 @@ def register(sub, model_help: str) -> None:
                    help="multiturn: earlier user turns the router reads with the current one (default 1)")
     e.add_argument("--turns", type=int, default=3, help="multiturn: turns per conversation (default 3)")
     e.add_argument("--arrow-top-k", type=int, default=3, help="Arrow: adapters mixed per token (default 3)")
+    e.add_argument("--ties-density", type=float, default=0.2,
+                   help="TIES merge: share of each task vector kept (TIES' k; default 0.2)")
     e.add_argument("--cache", help="prediction cache directory (default OUT/cache)")
     e.add_argument("--note", default="", help="a paragraph put at the top of RESULTS.md (e.g. what was cut)")
     e.add_argument("--json", action="store_true", help="print results.json as the last line")

@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 
 
-def _arrow_layers(model) -> list[tuple[str, torch.nn.Module, torch.nn.Module]]:
+def arrow_layers(model) -> list[tuple[str, torch.nn.Module, torch.nn.Module]]:
     """(module name, LoRA layer, its ArrowLoraLinearLayer) of every layer routed by Arrow."""
     out = []
     for name, mod in model.named_modules():
@@ -32,7 +32,7 @@ def arrow_agreement(model, tokenizer, names: list[str], prompts: dict[str, list[
     per layer, with the chance level. Tokens are the prompt's, in its chat template."""
     from ..tasks import chat_prompt
 
-    layers = _arrow_layers(model)
+    layers = arrow_layers(model)
     if not layers:
         raise ValueError("the model has no Arrow-routed layer (build it with eval.runners.build_arrow_model)")
     picks: list[tuple[str, torch.Tensor]] = []

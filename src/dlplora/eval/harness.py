@@ -25,11 +25,11 @@ from ..tasks import user_message
 from .cache import PredictionCache, cache_namespace, library_signature, set_tag
 from .metrics import scoring_kind, summarise
 from .report import write_outputs
-from .runners import FusedRunner, PeftRunner, build_arrow_model
+from .runners import FusedRunner, PeftRunner, build_arrow_model, build_ties_model
 from .scoring import choice_predictions, gen_budget, teacher_forced_predictions
 from .settings import (RESULTS_FORMAT, SINGLE_METHODS, EvalConfig, build_conversations, build_stream, dlp_variant,
                        fixed_sets, setting_tasks, top_names)
-from .stats import paired_tests
+from ..stats import paired_tests
 
 
 def _chunks(seq, n):
@@ -185,9 +185,17 @@ class _Run:
                 self.arrow_runner = PeftRunner(*arrow)
             except (DLPLoRAError, ValueError, RuntimeError, KeyError) as exc:
                 self.skipped["arrow"] = f"could not build PEFT's Arrow model: {exc}"
+        self.ties_runner = None
+        if "ties" in self.methods:
+            try:
+                self.ties_runner = PeftRunner(*build_ties_model(self.lib, model=c.model, density=c.ties_density,
+                                                                dtype=self.engine.model.dtype,
+                                                                device=self.engine.model.device))
+            except (DLPLoRAError, ValueError, RuntimeError, KeyError) as exc:
+                self.skipped["ties"] = f"could not build PEFT's TIES merge: {exc}"
         for m, why in self.skipped.items():
             log(f"skipping {m}: {why}")
-        _warm_up(self.fused, self.arrow_runner, self.names)
+        _warm_up(self.fused, [r for r in (self.arrow_runner, self.ties_runner) if r is not None], self.names)
 
     def _check(self, c: EvalConfig) -> list[str]:
         """The tasks to evaluate, after checking the data, the library and the limit."""
@@ -222,6 +230,8 @@ class _Run:
                 "arrow": {"top_k": min(c.arrow_top_k, len(names)), "temperature": 1.0,
                           "implementation": "peft ArrowConfig / arrow_router LoRA variant"},
                 "merge_all": f"every row uses all {len(names)} adapters with weight 1/{len(names)}",
+                "ties": {"density": c.ties_density, "weights": 1.0,
+                         "implementation": "peft add_weighted_adapter(combination_type='ties'), merged"},
                 "command": c.command, "library_signature": self.sig, "p_sweep": self.p_sweep,
                 "plugin": plugin_summary(self.lib)}
 
@@ -244,6 +254,8 @@ class _Run:
     def _runner_and_sig(self, method: str):
         if method == "arrow":
             return self.arrow_runner, f"{self.sig}-k{min(self.config.arrow_top_k, len(self.names))}s{self.config.seed}"
+        if method == "ties":
+            return self.ties_runner, f"{self.sig}-d{self.config.ties_density:g}"
         return self.fused, self.sig
 
     def setting(self, setting: str) -> dict:
@@ -408,11 +420,11 @@ class _Run:
                 "lora_seconds": lora["seconds"], "rows": rows}
 
 
-def _warm_up(fused, arrow_runner, names) -> None:
-    """One short generation per code path (base, one adapter, mixed rows, Arrow) before anything is timed:
+def _warm_up(fused, others, names) -> None:
+    """One short generation per code path (base, one adapter, mixed rows, Arrow, TIES) before anything is timed:
     first calls pay one-off kernel and allocation costs that would otherwise land on whichever method runs first."""
     mixed = [{names[0]: 1.0}, {n: 1.0 / len(names) for n in names}]
     for sets in ([{}], [{names[0]: 1.0}], mixed):
         fused.generate(["warm up"] * len(sets), [[] for _ in sets], sets, [2] * len(sets))
-    if arrow_runner is not None:
-        arrow_runner.generate(["warm up"], [[]], [{}], [2])
+    for runner in others:
+        runner.generate(["warm up"], [[]], [{}], [2])

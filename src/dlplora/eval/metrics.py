@@ -16,7 +16,7 @@ import re
 import string
 
 from ..tasks import TASKS
-from .stats import BLEU_ORDER, bleu_from_statistics, bleu_full_statistics, mean_interval, task_intervals
+from ..stats import BLEU_ORDER, bleu_from_statistics, bleu_full_statistics, mean_interval, task_intervals
 
 
 def normalize_answer(text: str) -> str:

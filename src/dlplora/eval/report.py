@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 
 from ..errors import DLPLoRAError
-from . import paper, stats
+from .. import stats
+from . import paper
 from .settings import METHOD_LABELS
 from .tables import ci_text, fmt, fmt_ci, method_order, p_sweep_lines, setting_lines, short
 
@@ -178,6 +179,9 @@ def _header_lines(results: dict, preamble: str) -> list[str]:
         f"| Arrow | PEFT's Arrow router, top-k {cfg.get('arrow', {}).get('top_k')}, temperature "
         f"{cfg.get('arrow', {}).get('temperature')}, per token and per layer, training-free |",
         f"| Merge-all | {cfg.get('merge_all', '')} |",
+        *([f"| TIES merge | PEFT `add_weighted_adapter(combination_type='ties', density={cfg['ties']['density']:g})` "
+           f"over every adapter, weight 1 each, merged into the weights |"] if cfg.get("ties") and "ties" in
+          cfg.get("methods", []) else []),
         f"| seed | {cfg.get('seed')} |",
     ]
     if cfg.get("command"):

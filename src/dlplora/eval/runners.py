@@ -96,3 +96,30 @@ def build_arrow_model(library, model=None, top_k: int = 3, temperature: float = 
     pm.set_adapter("arrow_router")
     pm.eval()
     return pm, tok
+
+
+def build_ties_model(library, model=None, density: float = 0.2, combination: str = "ties", dtype=None, device=None):
+    """One static merge of every adapter of the library, PEFT's way: ``add_weighted_adapter`` with
+    ``combination_type="ties"`` (or ``"dare_ties"``), weight 1 each, keeping the top `density` share of each task
+    vector's entries (TIES' k = 20% by default), then merged into a fresh copy of the backbone. What a PEFT or LoRAX
+    user picks to serve many tasks without routing. Returns (model, tokenizer)."""
+    from peft import PeftModel
+
+    from ..backbone import load_backbone
+
+    if not 0 < density <= 1:
+        raise DLPLoRAError(f"TIES density must be in (0, 1], got {density}")
+    names = library.names
+    where = model
+    if where is None:
+        base_path = library.base_model.get("path")
+        where = base_path if base_path and Path(base_path).is_dir() else None
+    net, tok, _ = load_backbone(where, dtype=dtype, device=device)
+    pm = PeftModel.from_pretrained(net, str(library.adapter_dir(names[0])), adapter_name=names[0])
+    for n in names[1:]:
+        pm.load_adapter(str(library.adapter_dir(n)), adapter_name=n)
+    pm.add_weighted_adapter(names, [1.0] * len(names), "static_merge", combination_type=combination, density=density)
+    pm.set_adapter("static_merge")
+    merged = pm.merge_and_unload(adapter_names=["static_merge"])
+    merged.eval()
+    return merged, tok

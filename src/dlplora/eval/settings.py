@@ -7,7 +7,8 @@ tasks; routing methods re-decide at every turn with the history as context).
 
 Methods: base (no adapter), lora (oracle: the true task's adapter), dlp (the plugin, top-p, with the
 paper's softmax weighting = "dlp" and the renormalised one = "dlp-renorm"), arrow (PEFT's training-free
-Arrow routing over the same adapters), merge-all (one static uniform merge of every adapter).
+Arrow routing over the same adapters), merge-all (one static uniform merge of every adapter), ties (PEFT's
+``add_weighted_adapter(combination_type="ties", density=0.2)`` over every adapter, merged into the weights).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from ..errors import DLPLoRAError
 from ..tasks import TASKS
 
 SETTINGS = ("single", "composite-17", "composite-9", "composite-26", "multiturn")
-METHODS = ("base", "lora", "dlp", "arrow", "merge-all")
+METHODS = ("base", "lora", "dlp", "arrow", "merge-all", "ties")
 SINGLE_METHODS = ("base", "lora")
 METHOD_LABELS = {"base": "Base", "lora": "LoRA (oracle)", "dlp": "DLP-LoRA", "dlp-renorm": "DLP-LoRA (renorm)",
-                 "arrow": "Arrow (PEFT)", "merge-all": "Merge-all"}
+                 "arrow": "Arrow (PEFT)", "merge-all": "Merge-all", "ties": "TIES merge (PEFT)"}
 RESULTS_FORMAT = 2  # 2: per-example scores, bootstrap intervals ("ci", "mean_ci") and paired tests ("paired")
 
 
@@ -140,7 +141,7 @@ def build_conversations(examples_by_task: dict[str, list[dict]], tasks: list[str
 
 def fixed_sets(method: str, items: list[dict], names: list[str]) -> list[dict]:
     """The adapter sets of the methods that do not route: lora (the item's own task), merge-all (every adapter,
-    uniform), base and arrow (none: Arrow routes inside the model)."""
+    uniform), base, arrow and ties (none: Arrow routes inside its model, TIES is merged into its weights)."""
     if method == "lora":
         return [{it["task"]: 1.0} for it in items]
     if method == "merge-all":
@@ -179,6 +180,7 @@ class EvalConfig:
     turns: int = field(default=3, metadata={"help": "multiturn: turns per conversation"})
     conversations: int | None = field(default=None, metadata={"help": "multiturn: at most this many conversations"})
     arrow_top_k: int = field(default=3, metadata={"help": "Arrow: adapters mixed per token"})
+    ties_density: float = field(default=0.2, metadata={"help": "TIES: share of each task vector kept (TIES' k)"})
     cache_dir: str | os.PathLike | None = field(default=None, metadata={"help": "prediction cache (default OUT/cache)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
     write: bool = field(default=True, metadata={"help": "write results.json, RESULTS.md and figures to OUT"})

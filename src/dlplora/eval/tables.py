@@ -6,7 +6,8 @@ the multiturn setting; the effect of top-p; and the number formats the report sh
 from __future__ import annotations
 
 from ..tasks import TASKS
-from . import paper, stats
+from .. import stats
+from . import paper
 from .settings import METHOD_LABELS
 
 
@@ -65,7 +66,7 @@ def _paper_cells(task: str, metric: str) -> str:
 
 def method_order(methods: dict) -> list[str]:
     """The methods in the tables' order (base, the oracle LoRA, DLP-LoRA, then the other baselines)."""
-    order = ["base", "lora", "dlp", "dlp-renorm", "arrow", "merge-all"]
+    order = ["base", "lora", "dlp", "dlp-renorm", "arrow", "merge-all", "ties"]
     return [m for m in order if m in methods] + [m for m in methods if m not in order]
 
 
