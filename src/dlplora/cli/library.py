@@ -32,6 +32,10 @@ def cmd_train_loras(args) -> None:
             raise DLPLoRAError(f"--epochs must be positive, got {args.epochs}")
         n = min(len(load_split(data, t, "train")) for t in names)
         cfg.steps = max(1, math.ceil(args.epochs * n / cfg.batch_size))
+    if args.examples is not None:
+        if args.examples <= 0:
+            raise DLPLoRAError(f"--examples must be positive, got {args.examples}")
+        cfg.steps = max(1, math.ceil(args.examples / cfg.batch_size))
     if args.steps is not None:
         cfg.steps = args.steps
     lib = train_library(names, data, args.out, model=args.model, cfg=cfg, force=args.force,
@@ -121,7 +125,9 @@ def register(sub, model_help: str) -> None:
     t.add_argument("--alpha", type=float, default=16.0)
     t.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or all-linear")
     t.add_argument("--steps", type=int, help="optimizer steps per adapter (default 20, with --top-layers 10 and --max-len 192: sized for 26 adapters in 90 min on 2 cores)")
-    t.add_argument("--epochs", type=float, help="passes over the training split instead of --steps")
+    t.add_argument("--epochs", type=float, help="passes over the smallest task's training split instead of --steps")
+    t.add_argument("--examples", type=int, help="training examples each adapter sees (steps = examples / batch size; "
+                                                "a task with fewer training examples sees some of them again)")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=5e-3)
     t.add_argument("--max-len", type=int, default=192, help="max tokens per training example (prompt is cut from the left)")
