@@ -20,7 +20,8 @@ def config_from_args(args):
                        max_body_bytes=args.max_body_bytes, model_name=args.served_model_name,
                        prefill_chunk=args.prefill_chunk, compile=args.compile, max_messages=args.max_messages,
                        max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n, api_key=key,
-                       allow_runtime_adapters=args.allow_runtime_adapters, adapter_root=args.adapter_root).check()
+                       allow_runtime_adapters=args.allow_runtime_adapters, adapter_root=args.adapter_root,
+                       retrain_max_prompts=args.retrain_max_prompts).check()
 
 
 def cmd_serve(args) -> None:
@@ -42,6 +43,15 @@ def cmd_serve(args) -> None:
           f"plugin: {'yes' if engine.router is not None else 'no (pinned adapters only)'}; "
           f"API key: {'required' if config.api_key else 'none (open to anyone who can reach the port)'}; "
           f"http://{args.host}:{args.port}/v1", flush=True)
+    labels = set(getattr(engine.router, "labels", ()) or ())
+    pinned = [n for n in engine.names if engine.router is not None and n not in labels]
+    if pinned:
+        print(f"the router does not know {', '.join(pinned)}: served when pinned or mixed only (retrain it: "
+              f"dlp-lora train-plugin --library {args.library})", flush=True)
+    if config.allow_runtime_adapters:
+        print(f"runtime adapters: POST /v1/load_lora_adapter and /v1/unload_lora_adapter are on; lora_path "
+              f"{'under ' + config.adapter_root if config.adapter_root else 'anywhere this process can read'}",
+              flush=True)
     serve(engine, config, host=args.host, port=args.port, log_level=args.log_level)
 
 
@@ -51,7 +61,9 @@ def register(sub, model_help: str) -> None:
         description="Serve the library over HTTP: POST /v1/chat/completions and /v1/completions (streaming or "
                     "not), GET /v1/models, /health, /metrics. 'model' = the base model (or 'dlp-lora') routes each "
                     "request with the plugin; 'model' = an adapter name pins that adapter; the extension field "
-                    "'adapters': {name: weight} pins a weighted mix. Concurrent requests share decode steps "
+                    "'adapters': {name: weight} pins a weighted mix. With --allow-runtime-adapters, POST "
+                    "/v1/load_lora_adapter {lora_name, lora_path, examples?} and /v1/unload_lora_adapter {lora_name} "
+                    "change the library while serving. Concurrent requests share decode steps "
                     "(continuous batching by slot on a static KV cache, one adapter set per row). Greedy unless 'temperature' is given.")
     s.add_argument("--library", required=True, metavar="LIB", help="adapter library directory (with library.json)")
     s.add_argument("--model", help=LIBRARY_MODEL_HELP)
@@ -86,7 +98,11 @@ def register(sub, model_help: str) -> None:
     s.add_argument("--allow-runtime-adapters", action="store_true",
                    help="turn on POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default)")
     s.add_argument("--adapter-root", metavar="DIR", default=None,
-                   help="a runtime load's lora_path must lie under DIR (else 403)")
+                   help="a runtime load's lora_path (and examples_path) must lie under DIR, symbolic links resolved "
+                        "(else 403); give it whenever clients are not trusted with the server's file system")
+    s.add_argument("--retrain-max-prompts", type=int, default=300, metavar="N",
+                   help="routing prompts per adapter when the router retrains after a runtime load with examples "
+                        "(a seeded sample; default 300: seconds on 2 cores for 26 adapters)")
     s.add_argument("--served-model-name", metavar="NAME",
                    help="the id of the base model in /v1/models (default: the backbone's name)")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

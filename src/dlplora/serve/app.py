@@ -5,7 +5,9 @@
 >>> uvicorn.run(app, host="127.0.0.1", port=8000)        # or: dlp-lora serve --library lib
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both streaming SSE or not),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
+``GET /v1/models`` (each adapter with its routing state), ``GET /health``, ``GET /metrics`` (Prometheus text), and
+with ``--allow-runtime-adapters`` ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``
+(:mod:`dlplora.serve.adapters_api`; the live library: :mod:`dlplora.serve.live`).
 
 Adapter choice per request (every response carries ``routing``: the adapters used and their weights):
 
@@ -50,10 +52,13 @@ from starlette.requests import Request  # module level: FastAPI resolves the han
 
 from ..engine import adapter_set, routing_field
 from ..errors import ContextLengthError, DLPLoRAError
+from .adapters_api import adapters_router
 from .config import COMPLETIONS_DEFAULT_MAX_TOKENS, ROUTE_ALIASES, APIError, QueueFull, ServeConfig
+from .live import LiveLibrary
 from .metrics import Metrics
-from .logprobs import ChoiceLogprobs, LogprobRequest, LogprobScheduler, TokenText
+from .logprobs import ChoiceLogprobs, TokenText
 from .protocol import GenerationParams, ResponseWriter, error_response, parse_generation, read_json
+from .scheduler import GenRequest, Scheduler
 
 log = logging.getLogger("dlplora.server")
 
@@ -65,11 +70,12 @@ class ServerState:
         self.metrics = Metrics()
         self.tok_lock = threading.Lock()
         self.router_lock = threading.Lock()
-        self.scheduler = LogprobScheduler(engine, self.config, self.metrics, self.tok_lock)
+        self.scheduler = Scheduler(engine, self.config, self.metrics, self.tok_lock)
         self._token_text = None
         info = getattr(engine, "info", None)
         self.base_name = config.model_name or (info.name if info is not None else "base")
         self.created = int(time.time())
+        self.live = LiveLibrary(self)  # the served adapters and their routing states
 
     @property
     def token_text(self) -> TokenText:
@@ -82,7 +88,7 @@ class ServerState:
     def choose(self, params: GenerationParams) -> tuple[dict | None, str]:
         """(adapter set or None = route, source) from "model" and "adapters"."""
         model = params.model
-        names = self.engine.names
+        names = self.live.names
         adapters = params.adapters
         if model is not None and not isinstance(model, str):
             raise APIError(400, f"'model' must be a string, got {type(model).__name__}", param="model")
@@ -124,9 +130,9 @@ class ServerState:
                            param="model", code="no_plugin")
         return None, "plugin"
 
-    def prepare(self, params: GenerationParams, aset: dict | None, source: str,
-                default_max: int) -> tuple[list[int], dict, int, dict]:
-        """Tokenize and check the request; route it if needed. Runs in a worker thread."""
+    def prepare(self, params: GenerationParams, default_max: int) -> tuple[list[int], str, int]:
+        """Tokenize and check the request: (prompt ids, the text the router reads, max_tokens). Runs in a worker
+        thread."""
         eng = self.engine
         try:
             with self.tok_lock:
@@ -145,15 +151,30 @@ class ServerState:
         if max_tokens is None:
             room = (eng.context_length - len(ids)) if eng.context_length else default_max
             max_tokens = max(1, min(default_max, room))
-        why = None
-        if aset is None:
-            try:
-                with self.router_lock:
-                    aset, why = eng.route_with_reasons([req.route_text])[0]
-            except DLPLoRAError as exc:
-                raise APIError(400, str(exc), param="model") from None
+        return ids, req.route_text, max_tokens
+
+    def submit(self, reqs: list[GenRequest], aset: dict | None, source: str, route_text: str) -> dict:
+        """Route the request when `aset` is None, give its rows the set, queue them; returns its ``routing``. All under
+        the live library's lock, so a runtime unload either comes before (the router no longer chooses the adapter,
+        and a request naming it gets 404) or sees the rows queued and waits for them. Runs in a worker thread."""
+        with self.live.lock:
+            why = None
+            if aset is None:
+                try:
+                    with self.router_lock:
+                        aset, why = self.engine.route_with_reasons([route_text])[0]
+                except DLPLoRAError as exc:
+                    raise APIError(400, str(exc), param="model") from None
+            gone = [n for n in aset if n not in self.live.routing]
+            if gone:
+                raise APIError(404, f"the adapter {gone[0]!r} was unloaded; serve one of: "
+                                    f"{', '.join([self.base_name] + self.live.names)}", param="model",
+                               code="model_not_found")
+            for r in reqs:
+                r.adapters = aset
+                self.scheduler.submit(r)
         adapters = [{"name": n, "weight": round(float(w), 6)} for n, w in sorted(aset.items(), key=lambda kv: -kv[1])]
-        return ids, routing_field(adapters, source, why), max_tokens, aset
+        return routing_field(adapters, source, why)
 
 
 class _Auth:
@@ -193,7 +214,8 @@ class _StatusCounter:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+        known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
+                 "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
         endpoint = path if path in known else "other"
         status = {"code": 500}
 
@@ -222,7 +244,7 @@ async def generate(state: ServerState, request: Request, chat: bool):
     aset, source = state.choose(params)
     limit = cfg.max_tokens_limit
     default_max = limit if chat else min(limit, COMPLETIONS_DEFAULT_MAX_TOKENS)
-    ids, routing, max_new, aset = await run_in_threadpool(state.prepare, params, aset, source, default_max)
+    ids, route_text, max_new = await run_in_threadpool(state.prepare, params, default_max)
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -239,9 +261,9 @@ async def generate(state: ServerState, request: Request, chat: bool):
                 pass
         return emit
 
-    reqs = [LogprobRequest(ids=ids, adapters=aset, max_new=max_new, emit=emitter(k), temperature=params.temperature,
-                           top_p=params.top_p, seed=seeds[k], stop=params.stop, deadline=deadline,
-                           logprobs=params.logprobs) for k in range(runs)]
+    reqs = [GenRequest(ids=ids, adapters={}, max_new=max_new, emit=emitter(k), temperature=params.temperature,
+                       top_p=params.top_p, seed=seeds[k], stop=params.stop, deadline=deadline,
+                       logprobs=params.logprobs) for k in range(runs)]  # their adapter set: state.submit
 
     def cancel_all():
         for r in reqs:
@@ -249,8 +271,7 @@ async def generate(state: ServerState, request: Request, chat: bool):
                 r.cancel()
 
     try:
-        for r in reqs:
-            state.scheduler.submit(r)
+        routing = await run_in_threadpool(state.submit, reqs, aset, source, route_text)
     except QueueFull:
         cancel_all()
         raise APIError(503, f"the server is busy: {cfg.max_queue} requests are already waiting; "
@@ -340,6 +361,7 @@ def create_app(engine, config: ServeConfig | None = None):
         try:
             yield
         finally:
+            state.live.close()
             state.scheduler.stop()
 
     app = FastAPI(title="dlp-lora", lifespan=lifespan)
@@ -364,7 +386,7 @@ def create_app(engine, config: ServeConfig | None = None):
     async def health():
         sch = state.scheduler
         ok = sch.alive
-        body = {"status": "ok" if ok else "unavailable", "model": state.base_name, "adapters": engine.names,
+        body = {"status": "ok" if ok else "unavailable", "model": state.base_name, "adapters": state.live.names,
                 "plugin": engine.router is not None, "running": sch.running, "queued": len(sch.pending),
                 "max_batch_size": state.config.max_batch_size}
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -373,16 +395,16 @@ def create_app(engine, config: ServeConfig | None = None):
     async def models():
         data = [{"id": state.base_name, "object": "model", "created": state.created, "owned_by": "dlp-lora",
                  "root": state.base_name, "parent": None}]
-        for n in engine.names:
+        for n, routing, note in state.live.models():
             data.append({"id": n, "object": "model", "created": state.created, "owned_by": "dlp-lora", "root": n,
-                         "parent": state.base_name})
+                         "parent": state.base_name, "routing": routing} | ({"routing_note": note} if note else {}))
         return {"object": "list", "data": data}
 
     @app.get("/metrics")
     async def metrics():
         state.metrics.queue_depth = len(state.scheduler.pending)
         state.metrics.running = state.scheduler.running
-        return PlainTextResponse(state.metrics.render(engine.names), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(state.metrics.render(state.live.names), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -391,6 +413,8 @@ def create_app(engine, config: ServeConfig | None = None):
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await generate(state, request, chat=False)
+
+    app.include_router(adapters_router(state))  # /v1/load_lora_adapter, /v1/unload_lora_adapter
 
     if state.config.api_key:
         app.add_middleware(_Auth, key=state.config.api_key)

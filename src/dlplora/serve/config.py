@@ -32,10 +32,11 @@ class ServeConfig:
     api_key: str | None = field(default=None, repr=False)
     allow_runtime_adapters: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter are on
     adapter_root: str | None = None  # lora_path of a runtime load must lie under this directory (else 403)
+    retrain_max_prompts: int = 300  # routing prompts per adapter when the router retrains after a runtime load
 
     def check(self) -> "ServeConfig":
         for name in ("max_batch_size", "max_queue", "max_tokens_limit", "max_body_bytes", "prefill_chunk",
-                     "max_messages", "max_n"):
+                     "max_messages", "max_n", "retrain_max_prompts"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise DLPLoRAError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")

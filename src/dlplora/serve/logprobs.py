@@ -1,12 +1,12 @@
 """Per-token log probabilities for the OpenAI ``logprobs`` fields, from the logits the decode already computes.
 
-The scheduler picks each row's next token from the logits of its step (``Scheduler._pick``, for the first token
-after the prefill and for every decode step). :class:`LogprobScheduler` wraps that pick: for a request that asked
-for log probabilities (a :class:`LogprobRequest` with ``logprobs`` = the number of alternatives) it records the
-chosen token's log probability and the ``logprobs`` most likely tokens. They are read from the model's raw
-distribution (log-softmax of the logits, before temperature and top-p), as OpenAI and vLLM report them. Entry
-``i`` belongs to the request's ``i``-th generated token; the entry of an EOS token (not part of the completion) and
-any entry past the end are never reported. Rows that did not ask cost nothing.
+The scheduler picks each row's next token from the logits of its step (the first token after the prefill and every
+decode step); for a request that asked for log probabilities (:class:`dlplora.serve.scheduler.GenRequest` with
+``logprobs`` = the number of alternatives) it calls :func:`record_logprobs`, which records the chosen token's log
+probability and the ``logprobs`` most likely tokens. They are read from the model's raw distribution (log-softmax of
+the logits, before temperature and top-p), as OpenAI and vLLM report them. Entry ``i`` belongs to the request's
+``i``-th generated token; the entry of an EOS token (not part of the completion) and any entry past the end are never
+reported. Rows that did not ask cost nothing.
 
 :class:`ChoiceLogprobs` turns one choice's entries into the tokens of its text: each token's string and bytes, its
 character offset in the completion, and which tokens a streamed prefix of the text covers (a token is reported
@@ -16,35 +16,14 @@ once the text it starts in has gone out; after a stop string, only the tokens th
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .scheduler import GenRequest, Scheduler
 
-
-@dataclass(eq=False)
-class LogprobRequest(GenRequest):
-    """A :class:`GenRequest` that records log probabilities (``logprobs`` alternatives per token; None: none)."""
-
-    logprobs: int | None = None
-    # (chosen token id, its log probability, [(alternative id, log probability), ...] best first), one per pick
-    entries: list = field(default_factory=list)
-
-
-class LogprobScheduler(Scheduler):
-    """The server's scheduler, recording log probabilities for the requests that ask for them."""
-
-    def _pick(self, reqs: list[GenRequest], logits: torch.Tensor) -> list[int]:
-        toks = super()._pick(reqs, logits)
-        rows = [i for i, r in enumerate(reqs) if getattr(r, "logprobs", None) is not None and not r.finished]
-        if rows:
-            record_logprobs([reqs[i] for i in rows], logits[rows], [toks[i] for i in rows])
-        return toks
-
-
-def record_logprobs(reqs: list[LogprobRequest], logits: torch.Tensor, toks: list[int]) -> None:
-    """Append one entry to each request's ``entries``: the log probability of its token ``toks[i]`` under
+def record_logprobs(reqs: list, logits: torch.Tensor, toks: list[int]) -> None:
+    """Append one entry to each request's ``entries`` (requests with ``logprobs`` and ``entries``, as
+    :class:`dlplora.serve.scheduler.GenRequest`): the log probability of its token ``toks[i]`` under
     ``logits[i]`` and its ``logprobs`` most likely tokens."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     chosen = lp.gather(1, torch.tensor(toks, device=lp.device)[:, None])[:, 0].tolist()
@@ -121,7 +100,7 @@ class ChoiceLogprobs:
     """The log probabilities of one choice, reported in order: :meth:`stream` for what a streamed prefix of the
     text covers, :meth:`final` for the rest once the choice is done."""
 
-    def __init__(self, req: LogprobRequest, text: TokenText):
+    def __init__(self, req, text: TokenText):  # req: a GenRequest that asked for log probabilities
         self.req, self.text = req, text
         self.sent = 0  # tokens reported so far
         self._offsets = [0]  # _offsets[j]: characters in the decoded first j tokens (made non-decreasing)

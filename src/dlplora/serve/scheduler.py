@@ -15,12 +15,19 @@ fused layers' slot table (:meth:`dlplora.fusion.LoRAFusion.set_slot`). The decod
    its own settings.
 
 A failing prefill fails the joining requests; a failing decode step fails the running rows with 500; the
-scheduler keeps serving either way. Sampling and the stop strings are :mod:`dlplora.decoding`'s.
+scheduler keeps serving either way. Sampling and the stop strings are :mod:`dlplora.decoding`'s; a request that asks
+for log probabilities (``logprobs``) gets one entry per sampled token (:func:`dlplora.serve.logprobs.record_logprobs`).
+
+Changes to the model (a runtime adapter load or unload) are commands run by this thread between two iterations
+(:meth:`Scheduler.call`), under the engine's lock, so no forward pass sees half a change. A row in flight keeps the
+adapter set gathered into its slot (a copy, not stack indices), so it finishes with the set it started with; a
+command can wait until no queued or running request uses an adapter (`ready`).
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import math
 import threading
@@ -33,7 +40,9 @@ import torch
 
 from ..core import DecodeCore
 from ..decoding import StopStreamer, sample
+from ..errors import DLPLoRAError
 from .config import APIError, QueueFull, ServeConfig
+from .logprobs import record_logprobs
 from .metrics import Metrics
 
 log = logging.getLogger("dlplora.server")
@@ -54,6 +63,9 @@ class GenRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     deadline: float = math.inf
+    logprobs: int | None = None  # record log probabilities with this many alternatives per token (None: none)
+    # (chosen token id, its log probability, [(alternative id, log probability), ...] best first), one per pick
+    entries: list = field(default_factory=list)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
@@ -91,6 +103,7 @@ class Scheduler:
             self.core.compile()
         engine.fusion.init_slots(slots, table=TABLE)
         self.pending: collections.deque[GenRequest] = collections.deque()
+        self.commands: list[tuple[Callable[[], Any], Callable[[], bool] | None, concurrent.futures.Future]] = []
         self.cv = threading.Condition()
         self.rows: list[GenRequest] = []  # decoding: rows[i] is in slot i
         self.feed: list[int] = []  # the token each decoding row feeds next
@@ -132,6 +145,60 @@ class Scheduler:
     def running(self) -> int:
         return len(self.rows) + len(self.joining)
 
+    def call(self, fn: Callable[[], Any], ready: Callable[[], bool] | None = None, timeout: float | None = None):
+        """Run `fn()` in the scheduler's thread between two iterations, under the engine's lock, once `ready()`
+        (checked there, between iterations; default: at once) is true; returns its result or raises its error.
+        Commands run in the order they become ready. A scheduler that is not running runs `fn` here (under the lock).
+        On `timeout` (seconds): TimeoutError, and the command is dropped if it has not started."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self.cv:
+            inline = not self.thread.is_alive() and not self._stop
+            if not inline:
+                if self._stop:
+                    raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+                self.commands.append((fn, ready, fut))
+                self.cv.notify()
+        if inline:
+            with self.engine.lock:
+                return fn()
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"the scheduler did not run the command within {timeout:g} s") from None
+
+    def uses(self, name: str) -> bool:
+        """Whether a queued, joining or running request uses adapter `name` (call in the scheduler's thread, e.g.
+        from a command's `ready`)."""
+        return any(name in r.adapters for r in (*self.pending, *self.joining, *self.rows) if not r.finished)
+
+    def _due_commands(self) -> list:
+        """Pop the commands that are ready (under the condition's lock)."""
+        due, keep = [], []
+        for fn, ready, fut in self.commands:
+            if fut.cancelled():
+                continue
+            try:
+                ok = ready is None or ready()
+            except Exception as exc:  # a failing check fails its command
+                fut.set_exception(exc)
+                continue
+            if ok:
+                due.append((fn, fut))
+            else:
+                keep.append((fn, ready, fut))
+        self.commands = keep
+        return due
+
+    def _run_commands(self, due: list) -> None:
+        with self.engine.lock:  # not inference mode: the stacks and slot tables are written outside it too
+            for fn, fut in due:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as exc:
+                        fut.set_exception(exc)
+
     # -------------------------------------------------- the loop
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -140,7 +207,8 @@ class Scheduler:
                 if self._stop:
                     break
                 self._expire_pending()
-                if not self.rows and not self.joining and not self.pending:
+                due = self._due_commands() if self.commands else []
+                if not due and not self.rows and not self.joining and not self.pending:
                     self.cv.wait(0.05)
                     continue
                 new = []
@@ -148,6 +216,8 @@ class Scheduler:
                     room = self.config.max_batch_size - self.running
                     new = [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
                 self.metrics.queue_depth = len(self.pending)
+            if due:
+                self._run_commands(due)
             try:
                 with torch.inference_mode(), self.engine.lock:
                     self._drop_gone()
@@ -179,7 +249,11 @@ class Scheduler:
         err = APIError(503, "the server is shutting down", "server_error", code="shutting_down")
         for r in list(self.pending) + self.rows + self.joining:
             self._fail(r, err)
+        for _, _, fut in self.commands:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(err)
         self.pending.clear()
+        self.commands = []
         self.rows, self.feed, self.joining = [], [], []
         try:
             self.engine.fusion.clear()
@@ -311,6 +385,9 @@ class Scheduler:
                 r.generator = torch.Generator(device=self.dev)
                 r.generator.manual_seed(r.seed if r.seed is not None else int(torch.randint(0, 2 ** 31, (1,))))
             out.append(int(sample(logits[i:i + 1], r.temperature, r.top_p, r.generator)[0]))
+        asked = [i for i, r in enumerate(reqs) if r.logprobs is not None and not r.finished]
+        if asked:
+            record_logprobs([reqs[i] for i in asked], logits[asked], [out[i] for i in asked])
         return out
 
     # -------------------------------------------------- prefill / decode
@@ -322,12 +399,21 @@ class Scheduler:
         new = [r for r in new if not r.finished]
         if not new:
             return
-        first = len(self.rows)
-        for k, r in enumerate(new):
-            slot = first + k
+        first, ok = len(self.rows), []
+        for r in new:
+            slot = first + len(ok)
+            try:  # a set naming an adapter that is not loaded (the server checks before queueing; this is the guard)
+                self.engine.fusion.set_slot(slot, r.adapters, table=TABLE)
+            except DLPLoRAError as exc:
+                self._fail(r, APIError(404, f"the request's adapters cannot be applied: {exc}", param="model",
+                                       code="model_not_found"))
+                continue
             self.core.cache.free(slot)
-            self.engine.fusion.set_slot(slot, r.adapters, table=TABLE)
             r.prefilled, r.logits = 0, None
+            ok.append(r)
+        new = ok
+        if not new:
+            return
         self.core.cache.reserve(max(len(r.ids) + r.max_new for r in new) + 1)
         self.joining = new
         self.jfirst = first
