@@ -139,3 +139,23 @@ def random_peft_library(root: str | Path, model_dir: str | Path, specs, std: flo
             add_adapter(root, name, src, model=str(model_dir))
     return Path(root)
 
+
+
+def save_peft_adapter(ad, out: str | Path, base_model: str | None = None) -> Path:
+    """Write an :class:`dlplora.adapters.AdapterWeights` (e.g. :func:`dlplora.fusion.random_adapter`) as a PEFT LoRA
+    directory (adapter_config.json + adapter_model.safetensors), without building a PEFT model (fast for a real-size
+    backbone)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (a, b, _) in ad.layers.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.detach().contiguous().float()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.detach().contiguous().float()
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": ad.rank, "lora_alpha": ad.alpha,
+           "target_modules": list(ad.targets), "bias": "none", "use_rslora": ad.use_rslora, "lora_dropout": 0.0,
+           "base_model_name_or_path": base_model}
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return out

@@ -1,5 +1,5 @@
-"""`dlp-lora bench train|fusion|serve|routing|decode|gpu` (speed ratios measured side by side in one run), and `dlp-lora bench-serve`,
-the older name of `bench serve`."""
+"""`dlp-lora bench train|fusion|serve|live-library|routing|decode|gpu` (speed ratios measured side by side in one run),
+and `dlp-lora bench-serve`, the older name of `bench serve`."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def register(sub, model_help: str) -> None:
                         "length-bucketed, packed rows), padding share and tokens/s side by side")
     t.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     t.set_defaults(func=cmd_bench_train)
-    from ..bench import decode, fusion, gpu, routing, serve
+    from ..bench import decode, fusion, gpu, live, routing, serve
 
     d = b.add_parser("decode", help="decode speed: ours vs HF generate (and llama.cpp's llama-bench), side by side",
                      description=decode.__doc__.strip().splitlines()[0])
@@ -65,6 +65,11 @@ def register(sub, model_help: str) -> None:
                      description=description)
     serve.add_arguments(s)
     s.set_defaults(func=serve.run)
+    lv = b.add_parser("live-library", help="runtime adapters: load-to-routable time, and a closed-loop load test "
+                                           "during loads and unloads (failed and changed responses)",
+                      description=live.__doc__.strip().split("\n\n")[0])
+    live.add_arguments(lv)
+    lv.set_defaults(func=live.run)
     # the same command under its first name, kept as an alias
     alias = sub.add_parser("bench-serve", help="server throughput and latency, batching on vs off, side by side "
                                                "(= `bench serve`)", description=description)
