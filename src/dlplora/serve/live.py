@@ -269,6 +269,9 @@ class LiveLibrary:
                 plugin, report = train_plugin_from_library(self.library, names,
                                                            like=old if isinstance(old, Plugin) else None,
                                                            max_per_adapter=self.config.retrain_max_prompts)
+                with self.lock:
+                    if self._closed:  # the server stopped while it trained
+                        return
                 save_plugin(plugin, self.library.plugin_dir())
             except Exception as exc:
                 log.warning("retraining the router failed: %s", exc)
