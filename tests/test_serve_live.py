@@ -297,6 +297,13 @@ def test_bad_loads_are_refused_with_4xx_and_change_nothing(http, server, root, t
         err = _err(http.post("/v1/load_lora_adapter", json=body), status, code)
         if str(body.get("lora_path")) in words:
             assert words[body["lora_path"]] in err["message"], err
+    # still in the stacks, no longer served (an unload whose requests outlived its call): a load of the name waits
+    from dlplora.adapters import load_peft_adapter
+
+    ghost, sch, fusion = load_peft_adapter(root / "c1", "ghost"), server.live.state.scheduler, server.live.engine.fusion
+    sch.call(lambda: fusion.add_adapter(ghost))
+    _err(http.post("/v1/load_lora_adapter", json={"lora_name": "ghost", "lora_path": "c1"}), 409, "adapter_unloading")
+    sch.call(lambda: fusion.remove_adapter("ghost"))
     _err(http.post("/v1/unload_lora_adapter", json={"lora_name": "nobody"}), 404, "model_not_found")
     _err(http.post("/v1/unload_lora_adapter", json={}), 400)
     _err(http.post("/v1/load_lora_adapter", content=b"[1]", headers={"content-type": "application/json"}), 400)

@@ -15,8 +15,9 @@ is accepted, so give one whenever clients are not trusted with the server's file
 Answers: 200 with ``{"object": "lora_adapter", "id", "loaded", "routing", "message", ...}`` (``message`` is
 vLLM's success text); 400 for a bad body, a name already served, or an adapter that fails validation (the message
 names the problem: base model, targets, shapes, rank, corrupt or missing files, modules_to_save); 404 for a path
-that does not exist or an unload of an adapter not served; 403 outside the adapter root. What happens to requests in
-flight, routing states and the unload policy: :mod:`dlplora.serve.live`.
+that does not exist or an unload of an adapter not served; 403 outside the adapter root; 409 for the name of an
+adapter still being unloaded. What happens to requests in flight, routing states and the unload policy:
+:mod:`dlplora.serve.live`.
 """
 
 from __future__ import annotations

@@ -129,6 +129,9 @@ class LiveLibrary:
                 raise APIError(400, f"the library {lib.root} already holds an adapter named {name!r} that this "
                                     f"server does not serve; pick another lora_name", param="lora_name",
                                code="adapter_exists")
+            if name in self.engine.fusion:  # an unload whose requests outlived its call
+                raise APIError(409, f"an adapter named {name!r} is still being unloaded (requests still use it); "
+                                    f"retry when they have ended", param="lora_name", code="adapter_unloading")
             info = getattr(self.engine, "info", None)
             files = lib.root / "adapters" / name
             try:
@@ -152,7 +155,6 @@ class LiveLibrary:
                     lib.set_entry(name, entry)
                 except BaseException:
                     lib.manifest["adapters"].pop(name, None)
-                    self.state.scheduler.call(lambda: self.engine.fusion.remove_adapter(name))
                     self._discard(lib, name)
                     raise
                 self.names = self.names + [name]
@@ -203,10 +205,10 @@ class LiveLibrary:
                 self.notes.pop(name, None)
                 self._sync_router()
             sch = self.state.scheduler
-            wait = self.config.request_timeout + 30
+            wait = self.config.request_timeout + 30  # every request has a deadline: the wait ends before this
             try:
                 sch.call(lambda: self.engine.fusion.remove_adapter(name), ready=lambda: not sch.uses(name),
-                         timeout=wait)
+                         timeout=wait, drop_on_timeout=False)
             except TimeoutError:
                 raise APIError(504, f"{name!r} is no longer served, but requests still used it after {wait:g} s; "
                                     f"its weights are freed when they end", "timeout_error", code="timeout") from None

@@ -145,11 +145,13 @@ class Scheduler:
     def running(self) -> int:
         return len(self.rows) + len(self.joining)
 
-    def call(self, fn: Callable[[], Any], ready: Callable[[], bool] | None = None, timeout: float | None = None):
+    def call(self, fn: Callable[[], Any], ready: Callable[[], bool] | None = None, timeout: float | None = None,
+             drop_on_timeout: bool = True):
         """Run `fn()` in the scheduler's thread between two iterations, under the engine's lock, once `ready()`
         (checked there, between iterations; default: at once) is true; returns its result or raises its error.
         Commands run in the order they become ready. A scheduler that is not running runs `fn` here (under the lock).
-        On `timeout` (seconds): TimeoutError, and the command is dropped if it has not started."""
+        On `timeout` (seconds): TimeoutError; the command is dropped if it has not started (`drop_on_timeout`), else
+        it still runs when ready."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self.cv:
             inline = not self.thread.is_alive() and not self._stop
@@ -164,7 +166,8 @@ class Scheduler:
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
-            fut.cancel()
+            if drop_on_timeout:
+                fut.cancel()
             raise TimeoutError(f"the scheduler did not run the command within {timeout:g} s") from None
 
     def uses(self, name: str) -> bool:
