@@ -172,10 +172,10 @@ class EvalConfig:
         "help": "also generate an answer to each single-turn multiple-choice prompt and report its exact match "
                 "(a secondary figure; it costs a generation per prompt)"})
     model: str | os.PathLike | None = field(default=None, metadata={"help": "base model (default: the library's)"})
-    dtype: str = field(default="float32", metadata={"help": "auto, float32, bfloat16 or float16 (dlplora.device)"})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16 (dlplora.device)"})
     device: str = field(default="cpu", metadata={"help": "auto, cpu or cuda"})
     seed: int = field(default=0, metadata={"help": "shuffling / conversation seed"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per batch"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per batch"})
     route_window: int = field(default=1, metadata={"help": "multiturn: earlier user turns the router reads"})
     turns: int = field(default=3, metadata={"help": "multiturn: turns per conversation"})
     conversations: int | None = field(default=None, metadata={"help": "multiturn: at most this many conversations"})

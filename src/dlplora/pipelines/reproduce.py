@@ -35,7 +35,7 @@ class ReproduceConfig:
     p: float = field(default=DEFAULT_P, metadata={"help": "DLP top-p threshold"})
     weightings: str = field(default="softmax,renorm", metadata={"help": "DLP fusion weightings to report"})
     teacher_forced: bool = field(default=True, metadata={"help": "also score generative tasks teacher-forced"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per batch"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per batch"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
     command: str | None = field(default=None, metadata={"help": "the command line, recorded in the report"})
     p_sweep: str = field(default="", metadata={"help": "extra top-p values for dlp, comma-separated"})

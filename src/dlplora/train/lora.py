@@ -33,12 +33,12 @@ class TrainConfig:
     steps: int = 20
     batch_size: int = 8
     lr: float = 5e-3  # high for LoRA, but the budget is a few dozen steps (object_counting EM 0% -> 20% vs 1e-3)
-    max_len: int = 192
+    max_len: int = 512  # 192 cut the middle out of most TrackObj, GSM8K, QuesSel, CNN/DM prompts
     max_answer_tokens: int = 128
     seed: int = 0
     bf16: bool | None = None  # None: on where the CPU has native bf16 (AVX512-BF16 or AMX), else off
     top_layers: int | None = 10  # LoRA only in the last N decoder layers (backward stops there); None = all
-    cache_bottom: bool = False  # run the frozen layers below the LoRA layers once per example (train.prefix)
+    cache_bottom: bool = True  # run the frozen layers below the LoRA layers once per example (train.prefix)
 
     def __post_init__(self):
         if self.bf16 is None:
