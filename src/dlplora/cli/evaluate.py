@@ -35,6 +35,7 @@ def cmd_reproduce(args) -> None:
 
     run_reproduce(ReproduceConfig(
         out=args.out, work=args.work, extra_data=args.extra_data, tasks=args.tasks, limit=args.limit, steps=args.steps,
+        examples=args.examples, rank=args.rank, targets=args.targets, lr=args.lr,
         model=args.model, settings=args.setting, methods=args.methods, p=args.p, weightings=args.weightings,
         teacher_forced=not args.no_teacher_forced, top_layers=parse_top_layers(args.top_layers),
         batch_size=args.batch_size, progress=not args.no_progress, command=command_line(), p_sweep=args.p_sweep,
@@ -132,6 +133,11 @@ def register(sub, model_help: str) -> None:
     r.add_argument("--tasks", default="all", help="'all', 'mcq', 'qa' or comma-separated task names (default all)")
     r.add_argument("--steps", type=int, default=None,
                    help="training steps per adapter (default: train-loras' default, 20)")
+    r.add_argument("--examples", type=int, default=None,
+                   help="training examples per adapter (steps = examples / 8), instead of --steps")
+    r.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank; default 8)")
+    r.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules, or all-linear (default q_proj,v_proj)")
+    r.add_argument("--lr", type=float, default=None, help="peak learning rate (default: train-loras' 5e-3)")
     r.add_argument("--top-layers", default="10",
                    help="LoRA only in the last N decoder layers, or 'all' (default 10, as train-loras)")
     r.add_argument("--setting", default="all", help="settings to evaluate (default all)")

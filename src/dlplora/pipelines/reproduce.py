@@ -28,6 +28,10 @@ class ReproduceConfig:
     tasks: str = field(default="all", metadata={"help": "'all', 'mcq', 'qa' or comma-separated task names"})
     limit: int | None = field(default=None, metadata={"help": "test examples per task (None: all)"})
     steps: int | None = field(default=None, metadata={"help": "training steps per adapter (None: TrainConfig's)"})
+    examples: int | None = field(default=None, metadata={"help": "training examples per adapter (instead of steps)"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    targets: str = field(default="q_proj,v_proj", metadata={"help": "target modules, or all-linear"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (None: TrainConfig's)"})
     top_layers: int | None = field(default=10, metadata={"help": "LoRA only in the last N decoder layers"})
     model: str | os.PathLike | None = field(default=None, metadata={"help": "base model (default: embedded)"})
     settings: str = field(default="all", metadata={"help": "settings to evaluate (comma-separated)"})
@@ -71,7 +75,15 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
         log("all tasks already prepared")
     stages["data"] = round(time.time() - t, 1)
 
-    cfg = TrainConfig(top_layers=top_layers) if steps is None else TrainConfig(steps=steps, top_layers=top_layers)
+    from ..train.lora import parse_targets
+
+    cfg = TrainConfig(top_layers=top_layers, rank=c.rank, alpha=2.0 * c.rank, targets=parse_targets(c.targets))
+    if c.lr is not None:
+        cfg.lr = c.lr
+    if c.examples is not None:
+        cfg.steps = max(1, -(-c.examples // cfg.batch_size))
+    if steps is not None:
+        cfg.steps = steps
     steps = cfg.steps
     log(f"== 2/4 adapters: {steps} steps each -> {lib_dir}")
     t = time.time()
@@ -93,6 +105,7 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
         command=c.command, conversations=c.conversations, mcq_exact_match=c.mcq_exact_match, p_sweep=parse_p_values(c.p_sweep)), log=log)
     stages["evaluation"] = round(time.time() - t, 1)
     results["reproduce"] = {"stages_seconds": stages, "total_seconds": round(time.time() - t0, 1), "steps": steps,
+                            "train_config": cfg.to_dict(),
                             "work": str(work.resolve()), "tasks": names,
                             "missing_from_26": [n for n in TASKS if n not in names]}
     recorded = {"adapters_training_seconds": round(sum(float(e.get("wall_seconds", 0) or 0)
@@ -101,7 +114,9 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
     if plug_report.get("train_seconds") is not None:
         recorded["plugin_training_seconds"] = plug_report["train_seconds"]
     results["reproduce"]["recorded_seconds"] = recorded
-    pre = (f"Produced by `dlp-lora reproduce` ({len(names)} tasks, {steps} training steps per adapter, "
+    pre = (f"Produced by `dlp-lora reproduce` ({len(names)} tasks, {steps} training steps of {cfg.batch_size} examples "
+           f"per adapter (rank {cfg.rank} on {', '.join(cfg.targets)} of the top {cfg.top_layers or 'all'} layers, "
+           f"peak learning rate {cfg.lr:g}), "
            f"{'all' if not limit else limit} test examples per task). This invocation's stages took "
            + ", ".join(f"{k} {v:.0f}s" for k, v in stages.items())
            + f" (finished stages are reused); the library records {recorded['adapters_training_seconds'] / 60:.1f} min "
