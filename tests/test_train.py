@@ -7,7 +7,7 @@ import torch
 
 from dlplora.errors import DLPLoRAError
 from dlplora.train import TrainConfig, train_library
-from dlplora.train.lora import bucketed_batches, collate, encode_example, naive_loss, target_only_loss
+from dlplora.train.lora import ALL_LINEAR, bucketed_batches, collate, encode_example, naive_loss, target_only_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest (and steady when shared)
 
@@ -53,7 +53,7 @@ def test_train_library_manifest_resume_and_peft_load(tiny_model, tiny_data, tmp_
     e = m["adapters"]["quiz"]
     for key in ("task", "path", "base_model", "rank", "targets", "n_train", "steps", "final_loss", "wall_seconds"):
         assert key in e
-    assert e["rank"] == 4 and e["targets"] == ["q_proj", "v_proj"] and e["steps"] == 3
+    assert e["rank"] == 4 and e["targets"] == list(ALL_LINEAR) and e["steps"] == 3  # the default targets
     assert e["score_detail"]["metric"] == "accuracy" and "beats_base" in e
     assert e["n_test"] > 0 and e["interval"][0] <= e["score"] <= e["interval"][1] and 0 < e["p_value"] <= 1
     assert m["adapters"]["sums"]["score_detail"]["metric"] == "rougeL"

@@ -132,12 +132,12 @@ def register(sub, model_help: str) -> None:
                    help="data, library and prediction cache (default runs/reproduce)")
     r.add_argument("--tasks", default="all", help="'all', 'mcq', 'qa' or comma-separated task names (default all)")
     r.add_argument("--steps", type=int, default=None,
-                   help="training steps per adapter (default: train-loras' default, 20)")
+                   help="training steps per adapter (default: train-loras' default, 113 = 900 examples)")
     r.add_argument("--examples", type=int, default=None,
                    help="training examples per adapter (steps = examples / 8), instead of --steps")
     r.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank; default 8)")
-    r.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules, or all-linear (default q_proj,v_proj)")
-    r.add_argument("--lr", type=float, default=None, help="peak learning rate (default: train-loras' 5e-3)")
+    r.add_argument("--targets", default="all-linear", help="LoRA target modules, or all-linear (default)")
+    r.add_argument("--lr", type=float, default=None, help="peak learning rate (default: train-loras' 1e-3)")
     r.add_argument("--top-layers", default="10",
                    help="LoRA only in the last N decoder layers, or 'all' (default 10, as train-loras)")
     r.add_argument("--setting", default="all", help="settings to evaluate (default all)")

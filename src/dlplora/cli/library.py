@@ -125,13 +125,13 @@ def register(sub, model_help: str) -> None:
     t.add_argument("--model", help=model_help)
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--alpha", type=float, default=16.0)
-    t.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or all-linear")
-    t.add_argument("--steps", type=int, help="optimizer steps per adapter (default 20)")
+    t.add_argument("--targets", default="all-linear", help="comma-separated module names, or all-linear (default)")
+    t.add_argument("--steps", type=int, help="optimizer steps per adapter (default 113: 900 examples of 8)")
     t.add_argument("--epochs", type=float, help="passes over the smallest task's training split instead of --steps")
     t.add_argument("--examples", type=int, help="training examples each adapter sees (steps = examples / batch size; "
                                                 "a task with fewer training examples sees some of them again)")
     t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=5e-3)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     t.add_argument("--max-len", type=int, default=512,
                    help="max tokens per training example; a longer prompt loses its middle (default 512: 192 cut the "
                         "middle of most TrackObj, GSM8K and QuesSel examples)")
@@ -157,8 +157,8 @@ def register(sub, model_help: str) -> None:
     lc.add_argument("--model", help=model_help)
     lc.add_argument("--rank", type=int, default=8)
     lc.add_argument("--alpha", type=float, default=16.0)
-    lc.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or all-linear")
-    lc.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (then 1/sqrt(step) decay)")
+    lc.add_argument("--targets", default="all-linear", help="comma-separated module names, or all-linear (default)")
+    lc.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (then 1/sqrt(step) decay; default 1e-3)")
     lc.add_argument("--batch-size", type=int, default=8)
     lc.add_argument("--max-len", type=int, default=512)
     lc.add_argument("--top-layers", default="10", help="LoRA only in the last N decoder layers, or 'all'")

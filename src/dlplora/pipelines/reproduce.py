@@ -30,7 +30,7 @@ class ReproduceConfig:
     steps: int | None = field(default=None, metadata={"help": "training steps per adapter (None: TrainConfig's)"})
     examples: int | None = field(default=None, metadata={"help": "training examples per adapter (instead of steps)"})
     rank: int = field(default=8, metadata={"help": "LoRA rank"})
-    targets: str = field(default="q_proj,v_proj", metadata={"help": "target modules, or all-linear"})
+    targets: str = field(default="all-linear", metadata={"help": "target modules, or all-linear"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (None: TrainConfig's)"})
     top_layers: int | None = field(default=10, metadata={"help": "LoRA only in the last N decoder layers"})
     model: str | os.PathLike | None = field(default=None, metadata={"help": "base model (default: embedded)"})
