@@ -433,3 +433,14 @@ def test_arrow_check_records_arrows_own_top1(tiny_library, tiny_data, models):
         with torch.inference_mode():
             for (_, _, a), p in zip(layers, saved):
                 a.prototypes.copy_(p)
+
+
+def test_bench_eval_times_ranking_and_generation_per_prompt(tiny_library, tiny_data):
+    from dlplora.bench.evalspeed import bench_eval
+
+    res = bench_eval(tiny_library, tiny_data, per_task=2, dtypes=("float32",), mcq_tasks=("quiz",), qa_tasks=("sums",),
+                     log=lambda *_: None)
+    row = res["runs"]["float32"]
+    assert res["mcq_prompts"] == 2 and res["qa_prompts"] == 2
+    assert all(row[f"choice_batch{b}_s_per_prompt"] > 0 for b in (16, 32))
+    assert all(row[f"gen_batch{b}_s_per_prompt"] > 0 and row[f"gen_batch{b}_tokens_per_s"] >= 0 for b in (8, 16, 32))

@@ -40,7 +40,12 @@ def register(sub, model_help: str) -> None:
                         "length-bucketed, packed rows), padding share and tokens/s side by side")
     t.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     t.set_defaults(func=cmd_bench_train)
-    from ..bench import decode, fusion, gpu, live, routing, serve
+    from ..bench import decode, evalspeed, fusion, gpu, live, routing, serve
+
+    ev = b.add_parser("eval", help="where an evaluation's time goes: choice ranking and generation per prompt",
+                      description=evalspeed.__doc__.strip().splitlines()[0])
+    evalspeed.add_arguments(ev)
+    ev.set_defaults(func=evalspeed.run)
 
     d = b.add_parser("decode", help="decode speed: ours vs HF generate (and llama.cpp's llama-bench), side by side",
                      description=decode.__doc__.strip().splitlines()[0])
