@@ -25,6 +25,9 @@ def test_demo_pipeline_runs_end_to_end(tiny_model, tiny_data, tmp_path):
         or dlp["mean_adapters"] > 1
     assert len(report["case_study"]) == 2 and all("routing" in t for t in report["case_study"])
     assert "DLP-LoRA / single-LoRA time" in text and "turn 2 user" in text and "dlp-lora serve --library" in text
+    # the table says, per task, how the adapter did against the base model on the same prompts (paired)
+    table = (tmp_path / "demo" / "report.md").read_text()
+    assert "| LoRA vs base |" in table and table.count(", p=") == 2
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert saved["tasks"] == ["quiz", "sums"]
     # a second run reuses adapters and plugin

@@ -121,16 +121,34 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     return report
 
 
+def _versus_base(results: dict, task: str) -> str:
+    """The adapter against the base model on the same prompts: wins-losses and the exact sign test's p."""
+    from ..stats import main_scores, paired_test
+
+    a, b = main_scores(results["lora"]["tasks"][task]), main_scores(results["base"]["tasks"][task])
+    if a is None or b is None or len(a) != len(b) or not a:
+        return ""
+    t = paired_test(a, b)
+    return f"{t['wins']}-{t['losses']}, p={t['p']:.2g}" + (" ✓" if t["better"] else "")
+
+
 def format_demo_table(results: dict, tasks) -> str:
     methods = [m for m in ("base", "lora", "dlp") if m in results]
     label = {"base": "base", "lora": "single LoRA (oracle)", "dlp": "DLP-LoRA"}
-    head = "| task | metric | " + " | ".join(label[m] for m in methods) + " |"
-    lines = [head, "|" + "---|" * (len(methods) + 2)]
+    paired = "base" in results and "lora" in results
+    head = "| task | metric | " + " | ".join(label[m] for m in methods) + (" | LoRA vs base |" if paired else " |")
+    lines = [head, "|" + "---|" * (len(methods) + 2 + paired)]
     for t in tasks:
         r0 = results[methods[0]]["tasks"][t]
-        lines.append(f"| {t} | {r0['metric']} | " + " | ".join(f"{results[m]['tasks'][t]['main']:.1f}" for m in methods) + " |")
-    lines.append("| **mean** | | " + " | ".join(f"**{results[m]['mean']:.1f}**" for m in methods) + " |")
-    lines.append("| time (s) | | " + " | ".join(f"{results[m]['seconds']:.1f}" for m in methods) + " |")
+        lines.append(f"| {t} | {r0['metric']} | " + " | ".join(f"{results[m]['tasks'][t]['main']:.1f}" for m in methods)
+                     + (f" | {_versus_base(results, t)} |" if paired else " |"))
+    lines.append("| **mean** | | " + " | ".join(f"**{results[m]['mean']:.1f}**" for m in methods)
+                 + (" | |" if paired else " |"))
+    lines.append("| time (s) | | " + " | ".join(f"{results[m]['seconds']:.1f}" for m in methods)
+                 + (" | |" if paired else " |"))
+    if paired:
+        lines.append("\nLoRA vs base: prompts where the adapter scores higher - lower than the base model, and the exact "
+                     "two-sided sign test's p (✓: better at 95%).")
     if "lora" in results and "dlp" in results:
         ratio = results["dlp"]["seconds"] / max(results["lora"]["seconds"], 1e-9)
         lines.append(f"\nDLP-LoRA / single-LoRA time: {ratio:.2f}x; router picked the true task for "
