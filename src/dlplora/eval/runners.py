@@ -56,14 +56,10 @@ class PeftRunner:
         return [tok.decode(g, skip_special_tokens=True).strip() for g in gen]
 
 
-def build_arrow_model(library, model=None, top_k: int = 3, temperature: float = 1.0, seed: int = 0, dtype=None,
-                      device=None):
-    """PEFT's Arrow (``ArrowConfig`` + the ``arrow_router`` LoRA variant) over the library's adapters, on a
-    fresh copy of the backbone. Built like ``peft.create_arrow_model`` (which loads every adapter as
-    ``task_i`` and adds the ``arrow_router`` adapter), except that the router targets exactly the modules
-    the adapters cover: create_arrow_model targets every module with a matching leaf name, which fails for
-    adapters restricted to some layers (``layers_to_transform``, our --top-layers). Returns (model, names)."""
-    from peft import ArrowConfig, LoraConfig, PeftModel
+def peft_with_every_adapter(library, model=None, dtype=None, device=None, label=lambda i, name: name):
+    """A fresh copy of the library's backbone as a PEFT model with every adapter of the library loaded, adapter i
+    under the name ``label(i, name)``. Returns (PEFT model, tokenizer)."""
+    from peft import PeftModel
 
     from ..backbone import load_backbone
 
@@ -73,9 +69,23 @@ def build_arrow_model(library, model=None, top_k: int = 3, temperature: float = 
         base_path = library.base_model.get("path")
         where = base_path if base_path and Path(base_path).is_dir() else None
     net, tok, _ = load_backbone(where, dtype=dtype, device=device)
-    pm = PeftModel.from_pretrained(net, str(library.adapter_dir(names[0])), adapter_name="task_0")
+    pm = PeftModel.from_pretrained(net, str(library.adapter_dir(names[0])), adapter_name=label(0, names[0]))
     for i, n in enumerate(names[1:], 1):
-        pm.load_adapter(str(library.adapter_dir(n)), adapter_name=f"task_{i}")
+        pm.load_adapter(str(library.adapter_dir(n)), adapter_name=label(i, n))
+    return pm, tok
+
+
+def build_arrow_model(library, model=None, top_k: int = 3, temperature: float = 1.0, seed: int = 0, dtype=None,
+                      device=None):
+    """PEFT's Arrow (``ArrowConfig`` + the ``arrow_router`` LoRA variant) over the library's adapters, on a
+    fresh copy of the backbone. Built like ``peft.create_arrow_model`` (which loads every adapter as
+    ``task_i`` and adds the ``arrow_router`` adapter), except that the router targets exactly the modules
+    the adapters cover: create_arrow_model targets every module with a matching leaf name, which fails for
+    adapters restricted to some layers (``layers_to_transform``, our --top-layers). Returns (model, names)."""
+    from peft import ArrowConfig, LoraConfig
+
+    names = library.names
+    pm, tok = peft_with_every_adapter(library, model, dtype, device, label=lambda i, _: f"task_{i}")
     task_names = [f"task_{i}" for i in range(len(names))]
     covered: dict[str, set] = {}
     ranks = set()
@@ -103,21 +113,10 @@ def build_ties_model(library, model=None, density: float = 0.2, combination: str
     ``combination_type="ties"`` (or ``"dare_ties"``), weight 1 each, keeping the top `density` share of each task
     vector's entries (TIES' k = 20% by default), then merged into a fresh copy of the backbone. What a PEFT or LoRAX
     user picks to serve many tasks without routing. Returns (model, tokenizer)."""
-    from peft import PeftModel
-
-    from ..backbone import load_backbone
-
     if not 0 < density <= 1:
         raise DLPLoRAError(f"TIES density must be in (0, 1], got {density}")
     names = library.names
-    where = model
-    if where is None:
-        base_path = library.base_model.get("path")
-        where = base_path if base_path and Path(base_path).is_dir() else None
-    net, tok, _ = load_backbone(where, dtype=dtype, device=device)
-    pm = PeftModel.from_pretrained(net, str(library.adapter_dir(names[0])), adapter_name=names[0])
-    for n in names[1:]:
-        pm.load_adapter(str(library.adapter_dir(n)), adapter_name=n)
+    pm, tok = peft_with_every_adapter(library, model, dtype, device)
     pm.add_weighted_adapter(names, [1.0] * len(names), "static_merge", combination_type=combination, density=density)
     pm.set_adapter("static_merge")
     merged = pm.merge_and_unload(adapter_names=["static_merge"])
