@@ -24,6 +24,32 @@ def config_from_args(args):
                        retrain_max_prompts=args.retrain_max_prompts).check()
 
 
+def serve_on_ray(args, config) -> None:
+    """`dlp-lora serve --ray-address`: the same server as Ray Serve replicas (:mod:`dlplora.serve.ray_serve`)."""
+    from ..serve.ray_serve import check_scaling, replica_spec, serve_on_ray
+
+    autoscale = args.min_replicas is not None or args.max_replicas is not None
+    check_scaling(args.replicas, args.min_replicas, args.max_replicas, args.placement)
+    if config.allow_runtime_adapters:
+        raise DLPLoRAError("--allow-runtime-adapters is not available with --ray-address: a load would reach one "
+                           "replica only; change the library (dlp-lora library add / remove) and deploy again")
+    cpus = args.replica_cpus if args.replica_cpus is not None else float(args.threads or 1)
+    if cpus <= 0:
+        raise DLPLoRAError(f"--replica-cpus must be > 0, got {cpus}")
+    threads = args.threads or max(1, int(cpus))
+    spec = replica_spec(args.library, config, model=args.model, plugin=args.plugin, routing=routing_from_args(args),
+                        dtype=args.dtype, device=args.device, quantize=args.quantize, threads=threads)
+    scaling = (dict(replicas=None, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                    target_ongoing=args.target_ongoing_requests) if autoscale else dict(replicas=args.replicas or 1))
+    print(f"deploying {args.app_name!r} on Ray Serve: "
+          + (f"{args.min_replicas}..{args.max_replicas} replicas (autoscaling)" if autoscale
+             else f"{args.replicas or 1} replicas")
+          + f", each {cpus:g} CPUs and {threads} torch threads, placement {args.placement}; API key: "
+          + ("required" if config.api_key else "none (open to anyone who can reach the port)"), flush=True)
+    serve_on_ray(spec, args.ray_address, host=args.host, port=args.port, name=args.app_name, detach=args.detach,
+                 placement=args.placement, cpus=cpus, gpus=args.replica_gpus, **scaling)
+
+
 def cmd_serve(args) -> None:
     from ..engine import DLPLoRA
     from ..serve import serve
@@ -31,6 +57,13 @@ def cmd_serve(args) -> None:
     if not 0 < args.port < 65536:
         raise DLPLoRAError(f"--port must be in 1..65535, got {args.port}")
     config = config_from_args(args)
+    if args.ray_address:
+        return serve_on_ray(args, config)
+    ray_only = [f for f, v in (("--replicas", args.replicas), ("--min-replicas", args.min_replicas),
+                               ("--max-replicas", args.max_replicas), ("--replica-cpus", args.replica_cpus),
+                               ("--detach", args.detach or None)) if v is not None]
+    if ray_only:
+        raise DLPLoRAError(f"{', '.join(ray_only)} need --ray-address (serving on Ray Serve replicas)")
     engine = DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin,
                                   routing=routing_from_args(args), dtype=args.dtype, device=args.device,
                                   quantize=args.quantize)
@@ -105,6 +138,28 @@ def register(sub, model_help: str) -> None:
                         "(a seeded sample; default 300: seconds on 2 cores for 26 adapters)")
     s.add_argument("--served-model-name", metavar="NAME",
                    help="the id of the base model in /v1/models (default: the backbone's name)")
-    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice; with --ray-address: per replica, default "
+                        "--replica-cpus)")
+    r = s.add_argument_group("scale out on Ray Serve (the same API from replicas of the whole engine)")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="deploy on this Ray cluster ('auto' or HOST:PORT) as Ray Serve replicas; its HTTP proxy "
+                        "listens on --host / --port")
+    r.add_argument("--replicas", type=int, default=None, metavar="N", help="a fixed number of replicas (default 1)")
+    r.add_argument("--min-replicas", type=int, default=None, metavar="N", help="autoscaling: at least N replicas")
+    r.add_argument("--max-replicas", type=int, default=None, metavar="N", help="autoscaling: at most N replicas")
+    r.add_argument("--target-ongoing-requests", type=int, default=None, metavar="N",
+                   help="autoscaling: requests in flight per replica to aim at (default --max-batch-size)")
+    r.add_argument("--placement", choices=("serve", "by-set", "ingress"), default="serve",
+                   help="which replica gets a request: serve = Serve's default request router (default); by-set = "
+                        "routed once at an ingress, the same adapter set to the same replica; ingress = the same "
+                        "ingress, Serve's default router (by-set's baseline)")
+    r.add_argument("--replica-cpus", type=float, default=None, metavar="N",
+                   help="CPUs Ray reserves for each replica (default --threads, else 1)")
+    r.add_argument("--replica-gpus", type=float, default=0.0, metavar="N", help="GPUs per replica (default 0)")
+    r.add_argument("--app-name", default="dlp-lora", help="the Serve application's name (default dlp-lora)")
+    r.add_argument("--detach", action="store_true",
+                   help="deploy and exit, leaving the application running (default: run until Ctrl-C, then "
+                        "delete it)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.set_defaults(func=cmd_serve)

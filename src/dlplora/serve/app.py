@@ -57,7 +57,8 @@ from .config import COMPLETIONS_DEFAULT_MAX_TOKENS, ROUTE_ALIASES, APIError, Que
 from .live import LiveLibrary
 from .metrics import Metrics
 from .logprobs import ChoiceLogprobs, TokenText
-from .protocol import GenerationParams, ResponseWriter, error_response, parse_generation, read_json
+from .protocol import (ROUTED_HEADER, GenerationParams, ResponseWriter, error_response, parse_generation,
+                       read_json, routed_header)
 from .scheduler import GenRequest, Scheduler
 
 log = logging.getLogger("dlplora.server")
@@ -76,6 +77,13 @@ class ServerState:
         self.base_name = config.model_name or (info.name if info is not None else "base")
         self.created = int(time.time())
         self.live = LiveLibrary(self)  # the served adapters and their routing states
+        self.metrics_hook = None  # async (this server's /metrics text) -> the text to answer (Ray Serve: the sum)
+
+    def render_metrics(self) -> str:
+        """This server's /metrics text (Prometheus), its queue gauges read now."""
+        self.metrics.queue_depth = len(self.scheduler.pending)
+        self.metrics.running = self.scheduler.running
+        return self.metrics.render(self.live.names)
 
     @property
     def token_text(self) -> TokenText:
@@ -153,12 +161,13 @@ class ServerState:
             max_tokens = max(1, min(default_max, room))
         return ids, req.route_text, max_tokens
 
-    def submit(self, reqs: list[GenRequest], aset: dict | None, source: str, route_text: str) -> dict:
-        """Route the request when `aset` is None, give its rows the set, queue them; returns its ``routing``. All under
-        the live library's lock, so a runtime unload either comes before (the router no longer chooses the adapter,
-        and a request naming it gets 404) or sees the rows queued and waits for them. Runs in a worker thread."""
+    def submit(self, reqs: list[GenRequest], aset: dict | None, source: str, route_text: str,
+               why: str | None = None) -> dict:
+        """Route the request when `aset` is None, give its rows the set, queue them; returns its ``routing`` (`why`:
+        the router's reason for the base model, when `aset` was routed already). All under the live library's lock, so
+        a runtime unload either comes before (the router no longer chooses the adapter, and a request naming it gets
+        404) or sees the rows queued and waits for them. Runs in a worker thread."""
         with self.live.lock:
-            why = None
             if aset is None:
                 try:
                     with self.router_lock:
@@ -242,6 +251,9 @@ async def generate(state: ServerState, request: Request, chat: bool):
     if params.ignored:
         log.info("ignoring unknown request fields: %s", ", ".join(repr(k)[:40] for k in params.ignored[:20]))
     aset, source = state.choose(params)
+    why = None
+    if aset is None and cfg.trust_routing_header:  # routed once at the Ray Serve ingress (serve/ray_serve.py)
+        aset, why = routed_header(request.headers.get(ROUTED_HEADER))
     limit = cfg.max_tokens_limit
     default_max = limit if chat else min(limit, COMPLETIONS_DEFAULT_MAX_TOKENS)
     ids, route_text, max_new = await run_in_threadpool(state.prepare, params, default_max)
@@ -271,7 +283,7 @@ async def generate(state: ServerState, request: Request, chat: bool):
                 r.cancel()
 
     try:
-        routing = await run_in_threadpool(state.submit, reqs, aset, source, route_text)
+        routing = await run_in_threadpool(state.submit, reqs, aset, source, route_text, why)
     except QueueFull:
         cancel_all()
         raise APIError(503, f"the server is busy: {cfg.max_queue} requests are already waiting; "
@@ -402,9 +414,10 @@ def create_app(engine, config: ServeConfig | None = None):
 
     @app.get("/metrics")
     async def metrics():
-        state.metrics.queue_depth = len(state.scheduler.pending)
-        state.metrics.running = state.scheduler.running
-        return PlainTextResponse(state.metrics.render(state.live.names), media_type="text/plain; version=0.0.4")
+        text = state.render_metrics()
+        if state.metrics_hook is not None:  # on Ray Serve: the sum over the replicas (serve/ray_serve.py)
+            text = await state.metrics_hook(text)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -33,6 +33,12 @@ class ServeConfig:
     allow_runtime_adapters: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter are on
     adapter_root: str | None = None  # lora_path of a runtime load must lie under this directory (else 403)
     retrain_max_prompts: int = 300  # routing prompts per adapter when the router retrains after a runtime load
+    # one of several Ray Serve replicas (dlplora.serve.ray_serve): the runtime adapter routes answer 501, since a load
+    # would reach one replica only
+    replicated: bool = False
+    # take the adapter set routed by the Ray Serve ingress from the header protocol.ROUTED_HEADER (only on replicas
+    # that no client reaches directly: behind the ingress of --placement by-set / ingress)
+    trust_routing_header: bool = False
 
     def check(self) -> "ServeConfig":
         for name in ("max_batch_size", "max_queue", "max_tokens_limit", "max_body_bytes", "prefill_chunk",
@@ -49,8 +55,9 @@ class ServeConfig:
                                          or not re.fullmatch(r"[\x21-\x7e]+", self.api_key)):
             raise DLPLoRAError(f"--api-key (or ${API_KEY_ENV}) must be a non-empty string of printable ASCII without "
                                f"spaces (it travels in the header 'Authorization: Bearer <key>')")
-        if not isinstance(self.allow_runtime_adapters, bool):
-            raise DLPLoRAError(f"allow_runtime_adapters must be true or false, got {self.allow_runtime_adapters!r}")
+        for name in ("allow_runtime_adapters", "replicated", "trust_routing_header"):
+            if not isinstance(getattr(self, name), bool):
+                raise DLPLoRAError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.adapter_root is not None:
             root = Path(str(self.adapter_root)).expanduser()
             if not str(self.adapter_root).strip() or not root.is_dir():

@@ -111,3 +111,32 @@ class Metrics:
             for src in ("plugin", "pinned", "explicit"):
                 lines.append(f'dlp_lora_routing_source_total{{source="{src}"}} {self.sources.get(src, 0)}')
         return "\n".join(lines) + "\n"
+
+
+def sum_expositions(texts: list[str]) -> str:
+    """The sum of Prometheus text expositions of the same metrics (the /metrics of several Ray Serve replicas):
+    samples with the same name and labels add up (counters, histogram buckets, sums and counts, and the queue depth
+    and running gauges, which become totals over the replicas). Each family keeps its HELP / TYPE lines and its
+    samples together, in the order they first appear."""
+    families: dict[str, tuple[list[str], dict[str, float]]] = {}
+    for text in texts:
+        family = ""
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            if line.startswith("#"):
+                parts = line.split(maxsplit=3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    family = parts[2]
+                comments, _ = families.setdefault(family, ([], {}))
+                if line not in comments:
+                    comments.append(line)
+                continue
+            key, _, value = line.rpartition(" ")
+            _, samples = families.setdefault(family, ([], {}))
+            samples[key] = samples.get(key, 0.0) + float(value)
+    out = []
+    for comments, samples in families.values():
+        out += comments
+        out += [f"{k} {int(v) if float(v).is_integer() else round(v, 6)}" for k, v in samples.items()]
+    return "\n".join(out) + "\n"

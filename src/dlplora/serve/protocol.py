@@ -164,6 +164,25 @@ def _parse_stop(body: dict) -> list[str]:
     return [_check_text(s, "'stop'", "stop") for s in stop if s]
 
 
+ROUTED_HEADER = "x-dlp-lora-routed"  # the set the Ray Serve ingress routed a request to: {"adapters", "why"} (JSON)
+
+
+def routed_header(value: str | None) -> tuple[dict | None, str | None]:
+    """(adapter set, the router's reason when it chose the base model) from :data:`ROUTED_HEADER`; (None, None)
+    without it. Read only where ``ServeConfig.trust_routing_header`` is set (:mod:`dlplora.serve.ray_serve`)."""
+    if value is None:
+        return None, None
+    try:
+        data = json.loads(value)
+        aset = {str(n): float(w) for n, w in data["adapters"].items()}
+        why = data.get("why")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise APIError(400, f"malformed {ROUTED_HEADER} header", param="model") from None
+    if not all(math.isfinite(w) and w >= 0 for w in aset.values()):
+        raise APIError(400, f"malformed {ROUTED_HEADER} header: weights must be finite and >= 0", param="model")
+    return aset, why if isinstance(why, str) else None
+
+
 def error_response(err: APIError):
     from fastapi.responses import JSONResponse
 
