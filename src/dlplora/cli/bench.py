@@ -1,5 +1,5 @@
-"""`dlp-lora bench train|fusion|serve|live-library|routing|decode|gpu` (speed ratios measured side by side in one run),
-and `dlp-lora bench-serve`, the older name of `bench serve`."""
+"""`dlp-lora bench train|fusion|serve|live-library|replicas|routing|decode|gpu` (speed ratios measured side by side in
+one run), and `dlp-lora bench-serve`, the older name of `bench serve`."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def register(sub, model_help: str) -> None:
                         "length-bucketed, packed rows), padding share and tokens/s side by side")
     t.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     t.set_defaults(func=cmd_bench_train)
-    from ..bench import decode, evalspeed, fusion, gpu, live, routing, serve
+    from ..bench import decode, evalspeed, fusion, gpu, live, replicas, routing, serve
 
     ev = b.add_parser("eval", help="where an evaluation's time goes: choice ranking and generation per prompt",
                       description=evalspeed.__doc__.strip().splitlines()[0])
@@ -75,6 +75,11 @@ def register(sub, model_help: str) -> None:
                       description=live.__doc__.strip().split("\n\n")[0])
     live.add_arguments(lv)
     lv.set_defaults(func=live.run)
+    rp = b.add_parser("replicas", help="Ray Serve: N replicas vs 1 replica side by side (throughput, identical texts, "
+                                       "placement by adapter set), and a replica killed under load",
+                      description=replicas.__doc__.strip().split("\n\n")[0])
+    replicas.add_arguments(rp)
+    rp.set_defaults(func=replicas.run)
     # the same command under its first name, kept as an alias
     alias = sub.add_parser("bench-serve", help="server throughput and latency, batching on vs off, side by side "
                                                "(= `bench serve`)", description=description)

@@ -149,14 +149,20 @@ def deploy(spec: dict, name: str = APP, route_prefix: str = "/", **scaling) -> N
         raise DLPLoRAError(f"the Ray Serve deployment failed: {exc} {why[-3000:]}") from None
 
 
-def replica_actors(name: str = APP, deployment: str = ENGINE) -> list:
-    """The Ray actors of the application's running engine replicas (benchmarks kill one with ``ray.kill``)."""
+def replica_actors(name: str = APP, deployment: str = ENGINE) -> dict:
+    """{actor name: Ray actor} of the application's live engine replicas (benchmarks kill one with ``ray.kill``)."""
     import ray
     from ray.util import list_named_actors
 
     prefix = f"SERVE_REPLICA::{name}#{deployment}#"
-    return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in list_named_actors(all_namespaces=True)
-            if a["name"].startswith(prefix)]
+    out = {}
+    for a in list_named_actors(all_namespaces=True):
+        if a["name"].startswith(prefix):
+            try:
+                out[a["name"]] = ray.get_actor(a["name"], namespace=a["namespace"])
+            except ValueError:  # it died between the listing and the lookup
+                pass
+    return out
 
 
 def running_replicas(name: str = APP, deployment: str = ENGINE) -> int:
