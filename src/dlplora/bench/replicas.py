@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
+import secrets
 import statistics
 import tempfile
 import time
@@ -282,9 +284,14 @@ def bench(model=None, adapters: int = 4, rank: int = 8, replicas: int = 2, threa
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        saved_env = dict(os.environ)
         if ray_address:
             connect(ray_address, port=port)
         else:
+            if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+                # Ray's token authentication, with a token of this run only: a new local cluster would otherwise
+                # write ~/.ray/auth_token, which then turns token authentication on for every later `ray start`
+                os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
             ray.init(address="local", num_cpus=threads * sum(n for _, _, n in apps), include_dashboard=False,
                      log_to_driver=False)
             serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -324,6 +331,8 @@ def bench(model=None, adapters: int = 4, rank: int = 8, replicas: int = 2, threa
                 serve.shutdown()
             finally:
                 ray.shutdown()
+                os.environ.clear()
+                os.environ.update(saved_env)
     finally:
         if tmp is not None:
             tmp.cleanup()

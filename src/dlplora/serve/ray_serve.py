@@ -185,7 +185,7 @@ def serve_on_ray(spec: dict, address: str, host: str = "127.0.0.1", port: int = 
     deploy(spec, name=name, **scaling)
     log(f"deployed {name!r} on Ray Serve at {address}: http://{host}:{port}/v1", flush=True)
     if detach:
-        log(f"left running; stop it with: serve shutdown, or python -c \"import ray; from ray import serve; "
+        log(f"left running; stop it with: python -c \"import ray; from ray import serve; "
             f"ray.init(address='{address}'); serve.delete('{name}')\"", flush=True)
         return
     try:
