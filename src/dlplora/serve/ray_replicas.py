@@ -336,7 +336,11 @@ class Ingress:
         body = b"".join(chunks)
         routed_name = ROUTED_HEADER.encode()
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != routed_name]
-        key, routed = await self.place(scope["method"], path, dict(headers), body)
+        try:
+            key, routed = await self.place(scope["method"], path, dict(headers), body)
+        except Exception as exc:  # no placement is no failure: any replica answers, routing the request itself
+            log.warning("placing a request failed: %s: %s", type(exc).__name__, exc)
+            key, routed = None, None
         if routed is not None:
             headers.append((routed_name, json.dumps(routed).encode()))
         handle = self.engine.options(stream=True)
