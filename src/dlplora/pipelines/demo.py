@@ -19,12 +19,14 @@ from pathlib import Path
 from ..paths import atomic_write_text
 from . import ensure_plugin
 
-# Short-prompt tasks where a briefly trained adapter clearly beats the base model (it learns the answer format).
-DEMO_TASKS = ("contextual_parametric_knowledge_conflicts", "winowhy", "object_counting", "strategyqa")
+# BIG-bench tasks where a briefly trained adapter beats the base model (it learns the answer format). Of 8 tried
+# (2026-11-29, 24 steps, 24 test prompts): ConParaKC 54 -> 100 (11-0), DisflQA 0 -> 21 (5-0), ObjCount 0 -> 8 (2-0),
+# LogDeduc 21 -> 29 (6-4); winowhy, strategyqa, ElemMath and LingPuzz did not beat the base model.
+DEMO_TASKS = ("contextual_parametric_knowledge_conflicts", "object_counting", "disfl_qa", "logical_deduction")
 
 
-def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TASKS, data_dir=None, steps: int = 12,
-             max_len: int = 160, top_layers: int | None = 10, n_eval: int = 16, conversation: list[str] | None = None, log=print) -> dict:
+def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TASKS, data_dir=None, steps: int = 24,
+             max_len: int = 256, top_layers: int | None = 10, n_eval: int = 24, conversation: list[str] | None = None, log=print) -> dict:
     from ..backbone import load_tokenizer
     from ..engine import DLPLoRA
     from ..eval.harness import run_evaluation
@@ -91,7 +93,7 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     t0 = time.time()
     conversation = conversation or [
         "I have a chair, two tables, and a bed. How many objects do I have?",
-        "Is it common to see frost during some college commencements?",
+        "Who wrote Hamlet, no wait, who wrote Macbeth?",
         "The trophy doesn't fit into the brown suitcase because it is too large. The 'it' refers to the trophy "
         "because the trophy is too large to fit. Is the above reasoning correct or incorrect?",
     ]
