@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from ..errors import DLPLoRAError
+from .serve import request_sets
 
 PROMPTS = [
     "Translate to English: Guten Morgen, wie geht es dir heute?",
@@ -77,11 +78,7 @@ def add_arguments(p) -> None:
 
 def workload(names: list[str], n: int, max_new: int) -> list[tuple[str, dict]]:
     """`n` requests: each adapter pinned and weighted mixes, chat and completions, every fourth one streamed."""
-    sets = [{"model": a} for a in names]
-    if len(names) >= 2:
-        sets.append({"adapters": {names[0]: 0.5, names[1]: 0.5}})
-    if len(names) >= 3:
-        sets.append({"adapters": {names[0]: 0.2, names[1]: 0.3, names[2]: 0.5}})
+    sets = request_sets(names)
     out = []
     for i in range(n):
         body = dict(sets[i % len(sets)], max_tokens=max_new, temperature=0)

@@ -55,12 +55,18 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
 
 
-def _workload(names: list[str], n: int, max_new: int) -> list[tuple[str, dict]]:
-    choices = [{"model": a} for a in names]
+def request_sets(names: list[str]) -> list[dict]:
+    """The adapter choices of the serving benchmarks' requests: each adapter pinned, then weighted mixes."""
+    choices: list[dict] = [{"model": a} for a in names]
     if len(names) >= 2:
         choices.append({"adapters": {names[0]: 0.5, names[1]: 0.5}})
     if len(names) >= 3:
         choices.append({"adapters": {names[0]: 0.2, names[1]: 0.3, names[2]: 0.5}})
+    return choices
+
+
+def _workload(names: list[str], n: int, max_new: int) -> list[tuple[str, dict]]:
+    choices = request_sets(names)
     out = []
     for i in range(n):
         body = dict(choices[i % len(choices)], max_tokens=max_new, temperature=0)
