@@ -36,18 +36,8 @@ import time
 from pathlib import Path
 
 from ..errors import DLPLoRAError
-from .serve import request_sets
+from .serve import PROMPTS, request_sets
 
-PROMPTS = [
-    "Translate to English: Guten Morgen, wie geht es dir heute?",
-    "What is 12 plus 7? Explain step by step.",
-    "Write a short poem about the sea.",
-    "Summarise: The city council met on Monday to discuss the new park and agreed to fund it next year.",
-    "Is the following statement true or false? The sun rises in the west.",
-    "Name three primary colours and one thing of each colour.",
-    "Which is heavier, a kilogram of feathers or a kilogram of iron?",
-    "Give a one-sentence definition of photosynthesis.",
-]
 RETRY_STATUS = (500, 502, 503)
 
 
