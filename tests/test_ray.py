@@ -1,45 +1,20 @@
 """Scale-out: a real local Ray cluster (head on 127.0.0.1, 2 CPUs) trains two tiny adapters."""
 
 import json
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from dlplora.train import TrainConfig, train_library
+from raycluster import local_ray_cluster
 
 ray = pytest.importorskip("ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_cluster():
-    import shutil
-    import tempfile
-
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix sockets cap path length
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    port = _free_port()
-    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                            "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-                           capture_output=True, text=True, timeout=120)
-    assert start.returncode == 0, start.stderr[-2000:]
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        try:
-            ray.shutdown()
-        finally:
-            subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
-            shutil.rmtree(temp, ignore_errors=True)
+    with local_ray_cluster() as address:
+        yield address
 
 
 def test_train_two_adapters_on_local_ray_cluster(ray_cluster, tiny_model, tiny_data, tmp_path):

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +16,7 @@ import pytest
 from dlplora.engine import DLPLoRA
 from dlplora.serve import ServeConfig, ServerThread, create_app
 from dlplora.testing import random_peft_library
+from raycluster import free_port, local_ray_cluster
 
 KEY = "sk-ray-test-0123"
 SPECS = {"alpha": (4, 8, ["q_proj", "v_proj"]), "beta": (8, 8, ["q_proj", "v_proj"])}
@@ -146,36 +145,10 @@ def test_set_affinity_router_keeps_a_set_on_one_replica_within_a_bounded_load():
     assert len(any_two) == 1 and len(any_two[0]) == 2  # no key: Serve's two random choices
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import shutil
-    import tempfile
-
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix sockets cap path length
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    port = _free_port()
-    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                            "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-                           capture_output=True, text=True, timeout=120)
-    assert start.returncode == 0, start.stderr[-2000:]
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        try:
-            if ray.is_initialized():
-                serve.shutdown()
-        finally:
-            try:
-                ray.shutdown()
-            finally:
-                subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
-                shutil.rmtree(temp, ignore_errors=True)
+    with local_ray_cluster(before_shutdown=lambda: serve.shutdown()) as address:
+        yield address
 
 
 def _train_plugin(lib_root):
@@ -221,7 +194,7 @@ def reference(lib):
 def proxy(ray_cluster):
     from dlplora.serve.ray_serve import connect
 
-    port = _free_port()
+    port = free_port()
     connect(ray_cluster, port=port)
     return f"http://127.0.0.1:{port}"
 
