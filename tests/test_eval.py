@@ -407,6 +407,33 @@ def test_reproduce_end_to_end_on_custom_tasks(tiny_data, tiny_model, tmp_path):
         r1["settings"]["composite-26"]["methods"]["dlp"]["mean"])
 
 
+def test_arrow_wiring_matches_peft_create_arrow_model(tiny_library, tiny_model, models):
+    """Where PEFT's own builder works (the tiny library's adapters cover every layer), our Arrow model is the same
+    model: same router targets, same adapters as task_i, same logits. Ours exists only for top-layer adapters."""
+    from peft import ArrowConfig, create_arrow_model
+
+    from dlplora.backbone import load_backbone
+    from dlplora.eval.arrow_check import arrow_layers
+    from dlplora.library import Library
+
+    lib = Library.open(tiny_library)
+    _, (ours, tok) = models
+    net, _, _ = load_backbone(str(tiny_model))
+    theirs = create_arrow_model(net, [str(lib.adapter_dir(n)) for n in lib.names],
+                                ArrowConfig(top_k=min(3, len(lib.names)), router_temperature=1.0, rng_seed=0))
+    theirs.eval()
+    routed = [n for n, _, _ in arrow_layers(ours)]
+    assert routed and routed == [n for n, _, _ in arrow_layers(theirs)]  # the same layers carry the router
+    ids = tok(["a quiz about sums", "what is 2 + 3"], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        a = ours(**ids).logits
+        b = theirs(**ids).logits
+        with ours.disable_adapter():
+            plain = ours(**ids).logits
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    assert not torch.allclose(a, plain, atol=1e-6)  # the adapters do act: the comparison is not base vs base
+
+
 def test_arrow_check_records_arrows_own_top1(tiny_library, tiny_data, models):
     """The Arrow diagnostic sees every Arrow layer and every prompt token, and its top-1 is Arrow's: with one
     prototype made to match every token (a huge weight on a constant direction), that adapter wins everywhere."""
