@@ -5,7 +5,6 @@ router, then by adapter set behind the ingress. The cluster is stopped at the en
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from dlplora.engine import DLPLoRA
 from dlplora.serve import ServeConfig, ServerThread, create_app
 from dlplora.testing import random_peft_library
 from raycluster import free_port, local_ray_cluster
+from wordplugin import train_word_plugin
 
 KEY = "sk-ray-test-0123"
 SPECS = {"alpha": (4, 8, ["q_proj", "v_proj"]), "beta": (8, 8, ["q_proj", "v_proj"])}
@@ -86,7 +86,7 @@ def test_a_routed_set_from_the_ingress_is_used_only_where_trusted(tiny_model, tm
     from dlplora.serve.protocol import ROUTED_HEADER
 
     lib = random_peft_library(tmp_path / "lib", tiny_model, SPECS, std=0.5, seed=10)
-    _train_plugin(lib)
+    train_word_plugin(lib, WORDS)
     engine = DLPLoRA.from_library(lib)
     header = {ROUTED_HEADER: json.dumps({"adapters": {"beta": 1.0}, "why": None})}
     body = {"messages": ALPHA_PROMPT, "max_tokens": 2}
@@ -151,24 +151,10 @@ def ray_cluster():
         yield address
 
 
-def _train_plugin(lib_root):
-    from dlplora.plugin import Plugin
-
-    rng = random.Random(0)
-    texts, labels = [], []
-    for name, words in WORDS.items():
-        for i in range(40):
-            texts.append(" ".join(rng.choice(words) for _ in range(8)) + f" case {i}")
-            labels.append(name)
-    plugin = Plugin.train(texts, labels, list(WORDS), epochs=8, batch_size=32, bits=12, dim=8, hidden=(32, 32, 16),
-                          seed=0)
-    plugin.save(lib_root / "plugin")
-
-
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory, tiny_model):
     root = random_peft_library(tmp_path_factory.mktemp("rayserve") / "lib", tiny_model, SPECS, std=0.5, seed=10)
-    _train_plugin(root)
+    train_word_plugin(root, WORDS)
     return root
 
 

@@ -16,6 +16,7 @@ import pytest
 from dlplora.engine import DLPLoRA
 from dlplora.serve import ServeConfig, ServerThread, create_app
 from dlplora.testing import random_peft_library
+from wordplugin import train_word_plugin
 
 openai = pytest.importorskip("openai")
 
@@ -35,33 +36,13 @@ def _make_library(root, model_dir):
 OTHER = ("weather", "rain", "football", "goal", "guitar", "song", "forest", "river")  # no adapter's words
 
 
-def _train_plugin(lib_root):
-    from dlplora.plugin import Plugin, calibrate_base_threshold
-
-    rng = random.Random(0)
-    texts, labels = [], []
-    for name, words in WORDS.items():
-        for i in range(40):
-            texts.append(" ".join(rng.choice(words) for _ in range(8)) + f" case {i}")
-            labels.append(name)
-    for i in range(60):  # the "none of these" class
-        texts.append(" ".join(rng.choice(OTHER) for _ in range(8)))
-        labels.append(None)
-    plugin = Plugin.train(texts, labels, list(WORDS), epochs=8, batch_size=32, bits=12, dim=8, hidden=(32, 32, 16),
-                          seed=0)
-    inside = [(t, lab) for t, lab in zip(texts, labels) if lab is not None]
-    calibrate_base_threshold(plugin, [t for t, _ in inside], [lab for _, lab in inside], [t for t, _ in inside],
-                             false_rate=0.0)
-    plugin.save(lib_root / "plugin")
-
-
 @pytest.fixture(scope="module")
 def libs(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("serve")
     lib = _make_library(root / "lib", tiny_model)
     bare = root / "bare"
     shutil.copytree(lib, bare)  # the same adapters, no plugin
-    _train_plugin(lib)
+    train_word_plugin(lib, WORDS, OTHER)
     return lib, bare
 
 
