@@ -403,6 +403,11 @@ def test_reproduce_end_to_end_on_custom_tasks(tiny_data, tiny_model, tmp_path):
     assert "the library records" in md and "Effect of top-p" in md and (out / "results.json").is_file()
     r2 = run_reproduce(**kw)
     assert r2["cache"]["new_predictions"] == 0
+    # the grid's compute time is counted from the cache, so a resumed run reports the whole grid's cost, not its own
+    g1, g2 = r1["cache"]["grid"], r2["cache"]["grid"]
+    assert g1["compute_seconds"] > 0 and g2 == g1
+    assert r2["reproduce"]["recorded_seconds"]["evaluation_compute_seconds"] == g1["compute_seconds"]
+    assert "min of compute in all" in (out / "RESULTS.md").read_text()
     assert r2["settings"]["composite-26"]["methods"]["dlp"]["mean"] == pytest.approx(
         r1["settings"]["composite-26"]["methods"]["dlp"]["mean"])
 

@@ -21,6 +21,7 @@ class PredictionCache:
         self.data: dict[str, dict] = {}
         self.hits = 0
         self.new = 0
+        self.used: set[str] = set()  # the keys this run read or wrote
         for f in sorted(self.dir.glob("*.jsonl")):
             for line in f.read_text(encoding="utf-8").splitlines():
                 try:
@@ -33,6 +34,7 @@ class PredictionCache:
         rec = self.data.get(key)
         if rec is not None:
             self.hits += 1
+            self.used.add(key)
         return rec
 
     def put_many(self, method: str, records: list[dict]) -> None:
@@ -41,8 +43,15 @@ class PredictionCache:
             for rec in records:
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 self.data[rec["k"]] = rec
+                self.used.add(rec["k"])
             fh.flush()
         self.new += len(records)
+
+
+    def used_seconds(self) -> float:
+        """The recorded compute time of every prediction this run used, whichever run (or sitting) computed it:
+        the cost of the whole grid even when it was spread over several resumed runs."""
+        return sum(float(self.data[k].get("s", 0.0)) for k in self.used)
 
 
 def set_tag(s: dict) -> str:

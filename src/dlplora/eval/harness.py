@@ -134,9 +134,11 @@ def run_evaluation(config: EvalConfig | None = None, *, engine=None, arrow=None,
     flagged = run.record_single_scores(results["settings"].get("single"))
     if flagged is not None:
         results["flagged_adapters"] = flagged
+    grid = {"predictions": len(run.cache.used), "compute_seconds": round(run.cache.used_seconds(), 1)}
     if run.p_sweep and "dlp" in run.methods and "dlp" not in run.skipped:
         results["p_sweep"] = run.sweep_p()
-    results["cache"] = {"dir": str(run.cache.dir), "hits": run.cache.hits, "new_predictions": run.cache.new}
+    results["cache"] = {"dir": str(run.cache.dir), "hits": run.cache.hits, "new_predictions": run.cache.new,
+                        "grid": grid}
     results["run_seconds"] = round(time.perf_counter() - t_start, 1)
     if c.note:
         results["note"] = c.note

@@ -149,7 +149,11 @@ def format_results_md(results: dict, preamble: str = "") -> str:
     lines += p_sweep_lines(results.get("p_sweep"))
     c = results.get("cache") or {}
     lines += [f"Predictions cached in `{c.get('dir')}` ({c.get('new_predictions', 0)} computed in this run, "
-              f"{c.get('hits', 0)} reused); this run took {results.get('run_seconds', 0):.0f}s.", ""]
+              f"{c.get('hits', 0)} reused); this run took {results.get('run_seconds', 0):.0f}s."
+              + (f" The grid's {c['grid']['predictions']} predictions (p sweep excluded) took "
+                 f"{c['grid']['compute_seconds'] / 60:.1f} min of compute in all, counted from the time recorded with "
+                 f"each, whichever run computed it (model loading and report writing not included)."
+                 if c.get("grid") else ""), ""]
     return "\n".join(lines)
 
 

@@ -113,6 +113,7 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
     plug_report = (results.get("config", {}).get("plugin") or {}).get("report") or {}
     if plug_report.get("train_seconds") is not None:
         recorded["plugin_training_seconds"] = plug_report["train_seconds"]
+    recorded["evaluation_compute_seconds"] = results["cache"]["grid"]["compute_seconds"]
     results["reproduce"]["recorded_seconds"] = recorded
     pre = (f"Produced by `dlp-lora reproduce` ({len(names)} tasks, {steps} training steps of {cfg.batch_size} examples "
            f"per adapter (rank {cfg.rank} on {', '.join(cfg.targets)} of the top {cfg.top_layers or 'all'} layers, "
@@ -122,7 +123,8 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
            + f" (finished stages are reused); the library records {recorded['adapters_training_seconds'] / 60:.1f} min "
            f"of adapter training in total"
            + (f" and the plugin {recorded['plugin_training_seconds']:.0f}s" if "plugin_training_seconds" in recorded else "")
-           + ".")
+           + f", and the evaluation grid's predictions record {recorded['evaluation_compute_seconds'] / 60:.1f} min of "
+             "compute, over every run that computed them.")
     write_outputs(results, out, preamble=pre)
     log(f"wrote {Path(out) / 'RESULTS.md'}, results.json and figures/")
     return results
