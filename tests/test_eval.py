@@ -407,7 +407,9 @@ def test_reproduce_end_to_end_on_custom_tasks(tiny_data, tiny_model, tmp_path):
     g1, g2 = r1["cache"]["grid"], r2["cache"]["grid"]
     assert g1["compute_seconds"] > 0 and g2 == g1
     assert r2["reproduce"]["recorded_seconds"]["evaluation_compute_seconds"] == g1["compute_seconds"]
-    assert "min of compute in all" in (out / "RESULTS.md").read_text()
+    md = (out / "RESULTS.md").read_text()
+    assert "min of compute in all" in md and "## Adapter training" in md and "| quiz | 16 |" in md
+    assert set(r2["reproduce"]["adapters"]) == {"quiz", "sums"}
     assert r2["settings"]["composite-26"]["methods"]["dlp"]["mean"] == pytest.approx(
         r1["settings"]["composite-26"]["methods"]["dlp"]["mean"])
 

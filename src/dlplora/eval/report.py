@@ -147,6 +147,7 @@ def format_results_md(results: dict, preamble: str = "") -> str:
     for sname, s, ms, order in _evaluated_settings(results):
         lines += setting_lines(sname, s, ms, order, (results.get("figures") or {}).get(sname))
     lines += p_sweep_lines(results.get("p_sweep"))
+    lines += training_lines((results.get("reproduce") or {}).get("adapters"))
     c = results.get("cache") or {}
     lines += [f"Predictions cached in `{c.get('dir')}` ({c.get('new_predictions', 0)} computed in this run, "
               f"{c.get('hits', 0)} reused); this run took {results.get('run_seconds', 0):.0f}s."
@@ -155,6 +156,31 @@ def format_results_md(results: dict, preamble: str = "") -> str:
                  f"each, whichever run computed it (model loading and report writing not included)."
                  if c.get("grid") else ""), ""]
     return "\n".join(lines)
+
+
+def training_lines(adapters: dict | None) -> list[str]:
+    """The adapters' training, one row each from library.json (reproduce records it): examples seen, tokens,
+    wall time, tokens per second, first and last training loss; the total, and the whole library's tokens at the
+    median rate (what the library would take on an idle machine, if some adapters shared the CPU)."""
+    if not adapters:
+        return []
+    lines = ["## Adapter training", "",
+             "Per adapter, from `library.json` (wall time includes the cached bottom layers' pass; a machine shared "
+             "with other jobs inflates it).", "",
+             "| task | examples seen | tokens | wall (s) | tokens/s | loss first → last |", "|---|---|---|---|---|---|"]
+    for name, e in adapters.items():
+        lines.append(f"| {short(name)} | {e.get('examples_seen', '–')} | {e.get('tokens', 0):,} | "
+                     f"{float(e.get('wall_seconds') or 0):.0f} | {float(e.get('tokens_per_second') or 0):.0f} | "
+                     f"{e.get('first_loss', float('nan')):.3f} → {e.get('final_loss', float('nan')):.3f} |")
+    wall = sum(float(e.get("wall_seconds") or 0) for e in adapters.values())
+    tokens = sum(int(e.get("tokens") or 0) for e in adapters.values())
+    rates = sorted(float(e["tokens_per_second"]) for e in adapters.values() if e.get("tokens_per_second"))
+    median = rates[len(rates) // 2] if len(rates) % 2 else sum(rates[len(rates) // 2 - 1: len(rates) // 2 + 1]) / 2
+    lines += [f"| **total** | | **{tokens:,}** | **{wall:.0f}** ({wall / 3600:.2f} h) | | |", ""]
+    if median:
+        lines += [f"At the median rate ({median:.0f} tokens/s) the library's {tokens:,} tokens take "
+                  f"{tokens / median / 3600:.2f} h.", ""]
+    return lines
 
 
 def _has_per_example(results: dict) -> bool:

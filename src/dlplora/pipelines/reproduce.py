@@ -114,6 +114,10 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
     if plug_report.get("train_seconds") is not None:
         recorded["plugin_training_seconds"] = plug_report["train_seconds"]
     recorded["evaluation_compute_seconds"] = results["cache"]["grid"]["compute_seconds"]
+    keep = ("examples_seen", "steps", "tokens", "first_loss", "final_loss", "train_seconds", "wall_seconds",
+            "tokens_per_second")
+    results["reproduce"]["adapters"] = {n: {k: e[k] for k in keep if k in e} for n, e in lib.manifest["adapters"].items()
+                                        if n in names}
     results["reproduce"]["recorded_seconds"] = recorded
     pre = (f"Produced by `dlp-lora reproduce` ({len(names)} tasks, {steps} training steps of {cfg.batch_size} examples "
            f"per adapter (rank {cfg.rank} on {', '.join(cfg.targets)} of the top {cfg.top_layers or 'all'} layers, "
