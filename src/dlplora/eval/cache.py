@@ -47,7 +47,6 @@ class PredictionCache:
             fh.flush()
         self.new += len(records)
 
-
     def used_seconds(self) -> float:
         """The recorded compute time of every prediction this run used, whichever run (or sitting) computed it:
         the cost of the whole grid even when it was spread over several resumed runs."""

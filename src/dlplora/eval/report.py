@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 from pathlib import Path
 
 from ..errors import DLPLoRAError
@@ -174,8 +175,8 @@ def training_lines(adapters: dict | None) -> list[str]:
                      f"{e.get('first_loss', float('nan')):.3f} → {e.get('final_loss', float('nan')):.3f} |")
     wall = sum(float(e.get("wall_seconds") or 0) for e in adapters.values())
     tokens = sum(int(e.get("tokens") or 0) for e in adapters.values())
-    rates = sorted(float(e["tokens_per_second"]) for e in adapters.values() if e.get("tokens_per_second"))
-    median = rates[len(rates) // 2] if len(rates) % 2 else sum(rates[len(rates) // 2 - 1: len(rates) // 2 + 1]) / 2
+    rates = [float(e["tokens_per_second"]) for e in adapters.values() if e.get("tokens_per_second")]
+    median = statistics.median(rates) if rates else 0.0
     lines += [f"| **total** | | **{tokens:,}** | **{wall:.0f}** ({wall / 3600:.2f} h) | | |", ""]
     if median:
         lines += [f"At the median rate ({median:.0f} tokens/s) the library's {tokens:,} tokens take "
