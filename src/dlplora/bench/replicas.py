@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from ..errors import DLPLoRAError
-from .serve import PROMPTS, request_sets
+from .serve import PROMPTS, as_request, request_sets
 
 RETRY_STATUS = (500, 502, 503)
 
@@ -74,11 +74,7 @@ def workload(names: list[str], n: int, max_new: int) -> list[tuple[str, dict]]:
         body = dict(sets[i % len(sets)], max_tokens=max_new, temperature=0)
         if i % 4 == 1:
             body |= {"stream": True, "stream_options": {"include_usage": True}}
-        prompt = PROMPTS[(i // len(sets)) % len(PROMPTS)]
-        if i % 3 == 2:
-            out.append(("/v1/completions", body | {"prompt": prompt}))
-        else:
-            out.append(("/v1/chat/completions", body | {"messages": [{"role": "user", "content": prompt}]}))
+        out.append(as_request(body, PROMPTS[(i // len(sets)) % len(PROMPTS)], completion=i % 3 == 2))
     return out
 
 

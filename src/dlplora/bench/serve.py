@@ -65,17 +65,17 @@ def request_sets(names: list[str]) -> list[dict]:
     return choices
 
 
+def as_request(body: dict, prompt: str, completion: bool) -> tuple[str, dict]:
+    """(path, body) of one benchmark request: a completion of `prompt`, or a chat turn with it as the user message."""
+    if completion:
+        return "/v1/completions", body | {"prompt": prompt}
+    return "/v1/chat/completions", body | {"messages": [{"role": "user", "content": prompt}]}
+
+
 def _workload(names: list[str], n: int, max_new: int) -> list[tuple[str, dict]]:
     choices = request_sets(names)
-    out = []
-    for i in range(n):
-        body = dict(choices[i % len(choices)], max_tokens=max_new, temperature=0)
-        prompt = PROMPTS[i % len(PROMPTS)]
-        if i % 4 == 3:
-            out.append(("/v1/completions", body | {"prompt": prompt}))
-        else:
-            out.append(("/v1/chat/completions", body | {"messages": [{"role": "user", "content": prompt}]}))
-    return out
+    return [as_request(dict(choices[i % len(choices)], max_tokens=max_new, temperature=0), PROMPTS[i % len(PROMPTS)],
+                       completion=i % 4 == 3) for i in range(n)]
 
 
 async def _drive(url: str, work: list[tuple[str, dict]], concurrency: int) -> dict:

@@ -94,8 +94,8 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     conversation = conversation or [
         "I have a chair, two tables, and a bed. How many objects do I have?",
         "Who wrote Hamlet, no wait, who wrote Macbeth?",
-        "The trophy doesn't fit into the brown suitcase because it is too large. The 'it' refers to the trophy "
-        "because the trophy is too large to fit. Is the above reasoning correct or incorrect?",
+        "On a shelf, there are three books: a red book, a green book, and a blue book. The red book is to the left "
+        "of the green book. The blue book is the rightmost. Which book is the leftmost?",
     ]
     session = engine.chat(max_new_tokens=48)
     turns = []
