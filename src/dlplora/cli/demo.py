@@ -20,7 +20,7 @@ def register(sub, model_help: str) -> None:
                                     "single LoRA / DLP-LoRA on a composite stream, and run a 3-turn mixed-task chat.")
     dm.add_argument("--tasks", default=",".join(DEMO_TASKS), help="comma-separated tasks (default: %(default)s)")
     dm.add_argument("--steps", type=int, default=24, help="training steps per adapter (default 24)")
-    dm.add_argument("--n-eval", type=int, default=24, help="test prompts per task in the composite evaluation (default 24)")
+    dm.add_argument("--n-eval", type=int, default=32, help="test prompts per task in the composite evaluation (default 32)")
     dm.add_argument("--extra-data", help="directory of the non-BIG-bench tasks (optional)")
     dm.add_argument("--out", default=os.path.join("runs", "demo"))
     dm.add_argument("--model", help=model_help)

@@ -1,6 +1,6 @@
 """The main job (`dlp-lora demo`, `make demo`): the whole DLP-LoRA idea, end to end, on a 2-core CPU.
 
-1. prepare a small mixed suite (2 multiple-choice + 2 generative BIG-bench tasks);
+1. prepare a small mixed suite (3 multiple-choice BIG-bench tasks + 1 scored by the exact match of a generated answer);
 2. train their LoRA adapters with a short budget, then the router plugin;
 3. a small composite evaluation: base vs oracle single LoRA vs DLP-LoRA, with the time ratio;
 4. the paper's case study live: a 3-turn conversation that mixes tasks, re-routed at every turn;
@@ -19,14 +19,17 @@ from pathlib import Path
 from ..paths import atomic_write_text
 from . import ensure_plugin
 
-# BIG-bench tasks where a briefly trained adapter beats the base model (it learns the answer format). Of 8 tried
-# (2026-11-29, 24 steps, 24 test prompts): ConParaKC 54 -> 100 (11-0), DisflQA 0 -> 21 (5-0), ObjCount 0 -> 8 (2-0),
-# LogDeduc 21 -> 29 (6-4); winowhy, strategyqa, ElemMath and LingPuzz did not beat the base model.
-DEMO_TASKS = ("contextual_parametric_knowledge_conflicts", "object_counting", "disfl_qa", "logical_deduction")
+# BIG-bench tasks where a briefly trained adapter clearly beats the base model, chosen from measurements (2026-11-29,
+# `dlp-lora demo --tasks ... --n-eval 32|40`, 24 or 48 steps; LoRA vs base wins-losses on the same prompts):
+# ConParaKC 50 -> 100 (16-0 of 32), DisflQA 0 -> 22 (7-0 of 32), QuesSel 84 -> 100 (5-0 of 32 at 24 steps, 7-0 of 40
+# at 48), UnitConv 34 -> 50 (9-4 of 32 at 24 steps; 15-4 of 40 at 48). Also tried: CSAlg (4-0 of 32; 12-6 of 40 at 48
+# steps) and LingPuzz (12-6 of 32). ObjCount (8-0 of 100 in the full library) and LogDeduc (12-22 of 100: worse than
+# base) left the demo. More steps or prompts would make every win significant but push `make demo` past 10 minutes.
+DEMO_TASKS = ("contextual_parametric_knowledge_conflicts", "question_selection", "unit_conversion", "disfl_qa")
 
 
 def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TASKS, data_dir=None, steps: int = 24,
-             max_len: int = 256, top_layers: int | None = 10, n_eval: int = 24, conversation: list[str] | None = None, log=print) -> dict:
+             max_len: int = 256, top_layers: int | None = 10, n_eval: int = 32, conversation: list[str] | None = None, log=print) -> dict:
     from ..backbone import load_tokenizer
     from ..engine import DLPLoRA
     from ..eval.harness import run_evaluation
@@ -92,10 +95,12 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     log("== 4. case study: one conversation, three tasks, re-routed at every turn")
     t0 = time.time()
     conversation = conversation or [
-        "I have a chair, two tables, and a bed. How many objects do I have?",
-        "Who wrote Hamlet, no wait, who wrote Macbeth?",
-        "On a shelf, there are three books: a red book, a green book, and a blue book. The red book is to the left "
-        "of the green book. The blue book is the rightmost. Which book is the leftmost?",
+        "How many meters is 3.5 kilometers?",
+        # written like DisflQA's prompts: the same question without them ("..., no wait, ...? context: ...") is far
+        # from every adapter's prompts for this 4-task router, and goes to the base model
+        "When was the Treaty of Paris no wait the Treaty of Rome signed ?\ncontext: The Treaty of Rome was signed in "
+        "1957 by Belgium , France , Italy , Luxembourg , the Netherlands and West Germany .",
+        "Question: who painted the Mona Lisa?\nContext: The Mona Lisa was painted by Raphael in 1503.",
     ]
     session = engine.chat(max_new_tokens=48)
     turns = []
