@@ -21,6 +21,11 @@ def test_real_bigbench_prepare_and_smollm2_generation(tmp_path):
     train = load_split(tmp_path / "data", "winowhy", "train")
     assert train[0]["choices"] == ["correct", "incorrect"] or set(train[0]["choices"]) == {"correct", "incorrect"}
     assert user_message(train[0]).startswith("Please answer the following questions")
+    # the options are listed in a shuffled order: the answer is not always first (the task files list it first in
+    # every ConParaKC example)
+    prepare("contextual_parametric_knowledge_conflicts", tmp_path / "data")
+    firsts = [r["answer_index"] == 0 for r in load_split(tmp_path / "data", "contextual_parametric_knowledge_conflicts", "test")]
+    assert 0.3 < sum(firsts) / len(firsts) < 0.7
     subtasks = {r["subtask"] for r in load_split(tmp_path / "data", "logical_deduction", "train")}
     assert subtasks == {"three_objects", "five_objects", "seven_objects"}
     ids = tok(chat_prompt(tok, "What is the capital of France?"), return_tensors="pt")

@@ -93,3 +93,49 @@ def test_corrupt_bigbench_archive_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("DLP_LORA_BIGBENCH_SDIST", str(bad))
     with pytest.raises(DLPLoRAError, match="unreadable or corrupt"):
         tasks.ensure_bigbench(log=lambda *_: None)
+
+
+def test_choices_are_shuffled_per_example_deterministically_and_independent_of_the_answer():
+    # a task file that lists the answer first in every example (as ConParaKC and QuesSel do)
+    firsts = 0
+    for k in range(400):
+        scores = {f"right {k}": 1, f"wrong a {k}": 0, f"wrong b {k}": 0, f"wrong c {k}": 0}
+        order = tasks.shuffled_choices(scores, f"task/sub/{k}")
+        assert sorted(order) == sorted(scores) and order == tasks.shuffled_choices(dict(scores), f"task/sub/{k}")
+        firsts += order[0] == f"right {k}"
+    assert 60 <= firsts <= 140  # about 1 in 4, not every time
+
+
+def test_stale_prepared_mcq_data_is_refused_and_not_reused(tmp_path):
+    from dlplora.testing import write_prepared
+
+    ex = {"id": "winowhy-1", "task": "winowhy", "input": "x", "target": "correct", "choices": ["correct", "incorrect"],
+          "answer_index": 0, "aliases": [], "task_prefix": "", "input_prefix": "", "output_prefix": "", "subtask": "winowhy"}
+    write_prepared(tmp_path, "winowhy", [ex], [ex])  # no format record: data of an older dlp-lora
+    assert tasks.prepared_format(tmp_path, "winowhy") == 1 and not tasks.is_prepared(tmp_path, "winowhy")
+    with pytest.raises(DLPLoRAError, match="older dlp-lora .*prepare it again"):
+        tasks.load_split(tmp_path, "winowhy", "train")
+    (tmp_path / "winowhy" / "format.json").write_text(json.dumps({"format": tasks.DATA_FORMAT}))
+    assert tasks.is_prepared(tmp_path, "winowhy") and tasks.load_split(tmp_path, "winowhy", "test") == [ex]
+    gen = dict(ex, id="gsm8k-1", task="gsm8k", choices=None, answer_index=None)
+    write_prepared(tmp_path, "gsm8k", [gen], [gen])  # no options: an older preparation is still good
+    assert tasks.is_prepared(tmp_path, "gsm8k") and tasks.load_split(tmp_path, "gsm8k", "test") == [gen]
+
+
+def test_adapters_trained_on_stale_mcq_data_are_retrained():
+    from dlplora.train.library_builder import _stale_data
+
+    assert _stale_data({}, "winowhy") and _stale_data({"data_format": 1}, "winowhy")
+    assert not _stale_data({"data_format": tasks.DATA_FORMAT}, "winowhy")
+    assert not _stale_data({}, "gsm8k") and not _stale_data({}, "my_own_task")  # no options: nothing changed
+
+
+def test_prediction_cache_key_changes_with_the_prompt():
+    from dlplora.eval.cache import content_tag
+
+    ex = {"input": "Is 2 even?", "choices": ["yes", "no"], "target": "yes", "task_prefix": "Quiz.\n"}
+    tag = content_tag({"ex": ex})
+    assert tag == content_tag({"ex": dict(ex)}) and tag == content_tag({"ex": ex, "history": []})
+    assert content_tag({"ex": dict(ex, choices=["no", "yes"])}) != tag
+    assert content_tag({"ex": dict(ex, input="Is 3 even?")}) != tag
+    assert content_tag({"ex": ex, "history": [{"role": "user", "content": "hi"}]}) != tag

@@ -33,6 +33,12 @@ from .paths import atomic_write_text, cache_dir, extra_data_dir
 
 SPLIT_SEED = 1234
 SAMPLE_SIZE = 1000
+# The prepared data's format, recorded in OUT/<task>/format.json. 2: a multiple-choice example lists its options in
+# an order shuffled per example, as BIG-bench's `append_choices_to_input` does (a permutation of the sorted options).
+# Format 1 kept the task file's order, which puts the answer first in every ConParaKC and QuesSel example: an adapter
+# could learn the position instead of the task.
+DATA_FORMAT = 2
+CHOICE_SEED = "dlp-lora-choices"
 BIGBENCH_VERSION = "1.0.0"
 # BIG-bench's own defaults when a task.json does not set its prefixes (bigbench/api/json_task.py).
 _BB_INPUT_PREFIX = "\nQ: "
@@ -252,7 +258,7 @@ def _load_bigbench_task(spec: TaskSpec) -> list[dict]:
         task_prefix = data.get("task_prefix", "")
         in_prefix = data.get("example_input_prefix", _BB_INPUT_PREFIX)
         out_prefix = data.get("example_output_prefix", _BB_OUTPUT_PREFIX)
-        for ex in data.get("examples", []):
+        for k, ex in enumerate(data.get("examples", [])):
             rec = {"input": ex["input"], "task_prefix": task_prefix, "input_prefix": in_prefix,
                    "output_prefix": out_prefix, "subtask": sub or spec.name, "choices": None,
                    "answer_index": None, "aliases": []}
@@ -262,7 +268,7 @@ def _load_bigbench_task(spec: TaskSpec) -> list[dict]:
                 scores = ex.get("target_scores")
                 if not scores:
                     continue
-                choices = list(scores)
+                choices = shuffled_choices(scores, f"{spec.name}/{sub}/{k}")
                 best = max(range(len(choices)), key=lambda i: scores[choices[i]])
                 rec.update(choices=choices, answer_index=best, target=choices[best], aliases=targets)
             else:
@@ -271,6 +277,15 @@ def _load_bigbench_task(spec: TaskSpec) -> list[dict]:
                 rec.update(target=targets[0], aliases=targets[1:])
             examples.append(rec)
     return examples
+
+
+def shuffled_choices(scores: dict, key: str) -> list[str]:
+    """A multiple-choice example's options in the order its prompt lists them: a permutation of the sorted options
+    drawn from a generator seeded by `key` (task/subtask/index), so it is the same on every machine and run and
+    unrelated to which option is right (BIG-bench's `rng.permutation(sorted(choices))`)."""
+    order = sorted(scores)
+    random.Random(f"{CHOICE_SEED}:{key}").shuffle(order)
+    return order
 
 
 def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
@@ -379,13 +394,39 @@ def prepared_path(out_dir: str | os.PathLike, name: str, split: str) -> Path:
     return Path(out_dir) / name / f"{split}.jsonl"
 
 
+def _format_path(out_dir: str | os.PathLike, name: str) -> Path:
+    return Path(out_dir) / name / "format.json"
+
+
+def prepared_format(data_dir: str | os.PathLike, name: str) -> int:
+    """The format a task's data in `data_dir` was prepared with (1 when it predates the format record)."""
+    try:
+        return int(json.loads(_format_path(data_dir, name).read_text(encoding="utf-8")).get("format", 1))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 1
+
+
+def is_prepared(data_dir: str | os.PathLike, name: str) -> bool:
+    """Whether `data_dir` holds both splits of a task, and for a registry multiple-choice task in the current format
+    (the pipelines that reuse prepared data prepare a stale one again; only the options' order changed, so the other
+    tasks' data, which may come from an --extra-data directory no longer at hand, stays)."""
+    if not (prepared_path(data_dir, name, "train").is_file() and prepared_path(data_dir, name, "test").is_file()):
+        return False
+    return not (name in TASKS and TASKS[name].has_choices) or prepared_format(data_dir, name) == DATA_FORMAT
+
+
 def load_split(data_dir: str | os.PathLike, name: str, split: str) -> list[dict]:
-    """Read a prepared split written by :func:`prepare`."""
+    """Read a prepared split written by :func:`prepare`. A registry multiple-choice task prepared in an older format
+    (options in the task file's order) is refused: its prompts can give the answer's position away."""
     if not prepared_path(data_dir, name, split).is_file():
         name = get_task(name).name
     path = prepared_path(data_dir, name, split)
     if not path.is_file():
         raise DLPLoRAError(f"no prepared {split} data for task {name} at {path}; run `dlp-lora data prepare --tasks {name} --out {data_dir}`")
+    if name in TASKS and TASKS[name].has_choices and prepared_format(data_dir, name) < DATA_FORMAT:
+        raise DLPLoRAError(f"the data of task {name} in {data_dir} was prepared by an older dlp-lora (format "
+                           f"{prepared_format(data_dir, name)}: options in the task file's order, which can give the "
+                           f"answer's position away); prepare it again: `dlp-lora data prepare --tasks {name} --out {data_dir}`")
     return read_jsonl(path)
 
 
@@ -410,6 +451,7 @@ def prepare(tasks: str | Iterable[str] | None, out_dir: str | os.PathLike, extra
         train, test = split_examples(rows)
         _write_jsonl(prepared_path(out_dir, name, "train"), train)
         _write_jsonl(prepared_path(out_dir, name, "test"), test)
+        atomic_write_text(_format_path(out_dir, name), json.dumps({"format": DATA_FORMAT}) + "\n")
         row = {"task": name, "short": TASKS[name].short, "kind": TASKS[name].kind, "n_source": len(rows),
                "n_train": len(train), "n_test": len(test)}
         if tokenizer is not None:

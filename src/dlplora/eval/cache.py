@@ -58,6 +58,15 @@ def set_tag(s: dict) -> str:
     return ",".join(f"{n}={w:.4g}" for n, w in sorted(s.items())) if s else "-"
 
 
+def content_tag(item: dict) -> str:
+    """What the model is asked, in a cache key: a hash of the example's prompt text, options, target and chat history,
+    so a prediction is never reused for an example whose data changed (e.g. prepared again in another format)."""
+    ex = item["ex"]
+    what = [ex.get("task_prefix"), ex.get("input_prefix"), ex.get("input"), ex.get("output_prefix"), ex.get("choices"),
+            ex.get("target"), item.get("history") or []]
+    return hashlib.sha1(json.dumps(what, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:8]
+
+
 def cache_namespace(method: str) -> str:
     """The two DLP weightings run the same fused engine: a prompt that both route to the same weighted set (e.g. one
     adapter at weight 1) is the same computation, so they share predictions (and their recorded time). Every other

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..config import check_p
 from ..errors import DLPLoRAError
 from ..tasks import user_message
-from .cache import PredictionCache, cache_namespace, library_signature, set_tag
+from .cache import PredictionCache, cache_namespace, content_tag, library_signature, set_tag
 from .metrics import scoring_kind, summarise
 from .report import write_outputs
 from .runners import FusedRunner, PeftRunner, build_arrow_model, build_ties_model
@@ -58,8 +58,9 @@ def run_method_items(runner, method: str, items: list[dict], sets: list[dict], c
     preds = [{"seconds": 0.0} for _ in items]
     todo: dict[str, list[int]] = {"choice": [], "gen": [], "tf": []}
     ns = cache_namespace(method)
+    keys = [f"{sig}|{ns}|{items[i]['uid']}#{content_tag(items[i])}" for i in range(len(items))]
     for what, i in jobs:
-        rec = cache.get(f"{sig}|{ns}|{items[i]['uid']}|{what}|{set_tag(sets[i])}")
+        rec = cache.get(f"{keys[i]}|{what}|{set_tag(sets[i])}")
         if rec is None:
             todo[what].append(i)
         else:
@@ -95,7 +96,7 @@ def run_method_items(runner, method: str, items: list[dict], sets: list[dict], c
                 for i, v in zip(idx, vals):
                     preds[i][what] = v
                     preds[i]["seconds"] += dt
-                    recs.append({"k": f"{sig}|{ns}|{items[i]['uid']}|{what}|{set_tag(sets[i])}", "v": v, "s": round(dt, 5)})
+                    recs.append({"k": f"{keys[i]}|{what}|{set_tag(sets[i])}", "v": v, "s": round(dt, 5)})
                 cache.put_many(ns, recs)
                 bar.update(len(idx))
     finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 
 def plugin_ready(lib) -> bool:
@@ -31,3 +33,12 @@ def ensure_plugin(lib, data_dir, log) -> None:
     log(f"plugin: {report['params']:,} parameters, held-out routing accuracy {100 * report['accuracy']:.1f}% over "
         f"{report['tasks']} tasks ({100 * report['views']['input_only']:.1f}% on the bare inputs), trained in "
         f"{report['train_seconds']:.1f}s")
+
+
+def forget_plugin(lib_dir, log) -> None:
+    """The data was just prepared again, so a plugin already in the library at `lib_dir` learnt the old prompts:
+    remove it, and the pipeline (or a resumed run of it) trains a new one."""
+    d = Path(lib_dir) / "plugin"
+    if d.is_dir():
+        shutil.rmtree(d)
+        log(f"removed the plugin in {d}: it learnt the prompts of the data prepared before; it is trained again")

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..paths import atomic_write_text
-from . import ensure_plugin
+from . import ensure_plugin, forget_plugin
 
 # BIG-bench tasks where a briefly trained adapter clearly beats the base model, chosen from measurements (2026-11-29,
 # `dlp-lora demo --tasks ... --n-eval 32|40`, 24 or 48 steps; LoRA vs base wins-losses on the same prompts):
@@ -35,7 +35,7 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     from ..eval.harness import run_evaluation
     from ..eval.settings import EvalConfig
     from ..library import Library
-    from ..tasks import prepare
+    from ..tasks import is_prepared, prepare
     from ..train import TrainConfig, train_library
 
     t_start = time.time()
@@ -49,7 +49,8 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     t0 = time.time()
     if data_dir is None:
         data_dir = out / "data"
-        if not all((data_dir / t / "test.jsonl").is_file() for t in tasks):
+        if not all(is_prepared(data_dir, t) for t in tasks):
+            forget_plugin(out / "library", log)
             from ..tasks import format_summary
 
             # the tokenizer alone is enough for the prompt-length statistics (the engine loads the model later)

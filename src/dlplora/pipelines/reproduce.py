@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DEFAULT_P
-from . import ensure_plugin
+from . import ensure_plugin, forget_plugin
 
 
 @dataclass
@@ -53,7 +53,7 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
     from ..eval.report import write_outputs
     from ..eval.settings import EvalConfig, parse_methods, parse_p_values, parse_settings, parse_weightings
     from ..library import Library
-    from ..tasks import TASKS, format_summary, parse_tasks, prepare
+    from ..tasks import TASKS, format_summary, is_prepared, parse_tasks, prepare
     from ..train import TrainConfig, train_library
 
     c = config if config is not None else ReproduceConfig(**fields)
@@ -68,9 +68,10 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
 
     log(f"== 1/4 data: {len(names)} tasks -> {data_dir}")
     t = time.time()
-    todo = [n for n in names if not (data_dir / n / "test.jsonl").is_file() or not (data_dir / n / "train.jsonl").is_file()]
+    todo = [n for n in names if not is_prepared(data_dir, n)]
     if todo:
         log(format_summary(prepare(todo, data_dir, extra_data=extra_data, log=log)))
+        forget_plugin(lib_dir, log)
     else:
         log("all tasks already prepared")
     stages["data"] = round(time.time() - t, 1)

@@ -31,7 +31,7 @@ def train_one(model, tokenizer, task: str, data_dir: str | os.PathLike, cfg, lib
     import time
 
     from ..eval.scoring import score_task
-    from ..tasks import load_split
+    from ..tasks import load_split, prepared_format
     from .lora import make_peft_model, train_adapter
 
     t0 = time.time()
@@ -51,7 +51,8 @@ def train_one(model, tokenizer, task: str, data_dir: str | os.PathLike, cfg, lib
                  "rank": cfg.rank, "alpha": cfg.alpha, "targets": list(cfg.targets), "n_train": len(train),
                  "examples_seen": res.examples, "steps": res.steps, "tokens": res.tokens, "first_loss": res.first_loss,
                  "final_loss": res.final_loss, "train_seconds": res.wall_seconds,
-                 "tokens_per_second": round(res.tokens / max(res.wall_seconds, 1e-9), 1)}
+                 "tokens_per_second": round(res.tokens / max(res.wall_seconds, 1e-9), 1),
+                 "data_format": prepared_format(data_dir, task)}
         if eval_limit > 0:
             test = load_split(data_dir, task, "test")[:eval_limit]
             adapter_score = score_task(pm, tokenizer, task, test)
@@ -63,6 +64,14 @@ def train_one(model, tokenizer, task: str, data_dir: str | os.PathLike, cfg, lib
     finally:
         pm.unload()  # restore the plain backbone for the next task
     return entry, base_score
+
+
+def _stale_data(entry: dict, task: str) -> bool:
+    """An adapter of a registry multiple-choice task trained on data older than the current format (its prompts
+    listed the options in the task file's order, which for some tasks always puts the answer first)."""
+    from ..tasks import DATA_FORMAT, TASKS
+
+    return task in TASKS and TASKS[task].has_choices and int(entry.get("data_format", 1)) < DATA_FORMAT
 
 
 def _ray_train_task(model_path, task, data_dir, cfg_dict, lib_root, base, eval_limit, base_score):
@@ -80,7 +89,7 @@ def train_library(tasks, data_dir: str | os.PathLike, out: str | os.PathLike, mo
                   force: bool = False, eval_limit: int = 100, ray_address: str | None = None, log=print) -> Library:
     """Train one adapter per task into the library at `out` (resumable: finished adapters are skipped)."""
     from ..backbone import load_backbone, resolve_model
-    from ..tasks import load_split, parse_tasks
+    from ..tasks import DATA_FORMAT, load_split, parse_tasks, prepared_format
     from .lora import TrainConfig, check_targets
 
     cfg = cfg or TrainConfig()
@@ -98,15 +107,20 @@ def train_library(tasks, data_dir: str | os.PathLike, out: str | os.PathLike, mo
     lib.manifest["base_model"] = lib.manifest.get("base_model") or base
     lib.manifest["data_dir"] = str(Path(data_dir).resolve())
     root = Path(out)
-    todo = [n for n in names if force or n not in lib.manifest["adapters"] or not _adapter_complete(root / "adapters" / n)]
+    stale = [n for n in names if n in lib.manifest["adapters"] and _stale_data(lib.manifest["adapters"][n], n)]
+    todo = [n for n in names if force or n not in lib.manifest["adapters"] or n in stale
+            or not _adapter_complete(root / "adapters" / n)]
     for n in names:
-        if n not in todo:
+        if n in stale and not force:
+            log(f"retrain {n}: its adapter was trained on data of format {lib.manifest['adapters'][n].get('data_format', 1)} "
+                f"(options in the task file's order); the data is now format {DATA_FORMAT}")
+        elif n not in todo:
             log(f"skip {n}: already in the library (use --force to retrain)")
     lib.save()
     base_cache = json.loads(_base_scores_path(root).read_text()) if _base_scores_path(root).is_file() else {}
 
     def cached_base(task):
-        key = f"{base['fingerprint']}:{task}:{eval_limit}"
+        key = f"{base['fingerprint']}:{task}:{eval_limit}:data{prepared_format(data_dir, task)}"
         return key, base_cache.get(key)
 
     def record(task, entry, bscore):
