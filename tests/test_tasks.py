@@ -111,23 +111,23 @@ def test_stale_prepared_mcq_data_is_refused_and_not_reused(tmp_path):
 
     ex = {"id": "winowhy-1", "task": "winowhy", "input": "x", "target": "correct", "choices": ["correct", "incorrect"],
           "answer_index": 0, "aliases": [], "task_prefix": "", "input_prefix": "", "output_prefix": "", "subtask": "winowhy"}
-    write_prepared(tmp_path, "winowhy", [ex], [ex])  # no format record: data of an older dlp-lora
+    write_prepared(tmp_path, "winowhy", [ex], [ex], data_format=1)  # no format record: data of an older dlp-lora
     assert tasks.prepared_format(tmp_path, "winowhy") == 1 and not tasks.is_prepared(tmp_path, "winowhy")
     with pytest.raises(DLPLoRAError, match="older dlp-lora .*prepare it again"):
         tasks.load_split(tmp_path, "winowhy", "train")
     (tmp_path / "winowhy" / "format.json").write_text(json.dumps({"format": tasks.DATA_FORMAT}))
     assert tasks.is_prepared(tmp_path, "winowhy") and tasks.load_split(tmp_path, "winowhy", "test") == [ex]
     gen = dict(ex, id="gsm8k-1", task="gsm8k", choices=None, answer_index=None)
-    write_prepared(tmp_path, "gsm8k", [gen], [gen])  # no options: an older preparation is still good
+    write_prepared(tmp_path, "gsm8k", [gen], [gen], data_format=1)  # no options: an older preparation is still good
     assert tasks.is_prepared(tmp_path, "gsm8k") and tasks.load_split(tmp_path, "gsm8k", "test") == [gen]
 
 
 def test_adapters_trained_on_stale_mcq_data_are_retrained():
-    from dlplora.train.library_builder import _stale_data
+    from dlplora.train.library_builder import trained_on_stale_data
 
-    assert _stale_data({}, "winowhy") and _stale_data({"data_format": 1}, "winowhy")
-    assert not _stale_data({"data_format": tasks.DATA_FORMAT}, "winowhy")
-    assert not _stale_data({}, "gsm8k") and not _stale_data({}, "my_own_task")  # no options: nothing changed
+    assert trained_on_stale_data({}, "winowhy") and trained_on_stale_data({"data_format": 1}, "winowhy")
+    assert not trained_on_stale_data({"data_format": tasks.DATA_FORMAT}, "winowhy")
+    assert not trained_on_stale_data({}, "gsm8k") and not trained_on_stale_data({}, "my_own_task")  # no options: nothing changed
 
 
 def test_prediction_cache_key_changes_with_the_prompt():

@@ -66,7 +66,7 @@ def train_one(model, tokenizer, task: str, data_dir: str | os.PathLike, cfg, lib
     return entry, base_score
 
 
-def _stale_data(entry: dict, task: str) -> bool:
+def trained_on_stale_data(entry: dict, task: str) -> bool:
     """An adapter of a registry multiple-choice task trained on data older than the current format (its prompts
     listed the options in the task file's order, which for some tasks always puts the answer first)."""
     from ..tasks import DATA_FORMAT, TASKS
@@ -107,7 +107,7 @@ def train_library(tasks, data_dir: str | os.PathLike, out: str | os.PathLike, mo
     lib.manifest["base_model"] = lib.manifest.get("base_model") or base
     lib.manifest["data_dir"] = str(Path(data_dir).resolve())
     root = Path(out)
-    stale = [n for n in names if n in lib.manifest["adapters"] and _stale_data(lib.manifest["adapters"][n], n)]
+    stale = [n for n in names if n in lib.manifest["adapters"] and trained_on_stale_data(lib.manifest["adapters"][n], n)]
     todo = [n for n in names if force or n not in lib.manifest["adapters"] or n in stale
             or not _adapter_complete(root / "adapters" / n)]
     for n in names:
