@@ -406,13 +406,19 @@ def prepared_format(data_dir: str | os.PathLike, name: str) -> int:
         return 1
 
 
+def stale_options(data_format: int, name: str) -> bool:
+    """Whether data (or an adapter trained on it) of `data_format` is stale for task `name`: a registry
+    multiple-choice task whose options were listed in the task file's order. Other tasks did not change."""
+    return name in TASKS and TASKS[name].has_choices and data_format < DATA_FORMAT
+
+
 def is_prepared(data_dir: str | os.PathLike, name: str) -> bool:
     """Whether `data_dir` holds both splits of a task, and for a registry multiple-choice task in the current format
     (the pipelines that reuse prepared data prepare a stale one again; only the options' order changed, so the other
     tasks' data, which may come from an --extra-data directory no longer at hand, stays)."""
     if not (prepared_path(data_dir, name, "train").is_file() and prepared_path(data_dir, name, "test").is_file()):
         return False
-    return not (name in TASKS and TASKS[name].has_choices) or prepared_format(data_dir, name) == DATA_FORMAT
+    return not stale_options(prepared_format(data_dir, name), name)
 
 
 def load_split(data_dir: str | os.PathLike, name: str, split: str) -> list[dict]:
@@ -423,7 +429,7 @@ def load_split(data_dir: str | os.PathLike, name: str, split: str) -> list[dict]
     path = prepared_path(data_dir, name, split)
     if not path.is_file():
         raise DLPLoRAError(f"no prepared {split} data for task {name} at {path}; run `dlp-lora data prepare --tasks {name} --out {data_dir}`")
-    if name in TASKS and TASKS[name].has_choices and prepared_format(data_dir, name) < DATA_FORMAT:
+    if stale_options(prepared_format(data_dir, name), name):
         raise DLPLoRAError(f"the data of task {name} in {data_dir} was prepared by an older dlp-lora (format "
                            f"{prepared_format(data_dir, name)}: options in the task file's order, which can give the "
                            f"answer's position away); prepare it again: `dlp-lora data prepare --tasks {name} --out {data_dir}`")

@@ -20,11 +20,11 @@ from ..paths import atomic_write_text
 from . import ensure_plugin, forget_plugin
 
 # BIG-bench tasks where a briefly trained adapter clearly beats the base model, chosen from measurements (2026-11-29,
-# `dlp-lora demo --tasks ... --n-eval 32`, 24 steps; LoRA vs base wins-losses on the same prompts, options shuffled):
-# ConParaKC 62 -> 100 (12-0), UnitConv 34 -> 72 (16-4), DisflQA 0 -> 22 (7-0); CSAlg 22 -> 34 (4-0) is the cheapest
-# fourth. QuesSel looked like a clear win (84 -> 100, 5-0) only while the options were listed in the task file's
-# order, answer first: with them shuffled its adapter scores 50 against 59 (4-7). LingPuzz (12-6), ObjCount (8-0 of
-# 100 in the full library) and LogDeduc (12-22 of 100: worse than base) were also tried.
+# `make demo`: 24 steps, 32 test prompts per task, options shuffled; LoRA vs base wins-losses on the same prompts):
+# ConParaKC 62 -> 97 (11-0), CSAlg 22 -> 50 (10-1), DisflQA 0 -> 22 (7-0), UnitConv 34 -> 62 (14-5, p = 0.064).
+# QuesSel looked like a clear win (84 -> 100, 5-0) only while the options were listed in the task file's order,
+# answer first: with them shuffled its adapter scores 50 against 59 (4-7). LingPuzz (12-6), ObjCount (8-0 of 100 in
+# the full library) and LogDeduc (12-22 of 100: worse than base) were also tried.
 DEMO_TASKS = ("contextual_parametric_knowledge_conflicts", "cs_algorithms", "unit_conversion", "disfl_qa")
 
 

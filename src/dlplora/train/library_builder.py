@@ -69,9 +69,9 @@ def train_one(model, tokenizer, task: str, data_dir: str | os.PathLike, cfg, lib
 def trained_on_stale_data(entry: dict, task: str) -> bool:
     """An adapter of a registry multiple-choice task trained on data older than the current format (its prompts
     listed the options in the task file's order, which for some tasks always puts the answer first)."""
-    from ..tasks import DATA_FORMAT, TASKS
+    from ..tasks import stale_options
 
-    return task in TASKS and TASKS[task].has_choices and int(entry.get("data_format", 1)) < DATA_FORMAT
+    return stale_options(int(entry.get("data_format", 1)), task)
 
 
 def _ray_train_task(model_path, task, data_dir, cfg_dict, lib_root, base, eval_limit, base_score):
