@@ -122,12 +122,10 @@ def test_stale_prepared_mcq_data_is_refused_and_not_reused(tmp_path):
     assert tasks.is_prepared(tmp_path, "gsm8k") and tasks.load_split(tmp_path, "gsm8k", "test") == [gen]
 
 
-def test_adapters_trained_on_stale_mcq_data_are_retrained():
-    from dlplora.train.library_builder import trained_on_stale_data
-
-    assert trained_on_stale_data({}, "winowhy") and trained_on_stale_data({"data_format": 1}, "winowhy")
-    assert not trained_on_stale_data({"data_format": tasks.DATA_FORMAT}, "winowhy")
-    assert not trained_on_stale_data({}, "gsm8k") and not trained_on_stale_data({}, "my_own_task")  # no options: nothing changed
+def test_stale_options_only_for_registry_multiple_choice_tasks_of_an_older_format():
+    assert tasks.stale_options(1, "winowhy")
+    assert not tasks.stale_options(tasks.DATA_FORMAT, "winowhy")
+    assert not tasks.stale_options(1, "gsm8k") and not tasks.stale_options(1, "my_own_task")  # no options: nothing changed
 
 
 def test_prediction_cache_key_changes_with_the_prompt():
@@ -139,3 +137,25 @@ def test_prediction_cache_key_changes_with_the_prompt():
     assert content_tag({"ex": dict(ex, choices=["no", "yes"])}) != tag
     assert content_tag({"ex": dict(ex, input="Is 3 even?")}) != tag
     assert content_tag({"ex": ex, "history": [{"role": "user", "content": "hi"}]}) != tag
+
+
+def test_a_plugin_that_learnt_stale_multiple_choice_prompts_is_not_reused(tmp_path):
+    from types import SimpleNamespace
+
+    from dlplora.pipelines import plugin_ready
+
+    d = tmp_path / "plugin"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"x")
+    lib = SimpleNamespace(names=["winowhy", "gsm8k"], plugin_dir=lambda: d)
+    conf = {"labels": ["winowhy", "gsm8k"], "training": {}}
+    (d / "plugin.json").write_text(json.dumps(conf))
+    assert not plugin_ready(lib)  # trained before the data format was recorded
+    conf["training"]["data_format"] = tasks.DATA_FORMAT
+    (d / "plugin.json").write_text(json.dumps(conf))
+    assert plugin_ready(lib)
+    lib.names = ["gsm8k", "winowhy"]
+    assert not plugin_ready(lib)  # other adapters, or another order
+    lib.names, conf["labels"], conf["training"] = ["gsm8k"], ["gsm8k"], {}
+    (d / "plugin.json").write_text(json.dumps(conf))
+    assert plugin_ready(lib)  # no multiple-choice task: its prompts did not change

@@ -398,6 +398,11 @@ def _format_path(out_dir: str | os.PathLike, name: str) -> Path:
     return Path(out_dir) / name / "format.json"
 
 
+def write_format(out_dir: str | os.PathLike, name: str, data_format: int = DATA_FORMAT) -> None:
+    """Record the format a task's splits in `out_dir` are prepared in (OUT/<task>/format.json)."""
+    atomic_write_text(_format_path(out_dir, name), json.dumps({"format": data_format}) + "\n")
+
+
 def prepared_format(data_dir: str | os.PathLike, name: str) -> int:
     """The format a task's data in `data_dir` was prepared with (1 when it predates the format record)."""
     try:
@@ -457,7 +462,7 @@ def prepare(tasks: str | Iterable[str] | None, out_dir: str | os.PathLike, extra
         train, test = split_examples(rows)
         _write_jsonl(prepared_path(out_dir, name, "train"), train)
         _write_jsonl(prepared_path(out_dir, name, "test"), test)
-        atomic_write_text(_format_path(out_dir, name), json.dumps({"format": DATA_FORMAT}) + "\n")
+        write_format(out_dir, name)
         row = {"task": name, "short": TASKS[name].short, "kind": TASKS[name].kind, "n_source": len(rows),
                "n_train": len(train), "n_test": len(test)}
         if tokenizer is not None:

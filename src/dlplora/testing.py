@@ -84,7 +84,7 @@ def tiny_examples(task: str, n: int, kind: str = "mcq", seed: int = 0) -> list[d
 def write_prepared(data_dir: str | Path, task: str, train: list[dict], test: list[dict], data_format: int | None = None) -> Path:
     """Write a task's splits as :func:`dlplora.tasks.prepare` does, with its format record (the current format
     unless `data_format` says otherwise; 1 writes none, as dlp-lora did before it kept one)."""
-    from .tasks import DATA_FORMAT
+    from .tasks import DATA_FORMAT, write_format
 
     data_dir = Path(data_dir)
     for split, rows in (("train", train), ("test", test)):
@@ -93,7 +93,7 @@ def write_prepared(data_dir: str | Path, task: str, train: list[dict], test: lis
         p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     fmt = DATA_FORMAT if data_format is None else data_format
     if fmt > 1:
-        (data_dir / task / "format.json").write_text(json.dumps({"format": fmt}) + "\n")
+        write_format(data_dir, task, fmt)
     return data_dir
 
 

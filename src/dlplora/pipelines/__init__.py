@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 
 def plugin_ready(lib) -> bool:
-    """Whether the library's plugin is trained and routes to exactly the library's adapters (so it can be reused)."""
+    """Whether the library's plugin is trained, routes to exactly the library's adapters and learnt prompts of the
+    current data format (a multiple-choice task's options shuffled), so it can be reused."""
     from ..plugin import CONFIG_FILE, WEIGHTS_FILE
+    from ..tasks import stale_options
 
     cfg = lib.plugin_dir() / CONFIG_FILE
     if not cfg.is_file() or not (lib.plugin_dir() / WEIGHTS_FILE).is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("labels") == lib.names
+        conf = json.loads(cfg.read_text())
     except json.JSONDecodeError:
         return False
+    fmt = int((conf.get("training") or {}).get("data_format", 1))
+    return conf.get("labels") == lib.names and not any(stale_options(fmt, n) for n in lib.names)
 
 
 def ensure_plugin(lib, data_dir, log) -> None:
@@ -34,11 +36,3 @@ def ensure_plugin(lib, data_dir, log) -> None:
         f"{report['tasks']} tasks ({100 * report['views']['input_only']:.1f}% on the bare inputs), trained in "
         f"{report['train_seconds']:.1f}s")
 
-
-def forget_plugin(lib_dir, log) -> None:
-    """The data was just prepared again, so a plugin already in the library at `lib_dir` learnt the old prompts:
-    remove it, and the pipeline (or a resumed run of it) trains a new one."""
-    d = Path(lib_dir) / "plugin"
-    if d.is_dir():
-        shutil.rmtree(d)
-        log(f"removed the plugin in {d}: it learnt the prompts of the data prepared before; it is trained again")

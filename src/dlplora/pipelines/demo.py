@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..paths import atomic_write_text
-from . import ensure_plugin, forget_plugin
+from . import ensure_plugin
 
 # BIG-bench tasks where a briefly trained adapter clearly beats the base model, chosen from measurements (2026-11-29,
 # `make demo`: 24 steps, 32 test prompts per task, options shuffled; LoRA vs base wins-losses on the same prompts):
@@ -50,7 +50,6 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     if data_dir is None:
         data_dir = out / "data"
         if not all(is_prepared(data_dir, t) for t in tasks):
-            forget_plugin(out / "library", log)
             from ..tasks import format_summary
 
             # the tokenizer alone is enough for the prompt-length statistics (the engine loads the model later)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DEFAULT_P
-from . import ensure_plugin, forget_plugin
+from . import ensure_plugin
 
 
 @dataclass
@@ -71,7 +71,6 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
     todo = [n for n in names if not is_prepared(data_dir, n)]
     if todo:
         log(format_summary(prepare(todo, data_dir, extra_data=extra_data, log=log)))
-        forget_plugin(lib_dir, log)
     else:
         log("all tasks already prepared")
     stages["data"] = round(time.time() - t, 1)

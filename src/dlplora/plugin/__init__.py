@@ -110,7 +110,7 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
     rendered), per_task, confusions, params, tasks, train_seconds, and with `robustness` the accuracy
     under every view (`views`); with `ood_draws` > 0, leave-3-tasks-out over that many draws
     (`ood_to_base`, `leave_out`)."""
-    from ..tasks import parse_tasks
+    from ..tasks import parse_tasks, prepared_format
 
     names = parse_tasks(tasks, data_dir) if isinstance(tasks, str) else list(tasks)
     parse_tasks(names, data_dir)  # every label must be a known task or have prepared data
@@ -122,7 +122,8 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
     plugin = fit(train_rows, background=bg, n_views=views, seed=seed, epochs=epochs, detector=detector, log=log,
                  **train_kw)
     train_s = time.perf_counter() - t0
-    plugin.config["training"].update({"augment": augment, "data_dir": str(data_dir), "background": len(bg)})
+    plugin.config["training"].update({"augment": augment, "data_dir": str(data_dir), "background": len(bg),
+                                       "data_format": min(prepared_format(data_dir, n) for n in names)})
     table = view_table(plugin, test_rows, VIEWS if robustness else ("rendered",))
     clean = table["rendered"]
     report = {"accuracy": clean["accuracy"], "micro_accuracy": clean["micro_accuracy"], "per_task": clean["per_task"],

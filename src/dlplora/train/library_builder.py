@@ -66,14 +66,6 @@ def train_one(model, tokenizer, task: str, data_dir: str | os.PathLike, cfg, lib
     return entry, base_score
 
 
-def trained_on_stale_data(entry: dict, task: str) -> bool:
-    """An adapter of a registry multiple-choice task trained on data older than the current format (its prompts
-    listed the options in the task file's order, which for some tasks always puts the answer first)."""
-    from ..tasks import stale_options
-
-    return stale_options(int(entry.get("data_format", 1)), task)
-
-
 def _ray_train_task(model_path, task, data_dir, cfg_dict, lib_root, base, eval_limit, base_score):
     """Runs inside a Ray worker: load the backbone, train one adapter into the (shared) library directory."""
     from ..backbone import load_backbone
@@ -89,7 +81,7 @@ def train_library(tasks, data_dir: str | os.PathLike, out: str | os.PathLike, mo
                   force: bool = False, eval_limit: int = 100, ray_address: str | None = None, log=print) -> Library:
     """Train one adapter per task into the library at `out` (resumable: finished adapters are skipped)."""
     from ..backbone import load_backbone, resolve_model
-    from ..tasks import DATA_FORMAT, load_split, parse_tasks, prepared_format
+    from ..tasks import DATA_FORMAT, load_split, parse_tasks, prepared_format, stale_options
     from .lora import TrainConfig, check_targets
 
     cfg = cfg or TrainConfig()
@@ -107,7 +99,9 @@ def train_library(tasks, data_dir: str | os.PathLike, out: str | os.PathLike, mo
     lib.manifest["base_model"] = lib.manifest.get("base_model") or base
     lib.manifest["data_dir"] = str(Path(data_dir).resolve())
     root = Path(out)
-    stale = [n for n in names if n in lib.manifest["adapters"] and trained_on_stale_data(lib.manifest["adapters"][n], n)]
+    # an adapter trained on data that has changed since (a multiple-choice task's options in the task file's order)
+    stale = [n for n in names if n in lib.manifest["adapters"]
+             and stale_options(int(lib.manifest["adapters"][n].get("data_format", 1)), n)]
     todo = [n for n in names if force or n not in lib.manifest["adapters"] or n in stale
             or not _adapter_complete(root / "adapters" / n)]
     for n in names:
