@@ -27,7 +27,7 @@ from .metrics import scoring_kind, summarise
 from .report import write_outputs
 from .runners import FusedRunner, PeftRunner, build_arrow_model, build_ties_model
 from .scoring import choice_predictions, gen_budget, teacher_forced_predictions
-from .settings import (RESULTS_FORMAT, SINGLE_METHODS, EvalConfig, build_conversations, build_stream, dlp_variant,
+from .settings import (RESULTS_FORMAT, SINGLE_METHODS, TEACHER_FORCED_METHODS, EvalConfig, build_conversations, build_stream, dlp_variant,
                        fixed_sets, setting_tasks, top_names)
 from ..stats import paired_tests
 
@@ -41,8 +41,10 @@ def run_method_items(runner, method: str, items: list[dict], sets: list[dict], c
                      teacher_forced: bool = False, batch_size: int = 8, progress: bool = True, desc: str = "",
                      choice_gen: bool = True) -> list[dict]:
     """Predictions for `items` (in their order, batched as they come): per item {"choice", "gen", "tf"}
-    (as applicable) and "seconds" (compute time, from the cache for cached predictions). `choice_gen`: also
-    generate an answer for multiple-choice items (their exact match; a conversation's next turn needs it)."""
+    (as applicable), "seconds" (the compute time of answering: choice ranking and generation, from the cache for
+    cached predictions) and "tf_seconds" (that of the teacher-forced scoring, kept apart so that a method's time is
+    the same with or without it). `choice_gen`: also generate an answer for multiple-choice items (their exact
+    match; a conversation's next turn needs it)."""
     from tqdm.auto import tqdm
 
     tok = runner.tokenizer
@@ -55,7 +57,7 @@ def run_method_items(runner, method: str, items: list[dict], sets: list[dict], c
             jobs.append(("gen", i))
         if teacher_forced and kind == "gen" and not it.get("history"):
             jobs.append(("tf", i))
-    preds = [{"seconds": 0.0} for _ in items]
+    preds = [{"seconds": 0.0, "tf_seconds": 0.0} for _ in items]
     todo: dict[str, list[int]] = {"choice": [], "gen": [], "tf": []}
     ns = cache_namespace(method)
     keys = [f"{sig}|{ns}|{items[i]['uid']}#{content_tag(items[i])}" for i in range(len(items))]
@@ -65,7 +67,7 @@ def run_method_items(runner, method: str, items: list[dict], sets: list[dict], c
             todo[what].append(i)
         else:
             preds[i][what] = rec["v"]
-            preds[i]["seconds"] += float(rec.get("s", 0.0))
+            preds[i]["tf_seconds" if what == "tf" else "seconds"] += float(rec.get("s", 0.0))
     # Batch like with like: generation by budget then prompt length, scoring by prompt length. A batch decodes until
     # its longest budget and pads to its longest prompt, so a shuffled stream batched as it comes wastes most of its
     # compute on finished rows and padding. The order depends only on the items, so every method gets the same batches.
@@ -95,7 +97,7 @@ def run_method_items(runner, method: str, items: list[dict], sets: list[dict], c
                 recs = []
                 for i, v in zip(idx, vals):
                     preds[i][what] = v
-                    preds[i]["seconds"] += dt
+                    preds[i]["tf_seconds" if what == "tf" else "seconds"] += dt
                     recs.append({"k": f"{keys[i]}|{what}|{set_tag(sets[i])}", "v": v, "s": round(dt, 5)})
                 cache.put_many(ns, recs)
                 bar.update(len(idx))
@@ -312,7 +314,8 @@ class _Run:
         else:
             sets = fixed_sets(method, stream, self.names)
         route_s = time.perf_counter() - t0
-        preds = run_method_items(runner, name, stream, sets, self.cache, sig, teacher_forced=c.teacher_forced,
+        teacher_forced = c.teacher_forced and method in TEACHER_FORCED_METHODS
+        preds = run_method_items(runner, name, stream, sets, self.cache, sig, teacher_forced=teacher_forced,
                                  batch_size=c.batch_size, progress=c.progress, desc=desc,
                                  choice_gen=c.mcq_exact_match)
         entry = summarise(tasks, stream, preds, sets, route_s, route_log)

@@ -25,6 +25,9 @@ from ..tasks import TASKS
 SETTINGS = ("single", "composite-17", "composite-9", "composite-26", "multiturn")
 METHODS = ("base", "lora", "dlp", "arrow", "merge-all", "ties")
 SINGLE_METHODS = ("base", "lora")
+# The teacher-forced variant (EvalConfig.teacher_forced) scores the paper's code's way, for the paper's own methods
+# only: it is a secondary figure, and on the baselines it would cost as much again as their generation.
+TEACHER_FORCED_METHODS = ("base", "lora", "dlp")
 METHOD_LABELS = {"base": "Base", "lora": "LoRA (oracle)", "dlp": "DLP-LoRA", "dlp-renorm": "DLP-LoRA (renorm)",
                  "arrow": "Arrow (PEFT)", "merge-all": "Merge-all", "ties": "TIES merge (PEFT)"}
 RESULTS_FORMAT = 2  # 2: per-example scores, bootstrap intervals ("ci", "mean_ci") and paired tests ("paired")
@@ -167,7 +170,8 @@ class EvalConfig:
     limit: int | None = field(default=None, metadata={"help": "test examples per task (None: all)"})
     p: float = field(default=DEFAULT_P, metadata={"help": "DLP top-p threshold"})
     weightings: Sequence[str] = field(default=WEIGHTINGS, metadata={"help": "DLP fusion weightings to report"})
-    teacher_forced: bool = field(default=False, metadata={"help": "also score generative tasks teacher-forced"})
+    teacher_forced: bool = field(default=False, metadata={
+        "help": "also score generative tasks teacher-forced (base, LoRA and DLP-LoRA: the paper's methods)"})
     mcq_exact_match: bool = field(default=False, metadata={
         "help": "also generate an answer to each single-turn multiple-choice prompt and report its exact match "
                 "(a secondary figure; it costs a generation per prompt)"})
