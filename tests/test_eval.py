@@ -238,6 +238,29 @@ def test_cache_survives_a_truncated_line_and_limit(tiny_library, tiny_data, tiny
     assert r2["cache"]["new_predictions"] == 2  # the third example's ranking x 2 methods
 
 
+def test_a_retrained_plugin_keeps_the_predictions_it_routes_the_same(tiny_library, tiny_data, tiny_model, models,
+                                                                     tmp_path):
+    """The plugin is not in the cache key (the adapter set it picks is): a plugin saved again costs no prediction,
+    of base or of DLP, where it routes as before."""
+    import os
+
+    from dlplora.library import Library
+
+    engine, _ = models
+    kw = dict(data=tiny_data, out=tmp_path / "o", settings=["composite-17"], methods=["base", "dlp"],
+              weightings=["softmax"], limit=2, model=str(tiny_model), progress=False, engine=engine,
+              log=lambda *a: None)
+    r1 = run_evaluation(tiny_library, **kw)
+    f = Library.open(tiny_library).plugin_dir() / "model.safetensors"
+    st = f.stat()
+    os.utime(f, (st.st_atime, st.st_mtime + 100))  # as if trained and saved again
+    try:
+        r2 = run_evaluation(tiny_library, **kw)
+    finally:
+        os.utime(f, (st.st_atime, st.st_mtime))
+    assert r1["cache"]["new_predictions"] == 4 and r2["cache"]["new_predictions"] == 0
+
+
 def test_label_hiding_with_a_fake_router(tiny_library, tiny_data, tiny_model, models, tmp_path):
     """A router that sees a task label would be cheating: the fake one fails the test if it gets anything
     but prompt text, and always picks 'quiz' so we can check the harness scores its choice."""

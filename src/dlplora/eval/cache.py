@@ -75,7 +75,10 @@ def cache_namespace(method: str) -> str:
 
 
 def library_signature(library) -> str:
-    """Changes when the adapters or the plugin change: part of every cache key."""
+    """Changes when the adapters change: part of every cache key. The router plugin is not part of it: what a
+    routing method computes for a prompt is fixed by the adapter set it chose, which is in the key (`set_tag`), and
+    by the chat history (`content_tag`); so a retrained plugin recomputes only the prompts it routes differently,
+    and no other method's predictions."""
     from ..library import SCORE_FIELDS as scored  # written back by evaluations: not what the adapters compute
 
     h = hashlib.sha1()
@@ -86,8 +89,4 @@ def library_signature(library) -> str:
         if f.is_file():
             st = f.stat()
             h.update(f"{n}:{st.st_size}:{int(st.st_mtime)}".encode())
-    pj = library.plugin_dir() / "model.safetensors"
-    if pj.is_file():
-        st = pj.stat()
-        h.update(f"plugin:{st.st_size}:{int(st.st_mtime)}".encode())
     return h.hexdigest()[:10]
