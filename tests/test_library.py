@@ -77,5 +77,28 @@ def test_cli_library_add_creates_library(tiny_model, tmp_path):
     res = subprocess.run([sys.executable, "-m", "dlplora.cli", "library", "add", "other", str(tmp_path / "nope"),
                           "--library", str(tmp_path / "lib")], capture_output=True, text=True)
     assert res.returncode == 2 and "no such adapter directory" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "dlplora.cli", "library", "list", "--library", str(tmp_path / "lib")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert any(line.split()[:2] == ["mine", "r=4"] for line in lines)
+    assert not any(line.startswith(("training:", "scores:")) for line in lines)  # added, not trained or scored here
+
+
+def test_library_list_totals_and_training_lines():
+    from dlplora.library import library_totals, train_line
+
+    man = {"adapters": {
+        "a": {"wall_seconds": 1800, "steps": 113, "examples_seen": 900, "first_loss": 1.5, "final_loss": 0.5,
+              "score": 60.0, "base_score": 50.0, "significant": True},
+        "b": {"wall_seconds": 1800, "steps": 113, "examples_seen": 128, "score": 40.0, "base_score": 45.0,
+              "significant": False},
+        "c": {"rank": 4}}}
+    assert library_totals(man) == [
+        "training: 2 of 3 adapters trained here, 1.00 h in total (the sum of their wall times)",
+        "scores: 1 of 2 scored adapters beat the base model on their own task, 1 significantly (paired test, 95%)"]
+    assert train_line(man["adapters"]["a"]) == "113 steps over 900 distinct examples in 30.0 min, loss 1.50 -> 0.50"
+    assert train_line(man["adapters"]["b"]) == "113 steps over 128 distinct examples in 30.0 min"
+    assert train_line(man["adapters"]["c"]) == "" and library_totals({"adapters": {}}) == []
 
 

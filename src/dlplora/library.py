@@ -213,6 +213,37 @@ def score_line(entry: dict) -> str:
     return line + f" (n={entry.get('n_test')})"
 
 
+def train_line(entry: dict) -> str:
+    """One line of how an adapter was trained, from its manifest entry: "113 steps over 900 distinct examples in
+    5.9 min, loss 1.29 -> 0.29"; "" for an adapter added from elsewhere (no training record)."""
+    if entry.get("wall_seconds") is None:
+        return ""
+    line = (f"{entry.get('steps', '?')} steps over {entry.get('examples_seen', '?')} distinct examples in "
+            f"{float(entry['wall_seconds']) / 60:.1f} min")
+    if entry.get("first_loss") is not None and entry.get("final_loss") is not None:
+        line += f", loss {entry['first_loss']:.2f} -> {entry['final_loss']:.2f}"
+    return line
+
+
+def library_totals(manifest: dict) -> list[str]:
+    """The library's totals, as lines: the training time of its adapters (the sum of their wall times, each
+    recorded when it was trained) and, where scores are recorded, how many adapters beat the base model."""
+    entries = list((manifest.get("adapters") or {}).values())
+    out = []
+    timed = [e for e in entries if e.get("wall_seconds") is not None]
+    if timed:
+        total = sum(float(e["wall_seconds"]) for e in timed)
+        out.append(f"training: {len(timed)} of {len(entries)} adapters trained here, {total / 3600:.2f} h in total "
+                   f"(the sum of their wall times)")
+    scored = [e for e in entries if isinstance(e.get("score"), (int, float)) and e.get("base_score") is not None]
+    if scored:
+        beats = sum(e["score"] > e["base_score"] for e in scored)
+        sig = sum(bool(e.get("significant")) for e in scored)
+        out.append(f"scores: {beats} of {len(scored)} scored adapters beat the base model on their own task, "
+                   f"{sig} significantly (paired test, 95%)")
+    return out
+
+
 # ---------------------------------------------------------------- adding and removing adapters
 
 def check_adapter_name(name) -> str:

@@ -98,7 +98,7 @@ def cmd_library_remove(args) -> None:
 
 
 def cmd_library_list(args) -> None:
-    from ..library import Library, score_line
+    from ..library import Library, library_totals, score_line, train_line
 
     lib = Library.open(args.library)
     if args.json:
@@ -108,8 +108,12 @@ def cmd_library_list(args) -> None:
     print(f"base model: {base.get('name')} ({base.get('fingerprint')})")
     for name in lib.names:
         e = lib.entry(name)
-        extra = f"  {score_line(e)}" if e.get("score") is not None else ""
-        print(f"  {name:42} r={e.get('rank')} {','.join(e.get('targets', []))}{extra}")
+        print(f"  {name:42} r={e.get('rank')} {','.join(e.get('targets', []))}")
+        for line in (train_line(e), score_line(e) if e.get("score") is not None else ""):
+            if line:
+                print(f"  {'':42} {line}")
+    for line in library_totals(lib.manifest):
+        print(line)
 
 
 def register(sub, model_help: str) -> None:
