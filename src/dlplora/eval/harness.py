@@ -27,8 +27,8 @@ from .metrics import scoring_kind, summarise
 from .report import write_outputs
 from .runners import FusedRunner, PeftRunner, build_arrow_model, build_ties_model
 from .scoring import choice_predictions, gen_budget, teacher_forced_predictions
-from .settings import (RESULTS_FORMAT, SINGLE_METHODS, TEACHER_FORCED_METHODS, EvalConfig, build_conversations, build_stream, dlp_variant,
-                       fixed_sets, setting_tasks, top_names)
+from .settings import (RESULTS_FORMAT, SINGLE_METHODS, TEACHER_FORCED_METHODS, EvalConfig, build_conversations,
+                       build_stream, dlp_variant, fixed_sets, setting_tasks, top_names)
 from ..stats import paired_tests
 
 

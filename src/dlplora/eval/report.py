@@ -227,7 +227,8 @@ def _header_lines(results: dict, preamble: str) -> list[str]:
               "at each gold target position, as the paper's code did, for the paper's methods (base, LoRA, DLP-LoRA); "
               "they are not generation and read higher. "
               "Means are over tasks of the main figure. Time is the sum of the compute time of a method's "
-              "predictions (choice ranking and generation, routing included; not the teacher-forced scoring), measured on this machine (a shared CPU: expect noise). A prediction "
+              "predictions (choice ranking and generation, routing included; not the teacher-forced scoring), "
+              "measured on this machine (a shared CPU: expect noise). A prediction "
               "(method, example, adapter set) is computed once and shared by every setting that contains it, with "
               "its recorded time: e.g. composite-26 reuses the composite-17 / composite-9 predictions.", "",
               "Uncertainty: *[lo, hi]* after a figure is its 95% percentile-bootstrap interval over the test "
