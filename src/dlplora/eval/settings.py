@@ -26,8 +26,8 @@ SETTINGS = ("single", "composite-17", "composite-9", "composite-26", "multiturn"
 METHODS = ("base", "lora", "dlp", "arrow", "merge-all", "ties")
 SINGLE_METHODS = ("base", "lora")
 # The teacher-forced variant (EvalConfig.teacher_forced) scores the paper's code's way, for the paper's own methods
-# only: it is a secondary figure, and it costs about a quarter of a method's compute (370 of the base model's
-# 1,400 s on the full composite-26 stream), which the three baselines would pay again for a figure nobody compares.
+# only: it is a secondary figure, and it costs about a fifth of a method's compute (262 of the base model's
+# 1,424 s on the full composite-26 stream), which the three baselines would pay again for a figure nobody compares.
 TEACHER_FORCED_METHODS = ("base", "lora", "dlp")
 METHOD_LABELS = {"base": "Base", "lora": "LoRA (oracle)", "dlp": "DLP-LoRA", "dlp-renorm": "DLP-LoRA (renorm)",
                  "arrow": "Arrow (PEFT)", "merge-all": "Merge-all", "ties": "TIES merge (PEFT)"}
