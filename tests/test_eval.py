@@ -486,6 +486,19 @@ def test_arrow_wiring_matches_peft_create_arrow_model(tiny_library, tiny_model, 
             plain = ours(**ids).logits
     assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
     assert not torch.allclose(a, plain, atol=1e-6)  # the adapters do act: the comparison is not base vs base
+    # ours mixes the experts with runners._arrow_mix (no tokens x experts x out intermediate), PEFT with its own
+    # forward: equal also when the top-k picks 1 of the 2 adapters per token
+    arrows = [m.lora_arrow["arrow_router"] for m in ours.modules() if hasattr(m, "lora_arrow")]
+    assert arrows and all(x.forward.__func__ is runners._arrow_mix for x in arrows)
+    ours1, _ = runners.build_arrow_model(lib, model=str(tiny_model), top_k=1)
+    net, _, _ = load_backbone(str(tiny_model))
+    theirs1 = create_arrow_model(net, [str(lib.adapter_dir(n)) for n in lib.names],
+                                 ArrowConfig(top_k=1, router_temperature=1.0, rng_seed=0))
+    theirs1.eval()
+    with torch.inference_mode():
+        a1, b1 = ours1(**ids).logits, theirs1(**ids).logits
+    assert torch.allclose(a1, b1, atol=1e-5), float((a1 - b1).abs().max())
+    assert not torch.allclose(a1, a, atol=1e-6)  # top-1 routing is not the top-2 mix
 
 
 def test_arrow_check_records_arrows_own_top1(tiny_library, tiny_data, models):

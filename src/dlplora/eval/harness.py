@@ -25,7 +25,7 @@ from ..tasks import user_message
 from .cache import PredictionCache, cache_namespace, content_tag, library_signature, set_tag
 from .metrics import scoring_kind, summarise
 from .report import write_outputs
-from .runners import FusedRunner, PeftRunner, build_arrow_model, build_ties_model
+from .runners import ARROW_IMPL, FusedRunner, PeftRunner, build_arrow_model, build_ties_model
 from .scoring import choice_predictions, gen_budget, teacher_forced_predictions
 from .settings import (RESULTS_FORMAT, SINGLE_METHODS, TEACHER_FORCED_METHODS, EvalConfig, build_conversations,
                        build_stream, dlp_variant, fixed_sets, setting_tasks, top_names)
@@ -258,7 +258,8 @@ class _Run:
 
     def _runner_and_sig(self, method: str):
         if method == "arrow":
-            return self.arrow_runner, f"{self.sig}-k{min(self.config.arrow_top_k, len(self.names))}s{self.config.seed}"
+            return self.arrow_runner, (f"{self.sig}-k{min(self.config.arrow_top_k, len(self.names))}s{self.config.seed}"
+                                       f"-{ARROW_IMPL}")
         if method == "ties":
             return self.ties_runner, f"{self.sig}-d{self.config.ties_density:g}"
         return self.fused, self.sig

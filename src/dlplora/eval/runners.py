@@ -6,6 +6,7 @@ A runner has ``model``, ``tokenizer``, ``context(sets)`` (a context manager unde
 
 from __future__ import annotations
 
+import types
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -104,8 +105,37 @@ def build_arrow_model(library, model=None, top_k: int = 3, temperature: float = 
     cfg.gks_adapter_names = []
     pm.add_adapter("arrow_router", LoraConfig(arrow_config=cfg, target_modules=sorted(mods), r=ranks.pop()))
     pm.set_adapter("arrow_router")
+    for mod in pm.modules():
+        if "arrow_router" in getattr(mod, "lora_arrow", ()):
+            arrow = mod.lora_arrow["arrow_router"]
+            arrow.forward = types.MethodType(_arrow_mix, arrow)
     pm.eval()
     return pm, tok
+
+
+ARROW_IMPL = "mix2"  # in Arrow's cache signature: predictions timed with _arrow_mix
+
+
+def _arrow_mix(self, x, lora_A, lora_B, dropout, scaling):
+    """PEFT's ``ArrowLoraLinearLayer.forward`` with the same routing and the same sum, computed without its
+    (tokens x experts x out_features) intermediate: PEFT lifts every token through every expert's B and then mixes;
+    here each expert's rank-r projection is scaled by its routing coefficient and the concatenated B is applied once
+    (one rank E*r matmul). Equal to PEFT's output (tests/test_eval.py compares the two models' logits)."""
+    names = self.task_adapter_names
+    x = self._cast_input_dtype(x, lora_A[names[0]].weight.dtype)
+    lead, f_in = x.shape[:-1], x.shape[-1]
+    tok = x.reshape(-1, f_in)
+    t, e = tok.size(0), self.prototypes.size(0)
+    scales = torch.tensor([scaling[n] for n in names], device=tok.device, dtype=tok.dtype)
+    sim = torch.abs(tok @ self.prototypes.T)  # (t, E), sign-agnostic as in PEFT
+    top_v, idx = torch.topk(sim, self.top_k, dim=1)
+    score = tok.new_full((t, e), float("-inf")).scatter_(1, idx, top_v)
+    coeff = torch.softmax(score / self.temperature, dim=1) * scales  # (t, E)
+    a_cat = torch.cat([lora_A[n].weight for n in names], dim=0)  # (E*r, in)
+    b_cat = torch.cat([lora_B[n].weight for n in names], dim=1)  # (out, E*r)
+    z = (tok @ a_cat.T).view(t, e, -1) * coeff[:, :, None]  # (t, E, r)
+    delta = dropout(z.reshape(t, -1) @ b_cat.T)
+    return delta.view(*lead, delta.size(-1))
 
 
 def build_ties_model(library, model=None, density: float = 0.2, combination: str = "ties", dtype=None, device=None):
