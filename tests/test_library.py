@@ -90,9 +90,9 @@ def test_library_list_totals_and_training_lines():
 
     man = {"adapters": {
         "a": {"wall_seconds": 1800, "steps": 113, "examples_seen": 900, "first_loss": 1.5, "final_loss": 0.5,
-              "score": 60.0, "base_score": 50.0, "significant": True},
+              "score": 60.0, "base_score": 50.0, "significant": True, "beats_base": True},
         "b": {"wall_seconds": 1800, "steps": 113, "examples_seen": 128, "score": 40.0, "base_score": 45.0,
-              "significant": False},
+              "significant": False, "beats_base": False},
         "c": {"rank": 4}}}
     assert library_totals(man) == [
         "training: 2 of 3 adapters trained here, 1.00 h in total (the sum of their wall times)",

@@ -225,19 +225,23 @@ def train_line(entry: dict) -> str:
     return line
 
 
+def training_seconds(entries: dict) -> float:
+    """The training time of a set of adapters ({name: manifest entry}): the sum of their recorded wall times."""
+    return sum(float(e.get("wall_seconds") or 0) for e in entries.values())
+
+
 def library_totals(manifest: dict) -> list[str]:
     """The library's totals, as lines: the training time of its adapters (the sum of their wall times, each
     recorded when it was trained) and, where scores are recorded, how many adapters beat the base model."""
-    entries = list((manifest.get("adapters") or {}).values())
+    adapters = manifest.get("adapters") or {}
     out = []
-    timed = [e for e in entries if e.get("wall_seconds") is not None]
+    timed = {n: e for n, e in adapters.items() if e.get("wall_seconds") is not None}
     if timed:
-        total = sum(float(e["wall_seconds"]) for e in timed)
-        out.append(f"training: {len(timed)} of {len(entries)} adapters trained here, {total / 3600:.2f} h in total "
-                   f"(the sum of their wall times)")
-    scored = [e for e in entries if isinstance(e.get("score"), (int, float)) and e.get("base_score") is not None]
+        out.append(f"training: {len(timed)} of {len(adapters)} adapters trained here, "
+                   f"{training_seconds(timed) / 3600:.2f} h in total (the sum of their wall times)")
+    scored = [e for e in adapters.values() if "beats_base" in e]  # written by score_record
     if scored:
-        beats = sum(e["score"] > e["base_score"] for e in scored)
+        beats = sum(bool(e["beats_base"]) for e in scored)
         sig = sum(bool(e.get("significant")) for e in scored)
         out.append(f"scores: {beats} of {len(scored)} scored adapters beat the base model on their own task, "
                    f"{sig} significantly (paired test, 95%)")

@@ -233,7 +233,9 @@ class _Run:
                 "methods": self.methods, "settings": self.settings, "teacher_forced": c.teacher_forced,
                 "mcq_exact_match": c.mcq_exact_match, "seed": c.seed, "batch_size": c.batch_size, "route_window": c.route_window, "turns": c.turns,
                 "arrow": {"top_k": min(c.arrow_top_k, len(names)), "temperature": 1.0,
-                          "implementation": "peft ArrowConfig / arrow_router LoRA variant"},
+                          "implementation": "peft ArrowConfig / arrow_router LoRA variant; experts mixed by "
+                                            "runners._arrow_mix (equal to PEFT's forward, without its "
+                                            "tokens x experts x out intermediate)"},
                 "merge_all": f"every row uses all {len(names)} adapters with weight 1/{len(names)}",
                 "ties": {"density": c.ties_density, "weights": 1.0,
                          "implementation": "peft add_weighted_adapter(combination_type='ties'), merged"},

@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 from ..errors import DLPLoRAError
+from ..library import training_seconds
 from .. import stats
 from . import paper
 from .settings import METHOD_LABELS
@@ -173,7 +174,7 @@ def training_lines(adapters: dict | None) -> list[str]:
         lines.append(f"| {short(name)} | {e.get('examples_seen', '–')} | {e.get('tokens', 0):,} | "
                      f"{float(e.get('wall_seconds') or 0):.0f} | {float(e.get('tokens_per_second') or 0):.0f} | "
                      f"{e.get('first_loss', float('nan')):.3f} → {e.get('final_loss', float('nan')):.3f} |")
-    wall = sum(float(e.get("wall_seconds") or 0) for e in adapters.values())
+    wall = training_seconds(adapters)
     tokens = sum(int(e.get("tokens") or 0) for e in adapters.values())
     rates = [float(e["tokens_per_second"]) for e in adapters.values() if e.get("tokens_per_second")]
     median = statistics.median(rates) if rates else 0.0

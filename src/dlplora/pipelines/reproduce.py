@@ -52,7 +52,7 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
     from ..eval.harness import run_evaluation
     from ..eval.report import write_outputs
     from ..eval.settings import EvalConfig, parse_methods, parse_p_values, parse_settings, parse_weightings
-    from ..library import Library
+    from ..library import Library, training_seconds
     from ..tasks import TASKS, format_summary, is_prepared, parse_tasks, prepare
     from ..train import TrainConfig, train_library
 
@@ -108,8 +108,7 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
                             "train_config": cfg.to_dict(),
                             "work": str(work.resolve()), "tasks": names,
                             "missing_from_26": [n for n in TASKS if n not in names]}
-    recorded = {"adapters_training_seconds": round(sum(float(e.get("wall_seconds", 0) or 0)
-                                                       for e in lib.manifest["adapters"].values()), 1)}
+    recorded = {"adapters_training_seconds": round(training_seconds(lib.manifest["adapters"]), 1)}
     plug_report = (results.get("config", {}).get("plugin") or {}).get("report") or {}
     if plug_report.get("train_seconds") is not None:
         recorded["plugin_training_seconds"] = plug_report["train_seconds"]
