@@ -159,3 +159,11 @@ def test_a_plugin_that_learnt_stale_multiple_choice_prompts_is_not_reused(tmp_pa
     lib.names, conf["labels"], conf["training"] = ["gsm8k"], ["gsm8k"], {}
     (d / "plugin.json").write_text(json.dumps(conf))
     assert plugin_ready(lib)  # no multiple-choice task: its prompts did not change
+    # each task's own format: gsm8k's data predates the format record (1) and is not stale; winowhy's is current
+    lib.names = conf["labels"] = ["winowhy", "gsm8k"]
+    conf["training"] = {"data_formats": {"winowhy": tasks.DATA_FORMAT, "gsm8k": 1}}
+    (d / "plugin.json").write_text(json.dumps(conf))
+    assert plugin_ready(lib)
+    conf["training"]["data_formats"]["winowhy"] = 1
+    (d / "plugin.json").write_text(json.dumps(conf))
+    assert not plugin_ready(lib)

@@ -18,8 +18,12 @@ def plugin_ready(lib) -> bool:
         conf = json.loads(cfg.read_text())
     except json.JSONDecodeError:
         return False
-    fmt = int((conf.get("training") or {}).get("data_format", 1))
-    return conf.get("labels") == lib.names and not any(stale_options(fmt, n) for n in lib.names)
+    training = conf.get("training") or {}
+    # each task's own format: a generative task prepared before formats were recorded is format 1 and not stale
+    # (an older plugin recorded one "data_format", the least over its tasks)
+    formats = training.get("data_formats") or {}
+    fmt = int(training.get("data_format", 1))
+    return conf.get("labels") == lib.names and not any(stale_options(int(formats.get(n, fmt)), n) for n in lib.names)
 
 
 def ensure_plugin(lib, data_dir, log) -> None:

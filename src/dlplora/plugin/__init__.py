@@ -123,7 +123,7 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
                  **train_kw)
     train_s = time.perf_counter() - t0
     plugin.config["training"].update({"augment": augment, "data_dir": str(data_dir), "background": len(bg),
-                                       "data_format": min(prepared_format(data_dir, n) for n in names)})
+                                       "data_formats": {n: prepared_format(data_dir, n) for n in names}})
     table = view_table(plugin, test_rows, VIEWS if robustness else ("rendered",))
     clean = table["rendered"]
     report = {"accuracy": clean["accuracy"], "micro_accuracy": clean["micro_accuracy"], "per_task": clean["per_task"],
