@@ -126,13 +126,19 @@ def _arrow_mix(self, x, lora_A, lora_B, dropout, scaling):
     lead, f_in = x.shape[:-1], x.shape[-1]
     tok = x.reshape(-1, f_in)
     t, e = tok.size(0), self.prototypes.size(0)
-    scales = torch.tensor([scaling[n] for n in names], device=tok.device, dtype=tok.dtype)
+    # the stacked weights, built once per layer (not per forward: a decode step would copy every B again); the Arrow
+    # model is for inference, its adapters never change after build_arrow_model
+    cat = getattr(self, "_dlp_cat", None)
+    if cat is None or cat[0].dtype != tok.dtype or cat[0].device != tok.device:
+        cat = (torch.cat([lora_A[n].weight for n in names], dim=0),  # (E*r, in)
+               torch.cat([lora_B[n].weight for n in names], dim=1),  # (out, E*r)
+               torch.tensor([scaling[n] for n in names], device=tok.device, dtype=tok.dtype))
+        self._dlp_cat = cat
+    a_cat, b_cat, scales = cat
     sim = torch.abs(tok @ self.prototypes.T)  # (t, E), sign-agnostic as in PEFT
     top_v, idx = torch.topk(sim, self.top_k, dim=1)
     score = tok.new_full((t, e), float("-inf")).scatter_(1, idx, top_v)
     coeff = torch.softmax(score / self.temperature, dim=1) * scales  # (t, E)
-    a_cat = torch.cat([lora_A[n].weight for n in names], dim=0)  # (E*r, in)
-    b_cat = torch.cat([lora_B[n].weight for n in names], dim=1)  # (out, E*r)
     z = (tok @ a_cat.T).view(t, e, -1) * coeff[:, :, None]  # (t, E, r)
     delta = dropout(z.reshape(t, -1) @ b_cat.T)
     return delta.view(*lead, delta.size(-1))
