@@ -236,3 +236,47 @@ def test_bench_batching_reports_padding_and_speed_of_the_three_batchings(tiny_mo
     assert 0 <= pad["length_bucketed"] <= pad["random_order"] < 1  # sorting never pads more than random order
     assert res["vs_length_bucketed"]["length_bucketed"] == 1.0 and all(v > 0 for v in res["tokens_per_second"].values())
     assert res["steps_per_epoch"]["length_bucketed"] == -(-res["examples"] // 4)
+
+
+def test_train_config_reads_targets_as_peft_does():
+    assert TrainConfig(targets="all-linear").targets == ALL_LINEAR
+    assert TrainConfig(targets="q_proj, v_proj").targets == ("q_proj", "v_proj")
+    assert TrainConfig(targets=["o_proj"]).targets == ("o_proj",)
+    with pytest.raises(DLPLoRAError, match="empty"):
+        TrainConfig(targets=" , ")
+
+
+def test_scoring_generation_equals_hf_generate_of_the_unmerged_adapter(tiny_model, one_thread):
+    """score_task generates with a merged copy of a PEFT model on the decoding core: the same greedy tokens as
+    HF generate on the PEFT model itself, which is left as it was."""
+    from dlplora.backbone import load_backbone
+    from dlplora.decoding import eos_token_ids
+    from dlplora.eval.scoring import generate_greedy, inference_copy
+    from dlplora.tasks import chat_prompt
+    from dlplora.train.lora import make_peft_model
+
+    net, tok, _ = load_backbone(str(tiny_model))
+    pm = make_peft_model(net, TrainConfig(rank=4, top_layers=None))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    pm.eval()
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    prompts = [chat_prompt(tok, q) for q in ("what is two plus two", "hi", "name a colour that is not red or blue")]
+    ours = generate_greedy(inference_copy(pm, "float32"), tok, prompts, max_new_tokens=12, batch_size=2)
+    eos = eos_token_ids(pm, tok)
+    ref = []
+    for p in prompts:
+        enc = tok(p, return_tensors="pt", add_special_tokens=False)
+        g = pm.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        ref.append(tok.decode(g[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip())
+    assert ours == ref
+    assert any(ours)
+    with pm.disable_adapter():  # the adapter matters: without it the tokens differ
+        enc = tok(prompts[2], return_tensors="pt", add_special_tokens=False)
+        g = pm.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        assert tok.decode(g[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip() != ours[2]
+    assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters())
+    assert hasattr(pm, "peft_config")

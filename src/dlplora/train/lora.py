@@ -43,6 +43,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = cpu_has_native_bf16()
+        # "all-linear" or "q_proj,v_proj" as PEFT's LoraConfig takes them (a bare string was read letter by letter)
+        self.targets = parse_targets(self.targets)
 
     def validate(self) -> None:
         if self.rank <= 0:
