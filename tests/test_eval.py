@@ -538,3 +538,46 @@ def test_bench_eval_times_ranking_and_generation_per_prompt(tiny_library, tiny_d
     assert res["mcq_prompts"] == 2 and res["qa_prompts"] == 2
     assert all(row[f"choice_batch{b}_s_per_prompt"] > 0 for b in (16, 32))
     assert all(row[f"gen_batch{b}_s_per_prompt"] > 0 and row[f"gen_batch{b}_tokens_per_s"] >= 0 for b in (8, 16, 32))
+
+
+def test_multiturn_history_holds_the_ranked_choice_or_a_generated_answer(tiny_library, tiny_data, tiny_model, models,
+                                                                           tmp_path, monkeypatch):
+    """--mt-mcq-reply choice: a multiple-choice turn leaves the choice it ranked first in the history and generates
+    nothing; generated: it generates its reply (except on the last turn, whose reply no history needs)."""
+    from dlplora.tasks import candidates
+
+    engine, _ = models
+    seen = []
+    real = harness.run_method_items
+
+    def spy(runner, method, items, sets, *a, **k):
+        preds = real(runner, method, items, sets, *a, **k)
+        seen.append((k.get("choice_gen"), [dict(it) for it in items], preds))
+        return preds
+
+    monkeypatch.setattr(harness, "run_method_items", spy)
+    res = {}
+    for mode in ("choice", "generated"):
+        seen.clear()
+        res[mode] = run_evaluation(tiny_library, data=tiny_data, out=tmp_path / mode, settings=["multiturn"],
+                                   methods=["base"], model=str(tiny_model), progress=False, engine=engine,
+                                   conversations=4, mt_mcq_reply=mode, log=lambda *a: None)
+        assert res[mode]["config"]["mt_mcq_reply"] == mode
+        assert [g for g, _, _ in seen] == ([False] * 3 if mode == "choice" else [True, True, False])
+        for t in range(1, 3):  # every later turn's history holds the reply its earlier turn left
+            for it, (prev_it, prev_pred) in zip(seen[t][1], zip(seen[t - 1][1], seen[t - 1][2])):
+                reply = it["history"][-1]["content"]
+                if candidates(prev_it["ex"]):
+                    expected = (candidates(prev_it["ex"])[prev_pred["choice"]] if mode == "choice"
+                                else prev_pred["gen"])
+                    assert "gen" in prev_pred if mode == "generated" else "gen" not in prev_pred
+                else:
+                    expected = prev_pred["gen"]
+                assert reply == expected
+        n_mcq = sum(bool(candidates(it["ex"])) for _, items, _ in seen[:2] for it in items)
+        assert n_mcq > 0
+    # the generated replies cost one generation per multiple-choice turn of turns 1 and 2
+    assert res["generated"]["cache"]["new_predictions"] - res["choice"]["cache"]["new_predictions"] == n_mcq
+    with pytest.raises(DLPLoRAError, match="mt-mcq-reply"):
+        run_evaluation(tiny_library, data=tiny_data, out=tmp_path / "bad", settings=["multiturn"], methods=["base"],
+                       model=str(tiny_model), progress=False, engine=engine, mt_mcq_reply="letter", log=lambda *a: None)

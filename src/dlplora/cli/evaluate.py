@@ -21,7 +21,8 @@ def cmd_eval(args) -> None:
                         turns=args.turns, conversations=args.conversations, arrow_top_k=args.arrow_top_k,
                         ties_density=args.ties_density,
                         progress=not args.no_progress, command=command_line(), cache_dir=args.cache, note=args.note,
-                        p_sweep=parse_p_values(args.p_sweep), mcq_exact_match=args.mcq_exact_match)
+                        p_sweep=parse_p_values(args.p_sweep), mcq_exact_match=args.mcq_exact_match,
+                        mt_mcq_reply=args.mt_mcq_reply)
     results = run_evaluation(config, log=log)
     if not args.json:
         print(f"wrote {os.path.join(args.out, 'results.json')}, RESULTS.md and figures/ "
@@ -39,7 +40,7 @@ def cmd_reproduce(args) -> None:
         model=args.model, settings=args.setting, methods=args.methods, p=args.p, weightings=args.weightings,
         teacher_forced=not args.no_teacher_forced, top_layers=parse_top_layers(args.top_layers),
         batch_size=args.batch_size, progress=not args.no_progress, command=command_line(), p_sweep=args.p_sweep,
-        conversations=args.conversations, mcq_exact_match=args.mcq_exact_match))
+        conversations=args.conversations, mcq_exact_match=args.mcq_exact_match, mt_mcq_reply=args.mt_mcq_reply))
 
 
 def cmd_arrow_check(args) -> None:
@@ -79,6 +80,10 @@ def _common(p, model_help: str) -> None:
                    help="also run dlp at these top-p values on the widest composite setting (a table of the effect of "
                         "p: score, adapters per prompt, fusion weight)")
     p.add_argument("--conversations", type=int, default=None, help="multiturn: at most this many conversations")
+    p.add_argument("--mt-mcq-reply", choices=("choice", "generated"), default="choice",
+                   help="multiturn: the reply a multiple-choice turn leaves in the history: choice (the choice it "
+                        "ranked first, the answer its score counts; default) or generated (a generated answer, as a "
+                        "chat would have; one more generation per multiple-choice turn)")
     p.add_argument("--mcq-exact-match", action="store_true",
                    help="also generate an answer to every single-turn multiple-choice prompt and report its exact "
                         "match (a secondary figure; the main one is the log-likelihood ranking; costs a generation "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..config import check_p
 from ..errors import DLPLoRAError
-from ..tasks import user_message
+from ..tasks import candidates, user_message
 from .cache import PredictionCache, cache_namespace, content_tag, library_signature, set_tag
 from .metrics import scoring_kind, summarise
 from .report import write_outputs
@@ -30,6 +30,18 @@ from .scoring import choice_predictions, gen_budget, teacher_forced_predictions
 from .settings import (RESULTS_FORMAT, SINGLE_METHODS, TEACHER_FORCED_METHODS, EvalConfig, build_conversations,
                        build_stream, dlp_variant, fixed_sets, setting_tasks, top_names)
 from ..stats import paired_tests
+
+
+MT_MCQ_REPLIES = ("choice", "generated")
+
+
+def assistant_reply(item: dict, pred: dict, mcq_reply: str = "choice") -> str:
+    """What a multiturn turn leaves in the conversation as the assistant's reply: the generated answer, or for a
+    multiple-choice turn under ``mcq_reply="choice"`` the text of the choice it ranked first."""
+    choices = candidates(item["ex"])
+    if choices and mcq_reply == "choice" and "choice" in pred:
+        return choices[int(pred["choice"])]
+    return pred.get("gen", "")
 
 
 def _chunks(seq, n):
@@ -213,6 +225,8 @@ class _Run:
                                f"--out {self.data}`")
         if not self.names:
             raise DLPLoRAError(f"the library {c.library} holds no adapters")
+        if c.mt_mcq_reply not in MT_MCQ_REPLIES:
+            raise DLPLoRAError(f"--mt-mcq-reply must be one of {', '.join(MT_MCQ_REPLIES)}, got {c.mt_mcq_reply!r}")
         tasks = list(self.names)
         if c.tasks:
             wanted = parse_tasks(c.tasks, self.data) if isinstance(c.tasks, str) else list(c.tasks)
@@ -232,6 +246,7 @@ class _Run:
                 "tasks": self.tasks, "limit": c.limit, "p": self.p, "weightings": self.weightings,
                 "methods": self.methods, "settings": self.settings, "teacher_forced": c.teacher_forced,
                 "mcq_exact_match": c.mcq_exact_match, "seed": c.seed, "batch_size": c.batch_size, "route_window": c.route_window, "turns": c.turns,
+                "mt_mcq_reply": c.mt_mcq_reply,
                 "arrow": {"top_k": min(c.arrow_top_k, len(names)), "temperature": 1.0,
                           "implementation": "peft ArrowConfig / arrow_router LoRA variant; experts mixed by "
                                             "runners._arrow_mix (equal to PEFT's forward, without its "
@@ -351,11 +366,14 @@ class _Run:
             else:
                 sets = fixed_sets(method, items, engine.names)
             route_s += time.perf_counter() - t0
+            # the last turn's reply goes into no history: a multiple-choice turn then needs no generation
+            choice_gen = c.mcq_exact_match or (c.mt_mcq_reply == "generated" and t < turns - 1)
             preds = run_method_items(runner, name, items, sets, self.cache, sig, teacher_forced=False,
-                                     batch_size=c.batch_size, progress=c.progress, desc=f"{desc} turn {t + 1}")
+                                     batch_size=c.batch_size, progress=c.progress, desc=f"{desc} turn {t + 1}",
+                                     choice_gen=choice_gen)
             for k, (it, pr) in enumerate(zip(items, preds)):
                 histories[k] = histories[k] + [{"role": "user", "content": user_message(it["ex"])},
-                                               {"role": "assistant", "content": pr.get("gen", "")}]
+                                               {"role": "assistant", "content": assistant_reply(it, pr, c.mt_mcq_reply)}]
             all_items += items
             all_preds += preds
             all_sets += sets

@@ -184,6 +184,10 @@ class EvalConfig:
     route_window: int = field(default=1, metadata={"help": "multiturn: earlier user turns the router reads"})
     turns: int = field(default=3, metadata={"help": "multiturn: turns per conversation"})
     conversations: int | None = field(default=None, metadata={"help": "multiturn: at most this many conversations"})
+    mt_mcq_reply: str = field(default="choice", metadata={
+        "help": "multiturn: the assistant reply a multiple-choice turn leaves in the history: 'choice' (the ranked "
+                "choice, the answer its score counts; no generation) or 'generated' (a generated answer, as a chat "
+                "would have; one more generation per multiple-choice turn)"})
     arrow_top_k: int = field(default=3, metadata={"help": "Arrow: adapters mixed per token"})
     ties_density: float = field(default=0.2, metadata={"help": "TIES: share of each task vector kept (TIES' k)"})
     cache_dir: str | os.PathLike | None = field(default=None, metadata={"help": "prediction cache (default OUT/cache)"})

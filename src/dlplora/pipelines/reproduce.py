@@ -45,6 +45,8 @@ class ReproduceConfig:
     p_sweep: str = field(default="", metadata={"help": "extra top-p values for dlp, comma-separated"})
     conversations: int | None = field(default=None, metadata={"help": "multiturn: at most this many conversations"})
     mcq_exact_match: bool = field(default=False, metadata={"help": "also the generated answers' exact match (MCQ)"})
+    mt_mcq_reply: str = field(default="choice", metadata={
+        "help": "multiturn: a multiple-choice turn's reply in the history, 'choice' or 'generated' (EvalConfig)"})
 
 
 def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields) -> dict:
@@ -102,7 +104,8 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
         library=lib_dir, data=data_dir, out=out, settings=parse_settings(c.settings), methods=parse_methods(c.methods),
         tasks=names, limit=limit, p=c.p, weightings=parse_weightings(c.weightings), teacher_forced=c.teacher_forced,
         model=model, batch_size=c.batch_size, cache_dir=work / "cache", progress=c.progress, write=False,
-        command=c.command, conversations=c.conversations, mcq_exact_match=c.mcq_exact_match, p_sweep=parse_p_values(c.p_sweep)), log=log)
+        command=c.command, conversations=c.conversations, mcq_exact_match=c.mcq_exact_match, p_sweep=parse_p_values(c.p_sweep),
+        mt_mcq_reply=c.mt_mcq_reply), log=log)
     stages["evaluation"] = round(time.time() - t, 1)
     results["reproduce"] = {"stages_seconds": stages, "total_seconds": round(time.time() - t0, 1), "steps": steps,
                             "train_config": cfg.to_dict(),
