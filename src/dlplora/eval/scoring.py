@@ -43,7 +43,7 @@ def choice_logprobs(model, tokenizer, examples: list[dict], batch_size: int = 16
                          max_len=max_len)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def inference_copy(model, dtype="auto"):
     """A copy of `model` for generation only, as the evaluation harness runs it: a PEFT model's adapter merged
     into its weights, in this machine's fast dtype (``auto``: bf16 where the CPU has it natively), so that it runs
@@ -59,6 +59,7 @@ def inference_copy(model, dtype="auto"):
     return m.to(resolve_dtype(dtype, next(m.parameters()).device)).eval()
 
 
+@torch.inference_mode()
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8,
                     max_len: int = 1024) -> list[str]:
     """Batched greedy generation with the model as it is, for scoring: the project's decode loop (the decoding
