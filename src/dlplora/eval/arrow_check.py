@@ -5,7 +5,8 @@ Arrow (``peft`` ``ArrowLoraLinearLayer``) routes every token in every LoRA layer
 that are clearly of one task, the top-1 adapter should be that task's far more often than chance (1 / adapters).
 :func:`arrow_agreement` records the top-1 of every token of every Arrow layer during one forward pass per prompt
 (a forward hook that recomputes Arrow's own similarity from its prototypes) and reports, per task and per layer,
-how often it is the prompt's own task. ``dlp-lora eval --arrow-check N`` runs it on N test prompts per task.
+how often it is the prompt's own task. ``dlp-lora arrow-check --library LIB --prompts N`` runs it on N test prompts per
+task.
 """
 
 from __future__ import annotations
