@@ -277,6 +277,9 @@ def test_scoring_generation_equals_hf_generate_of_the_unmerged_adapter(tiny_mode
     with pm.disable_adapter():  # the adapter matters: without it the tokens differ
         enc = tok(prompts[2], return_tensors="pt", add_special_tokens=False)
         g = pm.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
-        assert tok.decode(g[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip() != ours[2]
+        base_ref = tok.decode(g[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip()
+        assert base_ref != ours[2]
+        # and a copy made with the adapter switched off is the base model (train-loras scores base that way)
+        assert generate_greedy(inference_copy(pm, "float32"), tok, prompts[2:], max_new_tokens=12) == [base_ref]
     assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters())
     assert hasattr(pm, "peft_config")

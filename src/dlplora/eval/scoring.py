@@ -55,8 +55,16 @@ def inference_copy(model, dtype="auto"):
 
     m = copy.deepcopy(model)
     if hasattr(m, "merge_and_unload"):
-        m = m.merge_and_unload()
+        # under `with model.disable_adapter()` the model is the base model: drop the adapter, do not merge it
+        m = m.unload() if adapters_disabled(m) else m.merge_and_unload()
     return m.to(resolve_dtype(dtype, next(m.parameters()).device)).eval()
+
+
+def adapters_disabled(model) -> bool:
+    """Whether a PEFT model's adapter layers are switched off (inside ``model.disable_adapter()``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(mod, BaseTunerLayer) and mod.disable_adapters for mod in model.modules())
 
 
 @torch.inference_mode()
