@@ -264,8 +264,9 @@ def test_scoring_generation_equals_hf_generate_of_the_unmerged_adapter(tiny_mode
                 p.normal_(0, 0.2)
     pm.eval()
     before = {n: p.detach().clone() for n, p in pm.named_parameters()}
-    prompts = [chat_prompt(tok, q) for q in ("what is two plus two", "hi", "name a colour that is not red or blue")]
-    ours = generate_greedy(inference_copy(pm, "float32"), tok, prompts, max_new_tokens=12, batch_size=2)
+    messages = ["what is two plus two", "hi", "name a colour that is not red or blue"]
+    prompts = [chat_prompt(tok, q) for q in messages]
+    ours = generate_greedy(inference_copy(pm, "float32"), tok, messages, max_new_tokens=12, batch_size=2)
     eos = eos_token_ids(pm, tok)
     ref = []
     for p in prompts:
@@ -280,6 +281,6 @@ def test_scoring_generation_equals_hf_generate_of_the_unmerged_adapter(tiny_mode
         base_ref = tok.decode(g[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip()
         assert base_ref != ours[2]
         # and a copy made with the adapter switched off is the base model (train-loras scores base that way)
-        assert generate_greedy(inference_copy(pm, "float32"), tok, prompts[2:], max_new_tokens=12) == [base_ref]
+        assert generate_greedy(inference_copy(pm, "float32"), tok, messages[2:], max_new_tokens=12) == [base_ref]
     assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters())
     assert hasattr(pm, "peft_config")

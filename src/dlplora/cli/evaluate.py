@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..config import DEFAULT_P
+from ..eval.settings import MT_MCQ_REPLIES
 from .common import add_precision_arguments, command_line, parse_top_layers, print_json
 
 
@@ -80,7 +81,7 @@ def _common(p, model_help: str) -> None:
                    help="also run dlp at these top-p values on the widest composite setting (a table of the effect of "
                         "p: score, adapters per prompt, fusion weight)")
     p.add_argument("--conversations", type=int, default=None, help="multiturn: at most this many conversations")
-    p.add_argument("--mt-mcq-reply", choices=("choice", "generated"), default="choice",
+    p.add_argument("--mt-mcq-reply", choices=MT_MCQ_REPLIES, default="choice",
                    help="multiturn: the reply a multiple-choice turn leaves in the history: choice (the choice it "
                         "ranked first, the answer its score counts; default) or generated (a generated answer, as a "
                         "chat would have; one more generation per multiple-choice turn)")

@@ -27,12 +27,9 @@ from .metrics import scoring_kind, summarise
 from .report import write_outputs
 from .runners import ARROW_IMPL, FusedRunner, PeftRunner, build_arrow_model, build_ties_model
 from .scoring import choice_predictions, gen_budget, teacher_forced_predictions
-from .settings import (RESULTS_FORMAT, SINGLE_METHODS, TEACHER_FORCED_METHODS, EvalConfig, build_conversations,
+from .settings import (MT_MCQ_REPLIES, RESULTS_FORMAT, SINGLE_METHODS, TEACHER_FORCED_METHODS, EvalConfig, build_conversations,
                        build_stream, dlp_variant, fixed_sets, setting_tasks, top_names)
 from ..stats import paired_tests
-
-
-MT_MCQ_REPLIES = ("choice", "generated")
 
 
 def assistant_reply(item: dict, pred: dict, mcq_reply: str = "choice") -> str:

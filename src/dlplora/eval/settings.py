@@ -25,6 +25,7 @@ from ..tasks import TASKS
 SETTINGS = ("single", "composite-17", "composite-9", "composite-26", "multiturn")
 METHODS = ("base", "lora", "dlp", "arrow", "merge-all", "ties")
 SINGLE_METHODS = ("base", "lora")
+MT_MCQ_REPLIES = ("choice", "generated")  # EvalConfig.mt_mcq_reply
 # The teacher-forced variant (EvalConfig.teacher_forced) scores the paper's code's way, for the paper's own methods
 # only: it is a secondary figure, and it costs about a fifth of a method's compute (262 of the base model's
 # 1,424 s on the full composite-26 stream), which the three baselines would pay again for a figure nobody compares.
