@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from ..errors import DLPLoRAError
 from .common import LIBRARY_MODEL_HELP, add_precision_arguments, add_routing_arguments, routing_from_args
 
@@ -21,7 +23,8 @@ def config_from_args(args):
                        prefill_chunk=args.prefill_chunk, compile=args.compile, max_messages=args.max_messages,
                        max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n, api_key=key,
                        allow_runtime_adapters=args.allow_runtime_adapters, adapter_root=args.adapter_root,
-                       retrain_max_prompts=args.retrain_max_prompts).check()
+                       retrain_max_prompts=args.retrain_max_prompts,
+                       engine_process=args.engine_process and not args.ray_address).check()
 
 
 def serve_on_ray(args, config) -> None:
@@ -64,13 +67,21 @@ def cmd_serve(args) -> None:
                                ("--detach", args.detach or None)) if v is not None]
     if ray_only:
         raise DLPLoRAError(f"{', '.join(ray_only)} need --ray-address (serving on Ray Serve replicas)")
-    engine = DLPLoRA.from_library(args.library, model=args.model, plugin_dir=args.plugin,
-                                  routing=routing_from_args(args), dtype=args.dtype, device=args.device,
-                                  quantize=args.quantize)
-    if args.threads:
+    recipe = dict(lib_dir=args.library, model=args.model, plugin_dir=args.plugin, routing=routing_from_args(args),
+                  dtype=args.dtype, device=args.device, quantize=args.quantize)
+    spec = None
+    if config.engine_process:  # the model computes in the engine process; this one's copy only tokenizes and routes
+        spec = dict(recipe, threads=args.threads)
+        recipe["quantize"] = None
+        if args.quantize not in (None, "none") and args.dtype in (None, "auto"):
+            from ..quantize import quantize_dtype
+
+            recipe["dtype"] = quantize_dtype(args.quantize)
+    engine = DLPLoRA.from_library(**recipe)
+    if config.engine_process or args.threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(1 if config.engine_process else args.threads)
     name = config.model_name or engine.info.name
     print(f"serving {name} with {len(engine.names)} adapters ({', '.join(engine.names)}); "
           f"plugin: {'yes' if engine.router is not None else 'no (pinned adapters only)'}; "
@@ -85,7 +96,10 @@ def cmd_serve(args) -> None:
         print(f"runtime adapters: POST /v1/load_lora_adapter and /v1/unload_lora_adapter are on; lora_path "
               f"{'under ' + config.adapter_root if config.adapter_root else 'anywhere this process can read'}",
               flush=True)
-    serve(engine, config, host=args.host, port=args.port, log_level=args.log_level)
+    if config.engine_process:
+        print("the engine (scheduler and forward passes) runs in its own process; --no-engine-process keeps it in "
+              "this one", flush=True)
+    serve(engine, config, host=args.host, port=args.port, log_level=args.log_level, engine_spec=spec)
 
 
 def register(sub, model_help: str) -> None:
@@ -138,6 +152,10 @@ def register(sub, model_help: str) -> None:
                         "(a seeded sample; default 300: seconds on 2 cores for 26 adapters)")
     s.add_argument("--served-model-name", metavar="NAME",
                    help="the id of the base model in /v1/models (default: the backbone's name)")
+    s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the scheduler and the model's forward passes in a child process, away from the HTTP "
+                        "side's interpreter (default on; a crashed engine is answered with 500 and restarted; "
+                        "--no-engine-process runs it in a thread of the server's process, as Ray Serve replicas do)")
     s.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: torch's choice; with --ray-address: per replica, default "
                         "--replica-cpus)")

@@ -54,6 +54,7 @@ from ..engine import adapter_set, routing_field
 from ..errors import ContextLengthError, DLPLoRAError
 from .adapters_api import adapters_router
 from .config import COMPLETIONS_DEFAULT_MAX_TOKENS, ROUTE_ALIASES, APIError, QueueFull, ServeConfig
+from .engine_proc import EngineClient
 from .live import LiveLibrary
 from .metrics import Metrics
 from .logprobs import ChoiceLogprobs, TokenText
@@ -65,13 +66,19 @@ log = logging.getLogger("dlplora.server")
 
 
 class ServerState:
-    def __init__(self, engine, config: ServeConfig):
+    def __init__(self, engine, config: ServeConfig, engine_spec: dict | None = None):
         self.engine = engine
         self.config = config.check()
         self.metrics = Metrics()
         self.tok_lock = threading.Lock()
         self.router_lock = threading.Lock()
-        self.scheduler = Scheduler(engine, self.config, self.metrics, self.tok_lock)
+        if self.config.engine_process:  # the scheduler and the model in a child process (serve.engine_proc)
+            if engine_spec is None:
+                raise DLPLoRAError("engine_process needs the engine's recipe (engine_spec: the keyword arguments of "
+                                   "DLPLoRA.from_library) to load the model in the engine process")
+            self.scheduler = EngineClient(engine, self.config, self.metrics, engine_spec)
+        else:
+            self.scheduler = Scheduler(engine, self.config, self.metrics, self.tok_lock)
         self._token_text = None
         info = getattr(engine, "info", None)
         self.base_name = config.model_name or (info.name if info is not None else "base")
@@ -81,7 +88,7 @@ class ServerState:
 
     def render_metrics(self) -> str:
         """This server's /metrics text (Prometheus), its queue gauges read now."""
-        self.metrics.queue_depth = len(self.scheduler.pending)
+        self.metrics.queue_depth = self.scheduler.queued
         self.metrics.running = self.scheduler.running
         return self.metrics.render(self.live.names)
 
@@ -356,16 +363,17 @@ async def generate(state: ServerState, request: Request, chat: bool):
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def create_app(engine, config: ServeConfig | None = None):
+def create_app(engine, config: ServeConfig | None = None, engine_spec: dict | None = None):
     """The FastAPI app for `engine` (a :class:`dlplora.engine.DLPLoRA`); the scheduler thread starts
-    with the app's lifespan and stops with it."""
+    with the app's lifespan and stops with it. With ``config.engine_process`` the scheduler runs in a child process
+    that loads its own engine from `engine_spec` (:mod:`dlplora.serve.engine_proc`)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    state = ServerState(engine, config or ServeConfig())
+    state = ServerState(engine, config or ServeConfig(), engine_spec)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -399,7 +407,7 @@ def create_app(engine, config: ServeConfig | None = None):
         sch = state.scheduler
         ok = sch.alive
         body = {"status": "ok" if ok else "unavailable", "model": state.base_name, "adapters": state.live.names,
-                "plugin": engine.router is not None, "running": sch.running, "queued": len(sch.pending),
+                "plugin": engine.router is not None, "running": sch.running, "queued": sch.queued,
                 "max_batch_size": state.config.max_batch_size}
         return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -484,8 +492,9 @@ class ServerThread:
         self.stop()
 
 
-def serve(engine, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve(engine, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          engine_spec: dict | None = None) -> None:
     import uvicorn
 
-    app = create_app(engine, config)
+    app = create_app(engine, config, engine_spec)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)

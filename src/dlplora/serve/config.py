@@ -25,6 +25,9 @@ class ServeConfig:
     model_name: str | None = None  # the public id of the base model (default: the backbone's name)
     prefill_chunk: int = 256  # prompt tokens per prefill chunk (between two decode steps of the running rows)
     compile: bool = False  # torch.compile the decode step (see `dlp-lora bench decode --compile`)
+    # run the scheduler and the forward passes in a child process (serve.engine_proc); needs the engine's recipe
+    # (create_app's engine_spec). `dlp-lora serve` turns it on; an engine built in this process runs in a thread.
+    engine_process: bool = False
     max_messages: int = 256  # chat messages per request; above: 400
     max_prompt_tokens: int | None = None  # prompt tokens per request (None: the context window); above: 400
     max_n: int = 8  # choices per request ('n'); above: 400
@@ -55,7 +58,7 @@ class ServeConfig:
                                          or not re.fullmatch(r"[\x21-\x7e]+", self.api_key)):
             raise DLPLoRAError(f"--api-key (or ${API_KEY_ENV}) must be a non-empty string of printable ASCII without "
                                f"spaces (it travels in the header 'Authorization: Bearer <key>')")
-        for name in ("allow_runtime_adapters", "replicated", "trust_routing_header"):
+        for name in ("allow_runtime_adapters", "replicated", "trust_routing_header", "engine_process"):
             if not isinstance(getattr(self, name), bool):
                 raise DLPLoRAError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.adapter_root is not None:

@@ -6,7 +6,8 @@ together, under one lock (:attr:`LiveLibrary.lock`); one load or unload runs at 
 Load (:meth:`LiveLibrary.load`): the adapter is validated and copied into the library like ``dlp-lora library add``
 (:func:`dlplora.library.stage_adapter`: base fingerprint, targets, shapes, rank, a corrupt file, modules_to_save),
 its weights are read, and the scheduler's thread adds it to the fused stacks between two steps
-(:meth:`dlplora.serve.scheduler.Scheduler.call`): rows in flight keep the sets gathered into their slots, so they
+(:meth:`dlplora.serve.scheduler.Scheduler.add_adapter`, or the engine process's
+:class:`dlplora.serve.engine_proc.EngineClient`): rows in flight keep the sets gathered into their slots, so they
 finish with the set they started with. Then, in one step, it joins ``library.json`` and ``/v1/models``.
 
 Routing states (shown per adapter in ``/v1/models``):
@@ -129,7 +130,7 @@ class LiveLibrary:
                 raise APIError(400, f"the library {lib.root} already holds an adapter named {name!r} that this "
                                     f"server does not serve; pick another lora_name", param="lora_name",
                                code="adapter_exists")
-            if name in self.engine.fusion:  # an unload whose requests outlived its call
+            if self.state.scheduler.has_adapter(name):  # an unload whose requests outlived its call
                 raise APIError(409, f"an adapter named {name!r} is still being unloaded (requests still use it); "
                                     f"retry when they have ended", param="lora_name", code="adapter_unloading")
             info = getattr(self.engine, "info", None)
@@ -140,8 +141,7 @@ class LiveLibrary:
                 if examples:
                     lib.save_routing_prompts(name, examples)
                 staged = time.perf_counter()
-                self.state.scheduler.call(lambda: self.engine.fusion.add_adapter(weights),
-                                          timeout=self.config.request_timeout)
+                self.state.scheduler.add_adapter(name, files, weights, timeout=self.config.request_timeout)
             except BaseException as exc:
                 self._discard(lib, name)
                 if isinstance(exc, DLPLoRAError):
@@ -174,9 +174,9 @@ class LiveLibrary:
     def _discard(self, lib, name: str) -> None:
         """Undo a load that failed before it was served: the stacks (a command that ran after its caller gave up on
         it), the copied files and the routing prompts."""
-        if name in self.engine.fusion:
+        if self.state.scheduler.has_adapter(name):
             try:
-                self.state.scheduler.call(lambda: self.engine.fusion.remove_adapter(name))
+                self.state.scheduler.remove_adapter(name)
             except Exception:  # pragma: no cover - the adapter is not served; only its memory stays taken
                 log.exception("could not remove the half-loaded adapter %s", name)
         shutil.rmtree(lib.root / "adapters" / name, ignore_errors=True)
@@ -207,8 +207,7 @@ class LiveLibrary:
             sch = self.state.scheduler
             wait = self.config.request_timeout + 30  # every request has a deadline: the wait ends before this
             try:
-                sch.call(lambda: self.engine.fusion.remove_adapter(name), ready=lambda: not sch.uses(name),
-                         timeout=wait, drop_on_timeout=False)
+                sch.remove_adapter(name, wait=True, timeout=wait)
             except TimeoutError:
                 raise APIError(504, f"{name!r} is no longer served, but requests still used it after {wait:g} s; "
                                     f"its weights are freed when they end", "timeout_error", code="timeout") from None

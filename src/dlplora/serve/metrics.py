@@ -29,6 +29,7 @@ class Metrics:
         self.latency_n = 0
         self.queue_depth = 0
         self.running = 0
+        self.engine_restarts = 0  # the engine process restarted after a crash (serve.engine_proc)
 
     @staticmethod
     def _bucket(buckets, value) -> int:
@@ -93,7 +94,10 @@ class Metrics:
                       f"dlp_lora_cancelled_total {self.cancelled}",
                       "# HELP dlp_lora_timeouts_total Requests that ran past the request timeout.",
                       "# TYPE dlp_lora_timeouts_total counter",
-                      f"dlp_lora_timeouts_total {self.timeouts}"]
+                      f"dlp_lora_timeouts_total {self.timeouts}",
+                      "# HELP dlp_lora_engine_restarts_total Engine processes restarted after a crash.",
+                      "# TYPE dlp_lora_engine_restarts_total counter",
+                      f"dlp_lora_engine_restarts_total {self.engine_restarts}"]
             lines += hist("dlp_lora_batch_size", "Rows in each decode step of the running batch.", BATCH_BUCKETS,
                           self.batch_counts, self.batch_sum, self.batch_n)
             lines += hist("dlp_lora_request_latency_seconds", "Time from arrival to the last token.",

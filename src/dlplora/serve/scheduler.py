@@ -69,6 +69,7 @@ class GenRequest:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    on_cancel: Callable | None = field(default=None, repr=False)  # told of a cancel (the engine process's client)
     # scheduler state
     generated: list[int] = field(default_factory=list)
     finished: bool = False
@@ -87,6 +88,8 @@ class GenRequest:
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel(self)
 
 
 class Scheduler:
@@ -144,6 +147,22 @@ class Scheduler:
     @property
     def running(self) -> int:
         return len(self.rows) + len(self.joining)
+
+    @property
+    def queued(self) -> int:
+        return len(self.pending)
+
+    # changes to the fused stacks, between two steps (the same surface as serve.engine_proc.EngineClient)
+    def add_adapter(self, name: str, files, weights, timeout: float | None = None) -> None:
+        self.call(lambda: self.engine.fusion.add_adapter(weights), timeout=timeout)
+
+    def remove_adapter(self, name: str, wait: bool = False, timeout: float | None = None) -> None:
+        """Remove `name` from the stacks; with `wait`, once no queued or running request uses it."""
+        self.call(lambda: self.engine.fusion.remove_adapter(name), ready=(lambda: not self.uses(name)) if wait else None,
+                  timeout=timeout, drop_on_timeout=not wait)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.engine.fusion
 
     def call(self, fn: Callable[[], Any], ready: Callable[[], bool] | None = None, timeout: float | None = None,
              drop_on_timeout: bool = True):
