@@ -142,3 +142,41 @@ def test_int4_base_with_float_adapters_agrees_with_fp32(tiny_model, tmp_path, on
         DLPLoRA.from_library(lib, dtype="float32", quantize="int4")
     out = e4.generate(["hello there", "a second row"], adapters=[mix, {"beta": 1.0}], max_new_tokens=3)
     assert all(o["tokens"] >= 1 for o in out) and out[0]["mode"] == "slots"
+
+
+def test_quantize_auto_follows_the_cpu_flags_table():
+    from dlplora.device import auto_quantize_name
+
+    assert auto_quantize_name("cpu", ["avx2"]) == "int8"  # AVX2 only: fp32 activations, int8 weights
+    assert auto_quantize_name("cpu", ["avx2", "avx512_bf16"]) == "int8"
+    assert auto_quantize_name("cpu", ["avx2", "amx_bf16", "avx512_bf16"]) == "int8"
+    assert auto_quantize_name("cpu", []) == "none"  # no fbgemm kernels to count on (not x86 / no AVX2)
+    assert auto_quantize_name("cuda", ["avx2"]) == "none"
+    assert auto_quantize_name("cuda:0", ["avx2"]) == "none"
+    assert auto_quantize_name("cpu", ["avx2"], dtype="bfloat16") == "none"  # a named precision is kept
+    assert auto_quantize_name("cpu", ["avx2"], dtype="auto") == "int8"
+
+
+def test_resolve_quantize_checks_names_and_the_python_api_default_is_none():
+    import pytest as _pytest
+
+    from dlplora.errors import DLPLoRAError
+    from dlplora.quantize import resolve_quantize
+
+    assert resolve_quantize(None) == "none" and resolve_quantize("int4") == "int4"
+    assert resolve_quantize("auto", "cpu") in ("int8", "none")
+    with _pytest.raises(DLPLoRAError, match="unknown quantisation 'int3'"):
+        resolve_quantize("int3")
+
+
+def test_the_cli_default_is_auto_and_resolves_on_this_machine(tiny_model, tmp_path):
+    from dlplora.device import cpu_flags
+    from dlplora.engine import DLPLoRA
+    from dlplora.testing import random_peft_library
+
+    lib = random_peft_library(tmp_path / "lib", tiny_model, 1)
+    eng = DLPLoRA.from_library(lib, quantize="auto")
+    expect = "int8" if "avx2" in cpu_flags() else "none"
+    assert eng.quantize == expect
+    assert str(eng.model.dtype) == "torch.float32"
+    assert isinstance(eng.generate(["hello"], max_new_tokens=3, adapters=[{"rand0": 1.0}])[0]["text"], str)

@@ -1,8 +1,15 @@
-"""Where the model runs and in what precision: `--device auto|cpu|cuda` and `--dtype auto|float32|bfloat16|float16`.
+"""Where the model runs and in what precision: `--device auto|cpu|cuda`, `--dtype auto|float32|bfloat16|float16` and
+what `--quantize auto` means on this machine.
 
 ``auto`` device: CUDA when torch sees a GPU, else the CPU. ``auto`` dtype: bf16 on CUDA and on a CPU
 that computes it natively (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo); fp32 otherwise, since
 on an AVX2-only CPU bf16 matrix products are emulated and several times slower than fp32.
+
+``auto`` quantisation (:func:`auto_quantize_name`, the default of ``generate``, ``chat`` and ``serve``): int8 weights
+with fp32 activations (fbgemm) on any x86 CPU with AVX2, bf16-native or not: fp32 activations run at full speed on
+every such CPU, and on the measured machines int8 was the fastest or within 10% of the fastest configuration at batch
+1, for 32 distinct mixes, and in prefill (BENCHMARKS.md, "Defaults"). No quantisation on CUDA, on other CPUs
+(fbgemm is x86's), or when ``--dtype`` names a precision.
 """
 
 from __future__ import annotations
@@ -35,6 +42,15 @@ def auto_dtype_name(device: str = "cpu", flags: list[str] | None = None) -> str:
         return "bfloat16"
     flags = cpu_flags() if flags is None else flags
     return "bfloat16" if set(NATIVE_BF16_FLAGS) & set(flags) else "float32"
+
+
+def auto_quantize_name(device: str = "cpu", flags: list[str] | None = None, dtype: str | None = "auto") -> str:
+    """What ``--quantize auto`` picks (see the module doc): "int8" on an x86 CPU with AVX2 when the dtype is left to
+    auto, else "none"."""
+    if device.startswith("cuda") or dtype not in (None, "auto"):
+        return "none"
+    flags = cpu_flags() if flags is None else flags
+    return "int8" if "avx2" in flags else "none"
 
 
 def resolve_device(device=None):

@@ -30,7 +30,7 @@ from .config import DEFAULT_MAX_NEW_TOKENS, TURN_SEPARATOR, RoutingConfig, check
 from .decoding import StopStreamer, decode_loop, eos_token_ids
 from .errors import ContextLengthError, DLPLoRAError, RequestError
 from .fusion import LoRAFusion, load_peft_adapter
-from .quantize import apply_quantize, quantize_dtype
+from .quantize import apply_quantize, quantize_dtype, resolve_quantize
 
 ENGINE_TABLE = "engine"  # the engine's slot table in the fused layers (the server's scheduler has its own)
 
@@ -153,6 +153,7 @@ class DLPLoRA:
         # choice is then cut to the others, reweighted, or the base model; swapped whole with the router
         self.unroutable = frozenset(getattr(router, "labels", ())) - set(fusion.names)
         self.lock = threading.RLock()
+        self.quantize = "none"  # quantised base linears (dlplora.quantize); from_library records its choice
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -199,7 +200,8 @@ class DLPLoRA:
             base_path = lib.base_model.get("path")
             if base_path and Path(base_path).is_dir():
                 model = base_path
-        if quantize not in (None, "none") and dtype in (None, "auto"):
+        quantize = resolve_quantize(quantize, device, dtype)  # "auto": this CPU's fast path (dlplora.device)
+        if quantize != "none" and dtype in (None, "auto"):
             dtype = quantize_dtype(quantize)  # int8: fp32 activations; int4: bf16
         net, tok, info = load_backbone(model, dtype=dtype, device=device)
         lib.check_base(info.to_dict())
@@ -213,7 +215,9 @@ class DLPLoRA:
                 from .plugin import Plugin
 
                 router = Plugin.load(pdir, expected_labels=lib.names, partial=True)
-        return cls(net, tok, fusion, router=router, routing=routing, info=info, library=lib)
+        engine = cls(net, tok, fusion, router=router, routing=routing, info=info, library=lib)
+        engine.quantize = quantize  # what "auto" resolved to (reports, /v1/models)
+        return engine
 
     def _route_rows(self, sets: list[dict], mode: str, expected_tokens: int) -> str | None:
         """Set the fused layers for one generation. In auto mode on the decoding core, rows with different sets

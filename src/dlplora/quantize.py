@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import DLPLoRAError
 
-QUANTIZE = ("none", "int8", "int4")
+QUANTIZE = ("auto", "none", "int8", "int4")  # auto: dlplora.device.auto_quantize_name
 INT4_GROUP = 32
 INT4_TILES = 8
 PREFILL_ROWS = 64  # from this many input rows on, Int4Linear dequantises to bf16 and runs a plain GEMM
@@ -120,6 +120,18 @@ def quantize_int4(model):
             if type(child) is nn.Linear:
                 setattr(parent, name, Int4Linear(child))
     return model
+
+
+def resolve_quantize(quantize: str | None, device=None, dtype=None) -> str:
+    """"auto" -> this machine's choice (:func:`dlplora.device.auto_quantize_name`); other names are checked."""
+    from .device import auto_quantize_name, resolve_device
+
+    name = "none" if quantize is None else str(quantize)
+    if name == "auto":
+        return auto_quantize_name(str(resolve_device(device)), dtype=None if dtype is None else str(dtype))
+    if name not in QUANTIZE:
+        raise DLPLoRAError(f"unknown quantisation {quantize!r}; choose one of: {', '.join(QUANTIZE)}")
+    return name
 
 
 def quantize_dtype(quantize: str | None) -> str | None:

@@ -29,17 +29,22 @@ def add_routing_arguments(parser) -> None:
                         help="route to the base model when the best probability is below this (default 0: off)")
 
 
-def add_precision_arguments(parser, dtype_default: str = "auto", quantize: bool = True) -> None:
-    """--dtype and --device (see dlplora.device), and --quantize (dlplora.quantize), for the commands that load
-    the model to generate."""
+def add_precision_arguments(parser, dtype_default: str = "auto", quantize: bool = True,
+                            quantize_default: str = "auto", compile: bool = True) -> None:
+    """--dtype and --device (see dlplora.device), and --quantize (dlplora.quantize) and --compile, for the commands
+    that load the model to generate."""
     from ..device import DEVICES, DTYPES
     from ..quantize import QUANTIZE
 
     if quantize:
-        parser.add_argument("--quantize", choices=QUANTIZE, default="none",
+        parser.add_argument("--quantize", choices=QUANTIZE, default=quantize_default,
                             help="quantised weights for the base model's linear layers, adapters in float (CPU): "
-                                 "int8 (dynamic, fp32 activations) or int4 (weight-only, groups of 32, bf16 "
-                                 "activations); default none")
+                                 "int8 (dynamic, fp32 activations), int4 (weight-only, groups of 32, bf16 "
+                                 "activations), none, or auto = int8 on an x86 CPU with AVX2 (the fastest or within "
+                                 "10%% of it at batch 1, for batches of distinct mixes and in prefill, on AVX2-only "
+                                 "and bf16-native CPUs alike; BENCHMARKS.md), none on CUDA or when --dtype names a "
+                                 f"precision (default {quantize_default})")
+    if compile:
         parser.add_argument("--compile", action="store_true",
                             help="torch.compile the decode step (the first steps pay ~1 min of compiling; see "
                                  "`dlp-lora bench decode --compile` for what it gains on this machine)")

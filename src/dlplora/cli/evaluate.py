@@ -17,7 +17,8 @@ def cmd_eval(args) -> None:
     config = EvalConfig(library=args.library, data=args.data, out=args.out, settings=parse_settings(args.setting),
                         methods=parse_methods(args.methods), tasks=args.tasks, limit=args.limit, p=args.p,
                         weightings=parse_weightings(args.weightings), teacher_forced=args.teacher_forced,
-                        model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+                        model=args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                        seed=args.seed,
                         batch_size=args.batch_size, route_window=args.route_window,
                         turns=args.turns, conversations=args.conversations, arrow_top_k=args.arrow_top_k,
                         ties_density=args.ties_density,
@@ -125,7 +126,7 @@ def register(sub, model_help: str) -> None:
     e.add_argument("--note", default="", help="a paragraph put at the top of RESULTS.md (e.g. what was cut)")
     e.add_argument("--json", action="store_true", help="print results.json as the last line")
     _common(e, model_help)
-    add_precision_arguments(e, dtype_default="auto", quantize=False)  # bf16 where native: 2.4x the choice ranking
+    add_precision_arguments(e, dtype_default="auto", quantize_default="none", compile=False)  # bf16 where native: 2.4x the choice ranking
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("reproduce", help="the paper's pipeline end to end: data, adapters, plugin, evaluation",

@@ -67,16 +67,17 @@ def cmd_serve(args) -> None:
                                ("--detach", args.detach or None)) if v is not None]
     if ray_only:
         raise DLPLoRAError(f"{', '.join(ray_only)} need --ray-address (serving on Ray Serve replicas)")
+    from ..quantize import quantize_dtype, resolve_quantize
+
+    quantize = resolve_quantize(args.quantize, args.device, args.dtype)  # auto: this CPU's fast path
     recipe = dict(lib_dir=args.library, model=args.model, plugin_dir=args.plugin, routing=routing_from_args(args),
-                  dtype=args.dtype, device=args.device, quantize=args.quantize)
+                  dtype=args.dtype, device=args.device, quantize=quantize)
     spec = None
     if config.engine_process:  # the model computes in the engine process; this one's copy only tokenizes and routes
         spec = dict(recipe, threads=args.threads)
         recipe["quantize"] = None
-        if args.quantize not in (None, "none") and args.dtype in (None, "auto"):
-            from ..quantize import quantize_dtype
-
-            recipe["dtype"] = quantize_dtype(args.quantize)
+        if quantize != "none" and args.dtype in (None, "auto"):
+            recipe["dtype"] = quantize_dtype(quantize)
     engine = DLPLoRA.from_library(**recipe)
     if config.engine_process or args.threads:
         import torch
@@ -85,6 +86,8 @@ def cmd_serve(args) -> None:
     name = config.model_name or engine.info.name
     print(f"serving {name} with {len(engine.names)} adapters ({', '.join(engine.names)}); "
           f"plugin: {'yes' if engine.router is not None else 'no (pinned adapters only)'}; "
+          f"{str(engine.model.dtype).replace('torch.', '')}"
+          f"{' activations, ' + quantize + ' weights' if quantize != 'none' else ''} (--quantize {args.quantize}); "
           f"API key: {'required' if config.api_key else 'none (open to anyone who can reach the port)'}; "
           f"http://{args.host}:{args.port}/v1", flush=True)
     labels = set(getattr(engine.router, "labels", ()) or ())

@@ -181,12 +181,15 @@ class _Run:
                          for t in self.tasks}
         self.cache = PredictionCache(c.cache_dir or Path(c.out) / "cache")
         self.engine = engine if engine is not None else DLPLoRA.from_library(self.lib.root, model=c.model, p=self.p,
-                                                                             dtype=c.dtype, device=c.device)
+                                                                             dtype=c.dtype, device=c.device,
+                                                                             quantize=c.quantize)
         self.fused = FusedRunner(self.engine)
         self.sig = library_signature(self.lib)
         dtype = str(self.engine.model.dtype).replace("torch.", "")
         if dtype != "float32" or self.engine.model.device.type != "cpu":  # other numbers: other cache keys
             self.sig += f"-{dtype}-{self.engine.model.device.type}"
+        if self.engine.fusion.quantized:
+            self.sig += f"-{self.engine.fusion.quantized}"
         self.skipped: dict[str, str] = {}
         if "dlp" in self.methods and self.engine.router is None:
             self.skipped["dlp"] = "the library has no plugin (train one with `dlp-lora train-plugin`)"

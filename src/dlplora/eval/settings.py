@@ -180,6 +180,9 @@ class EvalConfig:
     model: str | os.PathLike | None = field(default=None, metadata={"help": "base model (default: the library's)"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16 (dlplora.device)"})
     device: str = field(default="cpu", metadata={"help": "auto, cpu or cuda"})
+    quantize: str = field(default="none", metadata={
+        "help": "quantised base linears for the fused methods (none, int8, int4, auto: dlplora.quantize); the "
+                "PEFT baselines (Arrow, TIES) stay in --dtype"})
     seed: int = field(default=0, metadata={"help": "shuffling / conversation seed"})
     batch_size: int = field(default=16, metadata={"help": "prompts per batch"})
     route_window: int = field(default=1, metadata={"help": "multiturn: earlier user turns the router reads"})
