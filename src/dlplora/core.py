@@ -16,6 +16,8 @@ LoRA routing is whatever the fusion has set (per-row sets, shared, merged, or pe
 
 from __future__ import annotations
 
+import time
+
 import weakref
 from typing import Sequence
 
@@ -173,15 +175,37 @@ class DecodeCore:
     def compile(self, dynamic: bool = True, **kw) -> None:
         """Compile the decode step (t = 1) with torch.compile (inductor: C++ kernels on the CPU). Shapes are
         dynamic by default, so batch sizes and attention widths share one compiled graph; the first steps
-        pay the compile time (`dlp-lora bench decode --compile` reports it)."""
+        pay the compile time (`dlp-lora bench decode --compile` reports it). Inductor's FX graph and AOTAutograd
+        caches live in the project's cache directory (:func:`compile_cache_dir`), so a later process compiling the
+        same model and shapes loads the kernels instead of building them (a warm start)."""
         import torch._dynamo
 
+        compile_cache_dir()
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self._compiled = torch.compile(self._layers, dynamic=dynamic, **kw)
+
+    def warm_up(self, sizes: Sequence[int] = (1, 2), before=None) -> float:
+        """Run the compiled step at each batch size in `sizes` (at two attention widths), so that compiling happens
+        now and not in the first requests; `before(b)` sets up the fused layers for rows 0..b-1. The rows are freed
+        after. Returns the seconds taken."""
+        t0 = time.perf_counter()
+        for b in sizes:
+            if b > self.cache.slots:
+                continue
+            if before is not None:
+                before(b)
+            ids = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+            for _ in range(2):
+                self.forward(0, ids)
+            self.cache.lengths[0:b] = [GROW + 1] * b  # a wider attention window, as a longer prompt gives
+            self.forward(0, ids)
+            self.reset(range(b))
+        return time.perf_counter() - t0
 
     @property
     def compiled(self) -> bool:
         return self._compiled is not None
+
 
     def prefill_chunk(self, first: int, parts: Sequence[Sequence[int]]) -> torch.Tensor:
         """One chunk of prompts into rows ``first..``: row i takes the tokens ``parts[i]``, right-padded into
@@ -229,3 +253,13 @@ def core_for(model, slots: int = 1) -> DecodeCore | None:
         core = _CORES[model] = DecodeCore(model, slots)
     core.ensure_slots(slots)
     return core
+
+
+def compile_cache_dir() -> str:
+    """Point inductor's on-disk caches (FX graph cache, AOTAutograd cache: torch's defaults, on) at
+    CACHE/inductor unless $TORCHINDUCTOR_CACHE_DIR says otherwise; returns the directory."""
+    import os
+
+    from .paths import cache_dir
+
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))

@@ -14,9 +14,8 @@ fused layers' slot table (:meth:`dlplora.fusion.LoRAFusion.set_slot`). The decod
 4. runs one decode step for the decoding rows (each with its own adapter set) and samples each row with
    its own settings.
 
-A failing prefill fails the joining requests; a failing decode step fails the running rows with 500; the
-scheduler keeps serving either way. Sampling and the stop strings are :mod:`dlplora.decoding`'s; a request that asks
-for log probabilities (``logprobs``) gets one entry per sampled token (:func:`dlplora.serve.logprobs.record_logprobs`).
+A failing prefill fails the joining requests; a failing decode step fails the running rows with 500; the scheduler
+keeps serving either way. Sampling and stop strings: :mod:`dlplora.decoding`; ``logprobs``: :mod:`.logprobs`.
 
 Changes to the model (a runtime adapter load or unload) are commands run by this thread between two iterations
 (:meth:`Scheduler.call`), under the engine's lock, so no forward pass sees half a change. A row in flight keeps the
@@ -28,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import math
 import threading
@@ -120,6 +120,12 @@ class Scheduler:
 
     # -------------------------------------------------- public
     def start(self) -> "Scheduler":
+        if self.config.compile:  # compile now (or load the kernels from inductor's cache), not in the first requests
+            log.warning("compiling the decode step (minutes the first time; seconds from inductor's cache)")
+            with torch.inference_mode(), self.engine.lock:  # the server's slots start empty: the base model's rows
+                log.warning("compiled in %.1f s", self.core.warm_up((1, 2), lambda b: self.engine.fusion.use_slots(
+                    0, b, table=TABLE)))
+                self.engine.fusion.clear()
         self.thread.start()
         return self
 
@@ -277,10 +283,8 @@ class Scheduler:
         self.pending.clear()
         self.commands = []
         self.rows, self.feed, self.joining = [], [], []
-        try:
+        with contextlib.suppress(Exception):
             self.engine.fusion.clear()
-        except Exception:  # pragma: no cover
-            pass
 
     def _fail_all(self, exc: Exception, reqs: list[GenRequest], what: str = "generation failed") -> None:
         for r in reqs:
