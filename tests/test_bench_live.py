@@ -57,13 +57,13 @@ class _Response:
         return self.obj
 
 
-def test_wait_routable_measures_a_router_that_never_routes_to_the_new_adapter():
+def testwait_routable_measures_a_router_that_never_routes_to_the_new_adapter():
     import time
 
-    from dlplora.bench.live import _wait_routable
+    from dlplora.bench.live import wait_routable
 
     t0 = time.perf_counter()
-    a = _wait_routable(_FakeServer("new"), "new", ["p1", "p2", "p3"], timeout=30)
+    a = wait_routable(_FakeServer("new"), "new", ["p1", "p2", "p3"], timeout=30)
     assert time.perf_counter() - t0 < 10  # it does not poll until the timeout
     assert a["routable_after_s"] is not None and a["routed_after_s"] is None and a["probe_routed_share"] == 0
 

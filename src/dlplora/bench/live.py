@@ -129,7 +129,7 @@ async def _closed_loop(url, key, prompts, mix, clients, max_new, stop: threading
     return out
 
 
-def _wait_routable(http, name: str, probes: list[str], timeout: float) -> dict:
+def wait_routable(http, name: str, probes: list[str], timeout: float) -> dict:
     """Poll until /v1/models says `name` is routable, then route every probe prompt once: the router that made it
     routable is the one every later request meets (no retraining is pending), so a router that sends no probe to it
     (too few examples) is a result, not a reason to wait (it made the benchmark poll until --timeout)."""
@@ -219,7 +219,7 @@ def bench(model=None, data: str | None = None, adapters: int = 26, examples: int
                 if r.status_code != 200:
                     raise DLPLoRAError(f"the load failed: {r.status_code} {r.text}")
                 call_s = time.perf_counter() - t0
-                a = _wait_routable(http, new.name, new.tests[:max(1, probe)], timeout)
+                a = wait_routable(http, new.name, new.tests[:max(1, probe)], timeout)
                 retrain = next((c for c in reversed(live.changes) if c["op"] == "retrain"), {})
                 a.update(load_call_s=round(call_s, 3), retrain_s=retrain.get("seconds"),
                          retrain_train_s=retrain.get("train_seconds"), retrain_examples=retrain.get("examples"))
