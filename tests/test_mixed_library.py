@@ -72,3 +72,52 @@ def test_train_plugin_names_adapters_without_any_prompts(tmp_path, capsys, small
     assert cli.main(["train-plugin", "--library", str(lib.root), "--data", str(data), "--background", "none"]) == 2
     err = capsys.readouterr().err
     assert "no prompts for stray" in err and "--examples" in err and "Traceback" not in err
+
+
+WORDS = {"alpha": ("add", "sum", "plus", "number", "total", "seven"),
+         "beta": ("bonjour", "maison", "voiture", "chat", "pomme", "rouge"),
+         "gamma": ("red", "green", "blue", "yellow", "ball", "table")}
+GAMMA = "red green blue yellow ball table red blue"
+ALPHA = "add sum plus number total seven add sum"
+
+
+def test_a_stale_router_follows_one_rule_everywhere(tiny_model, tmp_path, capsys, caplog, one_thread):
+    """The router knows alpha, beta, gamma; the library now holds alpha, beta, delta. The CLI's route and generate, the
+    Python API and the server all route among alpha and beta, warn once naming what it cannot route to (delta) and
+    what it never chooses (gamma), and never choose gamma."""
+    from dlplora.engine import DLPLoRA
+    from dlplora.library import add_adapter, remove_adapter
+    from dlplora.serve import ServeConfig, create_app
+    from dlplora.testing import random_peft_adapter, random_peft_library
+    from wordplugin import train_word_plugin
+
+    lib = random_peft_library(tmp_path / "lib", tiny_model, {n: (4, 8, ("q_proj", "v_proj")) for n in WORDS}, std=0.5)
+    train_word_plugin(lib, WORDS)
+    remove_adapter(lib, "gamma")
+    add_adapter(lib, "delta", random_peft_adapter(tiny_model, tmp_path / "delta", rank=4), model=str(tiny_model))
+
+    def warned():
+        notes = [r.getMessage() for r in caplog.records if "another adapter set" in r.getMessage()]
+        caplog.clear()
+        assert len(notes) == 1, notes
+        assert "routes among the 2 of the library's 3 adapters it knows (alpha, beta)" in notes[0]
+        assert "cannot route to delta" in notes[0] and "never chooses gamma" in notes[0]
+
+    caplog.set_level(logging.WARNING)
+    assert cli.main(["route", "--library", str(lib), "--json", GAMMA, ALPHA]) == 0
+    warned()
+    routings = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["routings"]
+    assert "gamma" not in routings[0]["adapters"] and routings[1]["adapters"][0] == "alpha"
+    assert routings[0]["adapters"] or "cannot route to" in routings[0]["base_reason"]
+
+    assert cli.main(["generate", "--library", str(lib), "--max-new-tokens", "2", "--json", GAMMA]) == 0
+    warned()
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "gamma" not in [a["name"] for a in out["routing"]["adapters"]]
+
+    engine = DLPLoRA.from_library(lib)
+    warned()
+    assert all("gamma" not in s for s in engine.route([GAMMA, ALPHA]))
+    live = create_app(engine, ServeConfig()).state.dlp.live
+    states = {n: routing for n, routing, _ in live.models()}
+    assert states["alpha"] == states["beta"] == "routable" and states["delta"] != "routable"

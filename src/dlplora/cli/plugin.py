@@ -101,6 +101,8 @@ def _train_from_library(args, lib) -> None:
 
 def cmd_route(args) -> None:
     from ..plugin import Plugin
+    from ..plugin.model import check_texts
+    from ..plugin.router import without
 
     expected = None
     if args.library:
@@ -118,9 +120,12 @@ def cmd_route(args) -> None:
         prompts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise DLPLoRAError("no prompts to route: give them as arguments (or with --stdin, one per line)")
-    plugin = Plugin.load(plugin_dir, expected_labels=expected)
+    check_texts(prompts)  # before anything loads
+    plugin = Plugin.load(plugin_dir, expected_labels=expected, partial=True)  # a stale router: warns once
+    hidden = set(plugin.labels) - set(expected or plugin.labels)  # adapters the library no longer holds
     t0 = time.perf_counter()
     routings = plugin.route(prompts, p=args.p, top_k=args.top_k, weighting=args.weighting, floor=args.floor)
+    routings = [without(r, hidden) for r in routings]
     ms = (time.perf_counter() - t0) * 1000
     out = []
     for prompt, r in zip(prompts, routings):
