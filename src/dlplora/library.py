@@ -51,7 +51,7 @@ class Library:
         path = root / MANIFEST
         if not path.is_file():
             raise DLPLoRAError(f"{root} is not an adapter library: {MANIFEST} is missing "
-                               f"(create one with `dlp-lora train-loras --out {root}` or `dlp-lora library add`)")
+                               f"(create one with `dlp-lora train-loras --out {root}` or `dlp-lora library add NAME DIR --library {root} --create`)")
         manifest = read_json(path)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("adapters"), dict):
             raise DLPLoRAError(f"{path} is not a dlp-lora manifest (no 'adapters' object)")
