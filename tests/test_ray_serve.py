@@ -220,7 +220,7 @@ def _summed_metrics(http, replicas: int, ok_chats: int = 0) -> str:
 def _common_checks(proxy, reference):
     client = openai.OpenAI(base_url=proxy + "/v1", api_key=KEY, max_retries=0, timeout=60)
     http = httpx.Client(base_url=proxy, timeout=60, headers={"Authorization": f"Bearer {KEY}"})
-    assert [m.id for m in client.models.list().data][1:] == ["alpha", "beta"]
+    assert [m.id for m in client.models.list().data][1:] == ["dlp-lora", "alpha", "beta"]
     # routed by the plugin, pinned, a mix: the single-process server's texts and routing
     routed = _chat(client, "dlp-lora", ALPHA_PROMPT)
     assert routed["text"] == reference["routed"]["text"] and routed["routing"] == reference["routed"]["routing"]

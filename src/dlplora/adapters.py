@@ -13,11 +13,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -230,6 +232,16 @@ def load_peft_adapter(path: str | os.PathLike, name: str | None = None) -> Adapt
 
 
 # ---------------------------------------------------------------- for the library: validation against a base model
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """Around building a PEFT model: PEFT (0.21, the newest) reads ``model.is_gradient_checkpointing``, which
+    transformers 5 deprecates with a FutureWarning on every training and test run; that one warning, from that one
+    call, is not the user's to act on. Every other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
 
 def _same_model(named: str, base: dict, model=None) -> bool:
     """Whether an adapter config's base_model_name_or_path names the library's base (`base`, `model` its directory):

@@ -136,7 +136,7 @@ def wait_routable(http, name: str, probes: list[str], timeout: float) -> dict:
     t0 = time.perf_counter()
     state_at = routed_at = None
     while state_at is None:
-        states = {m["id"]: m.get("routing") for m in http.get("/v1/models").json()["data"][1:]}
+        states = {m["id"]: m["routing"] for m in http.get("/v1/models").json()["data"] if "routing" in m}
         if states.get(name) == "routable":
             state_at = time.perf_counter() - t0
         elif states.get(name) != "training":
