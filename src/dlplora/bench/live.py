@@ -6,8 +6,9 @@ a task of ``--data`` (a prepared data directory) or, past its tasks or without i
 pseudo-words); trains the router on them, starts the server in this process with runtime adapters on, and measures:
 
 1. **load-to-routable**: ``POST /v1/load_lora_adapter`` of a new adapter with ``--examples`` prompts of a new task;
-   the seconds from the call's return until ``/v1/models`` says ``routable`` *and* a test prompt of the new task is
-   routed to it (top adapter), and the share of ``--probe`` test prompts routed to it then;
+   the seconds from the call's return until ``/v1/models`` says ``routable``, then ``--probe`` test prompts of the new
+   task routed once: the seconds until the first of them routed to it (top adapter; never, with too few examples),
+   and the share routed to it;
 2. **a closed loop** of ``--clients`` clients (chat requests of every task, routed by the server, a fifth of them a
    fixed mix of two adapters that stay; greedy, ``--max-new-tokens``) while the library changes ``--loads`` times
    (new adapters with examples) and ``--unloads`` times (one adapter of the start, then the newest), ``--gap``
