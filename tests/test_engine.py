@@ -146,7 +146,7 @@ def test_bad_requests(engine):
     g = engine.generate
     with pytest.raises(DLPLoRAError, match="unknown adapter 'nope'"):
         g(["hi"], adapters={"nope": 1.0})
-    with pytest.raises(DLPLoRAError, match="negative"):
+    with pytest.raises(DLPLoRAError, match=r"is -1; each weight must be in \[0, 1\]"):
         g(["hi"], adapters={"alpha": -1.0})
     with pytest.raises(DLPLoRAError, match="finite"):
         g(["hi"], adapters={"alpha": float("nan")})
