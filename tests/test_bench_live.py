@@ -30,3 +30,57 @@ def test_live_library_bench_on_a_tiny_model(tiny_model, tiny_data):
     assert b["responses"] > 0 and b["failed"] == 0, b["failed_examples"]
     assert b["changed"] == 0, b["changed_examples"]
     assert 0 < b["compared"] <= b["responses"]
+
+
+class _FakeServer:
+    """/v1/models says `name` is training, then routable; the router never sends a probe to it (a router trained on
+    too few examples): what made `bench live-library --examples 10` poll until --timeout (issue 32.4)."""
+
+    def __init__(self, name, training_polls=2):
+        self.name, self.polls, self.training_polls = name, 0, training_polls
+
+    def get(self, path):
+        self.polls += 1
+        state = "training" if self.polls <= self.training_polls else "routable"
+        return _Response({"data": [{"id": "dlp-lora"}, {"id": "old", "routing": "routable"},
+                                   {"id": self.name, "routing": state}]})
+
+    def post(self, path, json):
+        return _Response({"routing": {"adapters": [{"name": "old", "weight": 1.0}]}})
+
+
+class _Response:
+    def __init__(self, obj):
+        self.obj = obj
+
+    def json(self):
+        return self.obj
+
+
+def testwait_routable_measures_a_router_that_never_routes_to_the_new_adapter():
+    import time
+
+    from dlplora.bench.live import wait_routable
+
+    t0 = time.perf_counter()
+    a = wait_routable(_FakeServer("new"), "new", ["p1", "p2", "p3"], timeout=30)
+    assert time.perf_counter() - t0 < 10  # it does not poll until the timeout
+    assert a["routable_after_s"] is not None and a["routed_after_s"] is None and a["probe_routed_share"] == 0
+
+
+def test_ctrl_c_during_the_load_test_leaves_no_thread_running(tiny_model, tiny_data):
+    """An interrupt while the clients run and the router retrains: the clients, the server's scheduler and the
+    retraining thread have all ended when the KeyboardInterrupt leaves `bench` (a torch thread still running at
+    exit aborted the process: `terminate called without an active exception`)."""
+    import threading
+
+    def interrupt(msg, *a, **kw):
+        if msg.startswith("  load "):  # just after a runtime load: retraining in the background, clients running
+            raise KeyboardInterrupt
+
+    before = set(threading.enumerate())
+    with pytest.raises(KeyboardInterrupt):
+        bench(model=str(tiny_model), data=str(tiny_data), adapters=3, examples=30, loads=1, unloads=0, clients=2,
+              max_new_tokens=2, gap=0.1, settle=0.1, probe=2, timeout=120, max_batch_size=2, log=interrupt)
+    left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not left, left

@@ -4,6 +4,7 @@ grid end to end on a tiny random model, and resuming from the prediction cache."
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -311,7 +312,7 @@ def test_reproduce_cli_is_registered_and_command_line_hides_the_note():
     from dlplora.cli.common import command_line
 
     args = build_parser().parse_args(["reproduce", "--extra-data", "x", "--limit", "3", "--steps", "2", "--tasks", "qa"])
-    assert args.limit == 3 and args.steps == 2 and args.tasks == "qa" and args.out == "docs" and args.setting == "all"
+    assert args.limit == 3 and args.steps == 2 and args.tasks == "qa" and args.out == os.path.join("runs", "reproduce") and args.setting == "all"
     assert command_line(["eval", "--library", "a b", "--note", "long\ntext", "--limit", "5"]) == \
         "dlp-lora eval --library 'a b' --note '...' --limit 5"
 

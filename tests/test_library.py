@@ -70,13 +70,18 @@ def test_library_for_another_base_is_refused(tiny_model, tmp_path):
 
 def test_cli_library_add_creates_library(tiny_model, tmp_path):
     good = _peft_adapter(tiny_model, tmp_path / "good")
-    res = subprocess.run([sys.executable, "-m", "dlplora.cli", "library", "add", "mine", str(good), "--library",
-                          str(tmp_path / "lib"), "--model", str(tiny_model), "--json"], capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "dlplora.cli", "library", "add", "mine", str(good), "--library", str(tmp_path / "lib"),
+           "--model", str(tiny_model), "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True)  # a missing (mistyped) library: refused without --create
+    assert res.returncode == 2 and "no library there" in res.stderr and "--create" in res.stderr, res.stderr
+    assert not (tmp_path / "lib").exists()
+    res = subprocess.run(cmd + ["--create"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["rank"] == 4
     res = subprocess.run([sys.executable, "-m", "dlplora.cli", "library", "add", "other", str(tmp_path / "nope"),
                           "--library", str(tmp_path / "lib")], capture_output=True, text=True)
     assert res.returncode == 2 and "no such adapter directory" in res.stderr
+    assert res.stderr.count(str(tmp_path / "nope")) == 1, res.stderr  # the path once
     res = subprocess.run([sys.executable, "-m", "dlplora.cli", "library", "list", "--library", str(tmp_path / "lib")],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -102,3 +107,18 @@ def test_library_list_totals_and_training_lines():
     assert train_line(man["adapters"]["c"]) == "" and library_totals({"adapters": {}}) == []
 
 
+def test_an_adapter_naming_another_base_model_is_added_with_a_warning(tiny_model, tmp_path, caplog):
+    """Matching shapes, but adapter_config.json names another base model: added, with a warning naming both."""
+    import logging
+
+    src = _peft_adapter(tiny_model, tmp_path / "a")
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    caplog.set_level(logging.WARNING)
+    add_adapter(tmp_path / "lib", "same", src, model=str(tiny_model))
+    assert not caplog.records  # its config names the library's base model (the tiny model's directory)
+    cfg["base_model_name_or_path"] = "Qwen/Qwen2-1.5B-Instruct"
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    add_adapter(tmp_path / "lib", "other", src, model=str(tiny_model))
+    [rec] = caplog.records
+    base = json.loads((tmp_path / "lib" / "library.json").read_text())["base_model"]["name"]
+    assert "names base model Qwen/Qwen2-1.5B-Instruct" in rec.getMessage() and f"library's base {base}" in rec.getMessage()

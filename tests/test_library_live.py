@@ -39,7 +39,7 @@ def test_add_with_examples_train_from_the_library_then_remove(tiny_model, tmp_pa
         src = random_peft_adapter(tiny_model, tmp_path / name, rank=4, seed=i, std=0.3)
         ex = _examples_file(tmp_path / f"{name}.jsonl", name)
         assert main(["library", "add", name, str(src), "--library", str(lib), "--model", str(tiny_model),
-                     "--examples", str(ex)]) == 0
+                     "--examples", str(ex), "--create"]) == 0
     assert "kept 30 routing prompts" in capsys.readouterr().out
     kept = Library.open(lib).routing_prompts("alpha")
     assert len(kept) == 30 and kept[3] == {"input": kept[3]["input"], "task_prefix": "Q.\n"}

@@ -299,11 +299,10 @@ def test_cli_train_plugin_and_route_json(tmp_path, capsys, monkeypatch):
     assert "top-k" in capsys.readouterr().err
     assert cli.main(["route", "--library", str(lib_dir), "   "]) == 2
     assert "empty" in capsys.readouterr().err
-    # the library changed: the plugin must be refused
+    # the library changed: the stale router routes among the adapters it knows (tests/test_mixed_library.py)
     lib.manifest["adapters"]["winowhy_v2"] = {"path": "adapters/winowhy_v2"}
     lib.save()
-    assert cli.main(["route", "--library", str(lib_dir), "hi there"]) == 2
-    assert "retrain with `dlp-lora train-plugin --library LIB`" in capsys.readouterr().err
+    assert cli.main(["route", "--library", str(lib_dir), "hi there"]) == 0
 
 
 def test_cli_train_plugin_needs_labels(tmp_path, capsys):

@@ -220,7 +220,7 @@ def _summed_metrics(http, replicas: int, ok_chats: int = 0) -> str:
 def _common_checks(proxy, reference):
     client = openai.OpenAI(base_url=proxy + "/v1", api_key=KEY, max_retries=0, timeout=60)
     http = httpx.Client(base_url=proxy, timeout=60, headers={"Authorization": f"Bearer {KEY}"})
-    assert [m.id for m in client.models.list().data][1:] == ["alpha", "beta"]
+    assert [m.id for m in client.models.list().data][1:] == ["dlp-lora", "alpha", "beta"]
     # routed by the plugin, pinned, a mix: the single-process server's texts and routing
     routed = _chat(client, "dlp-lora", ALPHA_PROMPT)
     assert routed["text"] == reference["routed"]["text"] and routed["routing"] == reference["routed"]["routing"]
@@ -281,3 +281,47 @@ def test_placement_by_adapter_set(ray_cluster, proxy, lib, reference):
         assert "dlp_lora_replicas 2" in _summed_metrics(http, 2)
     finally:
         serve.delete("rs-byset")
+
+
+def test_too_few_cpus_are_refused_before_deploying(ray_cluster, proxy, lib, tiny_model):
+    """Issue 33.2: what the 2-CPU cluster cannot hold is refused, saying what is missing, before anything loads or
+    is deployed (Serve would wait for the CPUs forever)."""
+    from dlplora.bench.replicas import bench
+    from dlplora.errors import DLPLoRAError
+    from dlplora.serve.ray_serve import replica_spec, serve_on_ray
+
+    with pytest.raises(DLPLoRAError, match=r"has 2 of its 2 CPUs free, and this benchmark \(1 \+ 1 x 2 replicas of 1 "
+                                           r"CPU each, deployed together\) needs 3: 1 CPUs are missing"):
+        bench(model=str(tiny_model), adapters=2, rank=4, replicas=2, threads=1, placements=("serve",),
+              ray_address=ray_cluster, kill=False, log=lambda *a, **k: None)
+    spec = replica_spec(lib, ServeConfig(**CONFIG), threads=1)
+    with pytest.raises(DLPLoRAError, match="3 replicas of 1 CPU needs 3: 1 CPUs are missing"):
+        serve_on_ray(spec, ray_cluster, port=free_port(), name="rs-big", replicas=3, cpus=1.0, log=lambda *a, **k: None)
+    assert not serve.status().applications.get("rs-big")
+
+
+def test_ctrl_c_while_deploying_deletes_the_application(ray_cluster, proxy, lib, monkeypatch):
+    """Issue 33.3: a Ctrl-C after the replicas answer but before `deployed` is printed tears the application down
+    (without --detach)."""
+    from dlplora.serve import ray_serve
+
+    real_deploy = ray_serve.deploy
+
+    def deploy_then_ctrl_c(spec, name, **kw):
+        real_deploy(spec, name=name, **kw)
+        assert serve.status().applications[name].status == "RUNNING"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray_serve, "deploy", deploy_then_ctrl_c)
+    spec = ray_serve.replica_spec(lib, ServeConfig(**CONFIG), threads=1)
+    logs = []
+    try:
+        ray_serve.serve_on_ray(spec, ray_cluster, port=free_port(), name="rs-ctrl-c", replicas=1, cpus=1.0,
+                               log=lambda msg, **k: logs.append(msg))
+    except KeyboardInterrupt:
+        pass
+    try:
+        assert "rs-ctrl-c" not in serve.status().applications, logs
+        assert logs == ["deleted 'rs-ctrl-c'"]
+    finally:
+        serve.delete("rs-ctrl-c")

@@ -103,10 +103,11 @@ def test_models_health_and_openai_client_listing(http, client):
     h = http.get("/health").json()
     assert h["status"] == "ok" and h["plugin"] is True and h["adapters"] == ["alpha", "beta", "gamma"]
     ids = [m.id for m in client.models.list().data]
-    assert ids[0] == h["model"] and ids[1:] == ["alpha", "beta", "gamma"]
+    assert ids[0] == h["model"] and ids[1:] == ["dlp-lora", "alpha", "beta", "gamma"]  # requests may name dlp-lora
     raw = http.get("/v1/models").json()
     assert raw["object"] == "list" and all(m["object"] == "model" for m in raw["data"])
-    assert [m["parent"] for m in raw["data"][1:]] == [h["model"]] * 3
+    assert [m["parent"] for m in raw["data"][1:]] == [h["model"]] * 4
+    assert [m["id"] for m in raw["data"] if "routing" in m] == ["alpha", "beta", "gamma"]
 
 
 # ---------------------------------------------------------------- adapter choice
@@ -197,6 +198,41 @@ def test_stop_strings_cut_the_text(http):
 
 
 # ---------------------------------------------------------------- bad input
+
+def test_mix_weights_out_of_0_1_are_refused_naming_the_field(http):
+    """Issue 33.7: a weight of 1.5 extrapolated the adapter and answered empty text; now a 400 on `adapters`."""
+    for bad in (1.5, 1.0001, -0.5):
+        err = _err(http.post("/v1/chat/completions", json=_chat("hi", adapters={"alpha": bad, "beta": 0.5})), 400,
+                   "adapters")
+        assert "'alpha'" in err["message"] and "[0, 1]" in err["message"]
+    r = http.post("/v1/chat/completions", json=_chat("hi", adapters={"alpha": 1.0, "beta": 0.0}, max_tokens=2))
+    assert r.status_code == 200 and r.json()["routing"]["adapters"] == [{"name": "alpha", "weight": 1.0}]
+
+
+def test_unknown_request_fields_are_logged_at_the_default_level(libs, caplog):
+    """Issue 33.6: with the logging `dlp-lora serve` sets up (--log-level info, the default), an ignored field is in
+    the log (the dlplora loggers had no level, so their info records were dropped)."""
+    import logging
+    import logging.config
+
+    from dlplora.serve.config import log_config
+
+    logging.config.dictConfig(log_config("info"))
+    try:
+        engine = DLPLoRA.from_library(libs[1])
+        with ServerThread(create_app(engine, ServeConfig(max_tokens_limit=8))) as srv:
+            r = httpx.post(srv.url + "/v1/chat/completions", json=_chat("hi", model="alpha", max_tokens=2, foo_bar=1),
+                           timeout=60)
+        assert r.status_code == 200, r.text
+        [rec] = [rec for rec in caplog.records if "foo_bar" in rec.getMessage()]
+        assert rec.levelname == "INFO" and "ignoring unknown request fields" in rec.getMessage()
+    finally:
+        for name in ("dlplora", "uvicorn", "uvicorn.error", "uvicorn.access"):
+            logger = logging.getLogger(name)
+            logger.handlers.clear()
+            logger.setLevel(logging.NOTSET)
+            logger.propagate = True
+
 
 def test_bad_requests_answer_openai_errors_and_the_server_stays_healthy(http, client, server):
     url = "/v1/chat/completions"
@@ -394,7 +430,7 @@ def test_serve_cli_checks_limits_and_serves_in_a_subprocess(libs, capsys):
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        assert [m.id for m in c.models.list().data][1:] == ["alpha", "beta", "gamma"]
+        assert [m.id for m in c.models.list().data][1:] == ["dlp-lora", "alpha", "beta", "gamma"]
         r = c.completions.create(model="alpha", prompt="The quick brown fox", max_tokens=4)
         assert r.routing["adapters"] == [{"name": "alpha", "weight": 1.0}] and r.usage.completion_tokens <= 4
         with pytest.raises(openai.BadRequestError):

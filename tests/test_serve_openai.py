@@ -77,7 +77,7 @@ def test_api_key_is_required_everywhere_but_health(server, client):
     assert exc.value.code == "invalid_api_key"
     r = client.chat.completions.create(model="alpha", messages=PROMPT, max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
-    assert [m.id for m in client.models.list().data][1:] == ["alpha", "beta"]
+    assert [m.id for m in client.models.list().data][1:] == ["dlp-lora", "alpha", "beta"]
 
 
 def test_config_checks_and_cli_flags(tmp_path, monkeypatch):

@@ -284,3 +284,23 @@ def test_scoring_generation_equals_hf_generate_of_the_unmerged_adapter(tiny_mode
         assert generate_greedy(inference_copy(pm, "float32"), tok, messages[2:], max_new_tokens=12) == [base_ref]
     assert all(torch.equal(p, before[n]) for n, p in pm.named_parameters())
     assert hasattr(pm, "peft_config")
+
+
+def test_building_the_peft_model_warns_nothing(tiny_model):
+    """Issue 33.8: every training command printed PEFT's `is_gradient_checkpointing is deprecated` FutureWarning."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from dlplora.train import TrainConfig
+    from dlplora.train.lora import make_peft_model
+
+    net = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_peft_model(net, TrainConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"), top_layers=None))
+    assert not [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    with warnings.catch_warnings(record=True) as caught:  # the filter stays local: the same warning passes after
+        warnings.simplefilter("always")
+        getattr(net, "is_gradient_checkpointing", None)
+    assert any("is_gradient_checkpointing" in str(w.message) for w in caught)

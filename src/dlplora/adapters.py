@@ -13,10 +13,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -24,6 +27,8 @@ from typing import Mapping
 import torch
 
 from .errors import DLPLoRAError
+
+log = logging.getLogger("dlplora.library")
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -70,7 +75,7 @@ def read_adapter_config(path: str | os.PathLike, name: str | None = None) -> Ada
     path = Path(path)
     where = f"adapter {name!r}" if name else str(path)
     if not path.is_dir():
-        raise DLPLoRAError(f"{where}: {path}: no such adapter directory")
+        raise DLPLoRAError(f"{where + ': ' if name else ''}{path}: no such adapter directory")
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
         raise DLPLoRAError(f"{where}: {cfg_path} is missing, so {path} is not a PEFT adapter directory")
@@ -228,6 +233,26 @@ def load_peft_adapter(path: str | os.PathLike, name: str | None = None) -> Adapt
 
 # ---------------------------------------------------------------- for the library: validation against a base model
 
+@contextlib.contextmanager
+def peft_wrapping():
+    """Around building a PEFT model: PEFT (0.21, the newest) reads ``model.is_gradient_checkpointing``, which
+    transformers 5 deprecates with a FutureWarning on every training and test run; that one warning, from that one
+    call, is not the user's to act on. Every other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def _same_model(named: str, base: dict, model=None) -> bool:
+    """Whether an adapter config's base_model_name_or_path names the library's base (`base`, `model` its directory):
+    the same directory, or the same last path component (hub id or directory name), case aside."""
+    paths = [p for p in (base.get("path"), model) if p]
+    if Path(named).exists() and any(Path(p).exists() and Path(named).resolve() == Path(p).resolve() for p in paths):
+        return True
+    tail = named.rstrip("/").rsplit("/", 1)[-1].lower()
+    return tail in {str(x).rstrip("/").rsplit("/", 1)[-1].lower() for x in [base.get("name"), *paths] if x}
+
+
 def validate_adapter(path: str | os.PathLike, model=None, base: dict | None = None) -> dict:
     """Check that a PEFT LoRA fits the base model `model` (a path or hub id; None = the embedded one): same base
     (when recorded), targets present, A [r, in] and B [out, r] shapes that match the model's layers and the
@@ -270,5 +295,9 @@ def validate_adapter(path: str | os.PathLike, model=None, base: dict | None = No
                                f"layer is {layer.in_features}->{layer.out_features} and the rank is {r}, so A must be "
                                f"[{r}, {layer.in_features}] and B [{layer.out_features}, {r}]")
         targets.add(mod_name.rsplit(".", 1)[-1])
+    named = cfg.raw.get("base_model_name_or_path")
+    if base and named and not meta.is_file() and not _same_model(str(named), base, model):
+        log.warning("warning: %s: its %s names base model %s, not the library's base %s; its shapes match, so it is "
+                    "added, but it was probably trained on another model", path, CONFIG_FILE, named, base.get("name"))
     return {"rank": cfg.rank, "alpha": cfg.raw.get("lora_alpha", cfg.rank), "targets": sorted(targets),
             "use_rslora": cfg.use_rslora}

@@ -40,8 +40,12 @@ _ROUTING_ALIASES = {"route_window": "window"}
 
 # ---------------------------------------------------------------- requests
 
+MAX_WEIGHT = 1.0  # an explicit mix weight is in [0, MAX_WEIGHT]: 1.5 extrapolated one adapter into empty text
+
+
 def adapter_set(value, where: str) -> dict[str, float]:
-    """An explicit adapter set: {name: weight}, or an object with .names and .weights (a Routing)."""
+    """An explicit adapter set: {name: weight}, or an object with .names and .weights (a Routing). Each weight is
+    in [0, 1] (0 = left out) and used as given (not renormalised)."""
     if hasattr(value, "names") and hasattr(value, "weights"):
         names, weights = list(value.names), list(value.weights)
         if len(names) != len(weights):
@@ -60,8 +64,10 @@ def adapter_set(value, where: str) -> dict[str, float]:
             raise RequestError(f"{where}: weight of adapter {name!r} is not a number: {w!r}", "adapters") from None
         if math.isnan(w) or math.isinf(w):
             raise RequestError(f"{where}: weight of adapter {name!r} is {w}; weights must be finite", "adapters")
-        if w < 0:
-            raise RequestError(f"{where}: weight of adapter {name!r} is negative ({w}); weights must be >= 0", "adapters")
+        if not 0 <= w <= MAX_WEIGHT:
+            raise RequestError(f"{where}: weight of adapter {name!r} is {w:g}; each weight must be in [0, {MAX_WEIGHT:g}] "
+                               f"(1 = the adapter at full strength, 0 = left out; past 1 the delta is extrapolated "
+                               f"and the model's output can break down)", "adapters")
         if w > 0:
             out[name] = out.get(name, 0.0) + w
     return out

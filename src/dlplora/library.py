@@ -51,7 +51,7 @@ class Library:
         path = root / MANIFEST
         if not path.is_file():
             raise DLPLoRAError(f"{root} is not an adapter library: {MANIFEST} is missing "
-                               f"(create one with `dlp-lora train-loras --out {root}` or `dlp-lora library add`)")
+                               f"(create one with `dlp-lora train-loras --out {root}` or `dlp-lora library add NAME DIR --library {root} --create`)")
         manifest = read_json(path)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("adapters"), dict):
             raise DLPLoRAError(f"{path} is not a dlp-lora manifest (no 'adapters' object)")
@@ -95,16 +95,46 @@ class Library:
         """The prompts the router learns adapter `name` from: LIB/routing/<name>.jsonl, else (a library built by
         `train-loras` before the prompts were kept) the train split of the data directory recorded in library.json
         when it is still there; None when there are none."""
-        from .tasks import prepared_path, read_jsonl
+        from .tasks import read_jsonl
 
-        path = self.routing_path(name)
-        if not path.is_file():
-            data = self.manifest.get("data_dir")
-            path = prepared_path(data, name, "train") if data else None
-            if path is None or not path.is_file():
-                return None
+        path = self.routing_source(name)
+        if path is None:
+            return None
         rows = [{k: r[k] for k in ROUTING_FIELDS if r.get(k) is not None} for r in read_jsonl(path, ("input",))]
         return rows or None
+
+    def routing_source(self, name: str) -> Path | None:
+        """The file :meth:`routing_prompts` reads for adapter `name` (LIB/routing/<name>.jsonl, else the train split
+        in the recorded data directory), or None when there is neither."""
+        from .tasks import prepared_path
+
+        path = self.routing_path(name)
+        if path.is_file():
+            return path
+        data = self.manifest.get("data_dir")
+        path = prepared_path(data, name, "train") if data else None
+        return path if path is not None and path.is_file() else None
+
+    def prompt_sources(self, data, split: str = "train", names=None) -> tuple[dict[str, str], dict[str, list[dict]]]:
+        """For each adapter (or `names`), where the router's prompts for it come from: the prepared `split` in `data`
+        when the adapter is a task there, else the routing prompts the library keeps (:meth:`routing_prompts`); and
+        the rows of the latter ({name: rows}). Refuses adapters that have neither."""
+        from .tasks import prepared_path
+
+        sources, own, missing = {}, {}, []
+        for n in self.names if names is None else names:
+            if data and prepared_path(data, n, split).is_file():
+                sources[n] = f"prepared {split} split {prepared_path(data, n, split)}"
+            elif (rows := self.routing_prompts(n)) is not None:
+                sources[n] = f"routing prompts {self.routing_source(n)}"
+                own[n] = rows
+            else:
+                missing.append(n)
+        if missing:
+            raise DLPLoRAError(f"no prompts for {', '.join(missing)}: no task of that name is prepared in {data} and "
+                               f"{self.root} keeps no routing prompts for it; add them with `dlp-lora library add "
+                               f"NAME DIR --library {self.root} --examples FILE --force`")
+        return sources, own
 
     def keep_routing_prompts(self, data_dir, names=None) -> list[str]:
         """Keep the train split in `data_dir` of each adapter (`names`, default all) that has no routing prompts in

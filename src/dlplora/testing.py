@@ -106,13 +106,16 @@ def random_peft_adapter(model, out: str | Path, rank: int = 8, alpha: float | No
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from .adapters import peft_wrapping
+
     if isinstance(model, (str, Path)):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     torch.manual_seed(seed)
-    pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha,
-                                          target_modules=list(targets), lora_dropout=0.0, use_rslora=use_rslora))
+    with peft_wrapping():
+        pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha,
+                                              target_modules=list(targets), lora_dropout=0.0, use_rslora=use_rslora))
     with torch.no_grad():
         for name, param in pm.named_parameters():
             if any(f in name for f in factors):

@@ -117,19 +117,23 @@ def peft_model_with(model, adapters, ):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    from ..adapters import peft_wrapping
+
     net = copy.deepcopy(model)
     pm = None
     for ad in adapters:
         if ad.path:
             if pm is None:
-                pm = PeftModel.from_pretrained(net, ad.path, adapter_name=ad.name)
+                with peft_wrapping():
+                    pm = PeftModel.from_pretrained(net, ad.path, adapter_name=ad.name)
             else:
                 pm.load_adapter(ad.path, adapter_name=ad.name)
             continue
         cfg = LoraConfig(r=ad.rank, lora_alpha=ad.alpha, target_modules=ad.targets, lora_dropout=0.0,
                          use_rslora=ad.use_rslora)
         if pm is None:
-            pm = get_peft_model(net, cfg, adapter_name=ad.name)
+            with peft_wrapping():
+                pm = get_peft_model(net, cfg, adapter_name=ad.name)
         else:
             pm.add_adapter(ad.name, cfg)
         inner = pm.base_model.model

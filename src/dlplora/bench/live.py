@@ -6,8 +6,9 @@ a task of ``--data`` (a prepared data directory) or, past its tasks or without i
 pseudo-words); trains the router on them, starts the server in this process with runtime adapters on, and measures:
 
 1. **load-to-routable**: ``POST /v1/load_lora_adapter`` of a new adapter with ``--examples`` prompts of a new task;
-   the seconds from the call's return until ``/v1/models`` says ``routable`` *and* a test prompt of the new task is
-   routed to it (top adapter), and the share of ``--probe`` test prompts routed to it then;
+   the seconds from the call's return until ``/v1/models`` says ``routable``, then ``--probe`` test prompts of the new
+   task routed once: the seconds until the first of them routed to it (top adapter; never, with too few examples),
+   and the share routed to it;
 2. **a closed loop** of ``--clients`` clients (chat requests of every task, routed by the server, a fifth of them a
    fixed mix of two adapters that stay; greedy, ``--max-new-tokens``) while the library changes ``--loads`` times
    (new adapters with examples) and ``--unloads`` times (one adapter of the start, then the newest), ``--gap``
@@ -129,29 +130,31 @@ async def _closed_loop(url, key, prompts, mix, clients, max_new, stop: threading
     return out
 
 
-def _wait_routable(http, name: str, probes: list[str], timeout: float) -> dict:
-    """Poll until /v1/models says `name` is routable and a probe prompt is routed to it; then route every probe."""
+def wait_routable(http, name: str, probes: list[str], timeout: float) -> dict:
+    """Poll until /v1/models says `name` is routable, then route every probe prompt once: the router that made it
+    routable is the one every later request meets (no retraining is pending), so a router that sends no probe to it
+    (too few examples) is a result, not a reason to wait (it made the benchmark poll until --timeout)."""
     t0 = time.perf_counter()
     state_at = routed_at = None
-    while time.perf_counter() - t0 < timeout:
-        states = {m["id"]: m.get("routing") for m in http.get("/v1/models").json()["data"][1:]}
+    while state_at is None:
+        states = {m["id"]: m["routing"] for m in http.get("/v1/models").json()["data"] if "routing" in m}
         if states.get(name) == "routable":
-            state_at = state_at or time.perf_counter() - t0
-            r = http.post("/v1/chat/completions", json={"model": "dlp-lora", "max_tokens": 1, "messages": [
-                {"role": "user", "content": probes[0]}]}).json()
-            if r["routing"]["adapters"] and r["routing"]["adapters"][0]["name"] == name:
-                routed_at = time.perf_counter() - t0
-                break
-            probes = probes[1:] + probes[:1]
+            state_at = time.perf_counter() - t0
         elif states.get(name) != "training":
             raise DLPLoRAError(f"{name} is {states.get(name)} instead of training / routable")
-        time.sleep(0.2)
+        elif time.perf_counter() - t0 > timeout:
+            raise DLPLoRAError(f"{name} was not routable after --timeout {timeout:g} s")
+        else:
+            time.sleep(0.2)
     hits = 0
     for p in probes:
         r = http.post("/v1/chat/completions", json={"model": "dlp-lora", "max_tokens": 1,
                                                    "messages": [{"role": "user", "content": p}]}).json()
-        hits += bool(r["routing"]["adapters"]) and r["routing"]["adapters"][0]["name"] == name
-    return {"routable_after_s": None if state_at is None else round(state_at, 2),
+        hit = bool(r["routing"]["adapters"]) and r["routing"]["adapters"][0]["name"] == name
+        hits += hit
+        if hit and routed_at is None:
+            routed_at = time.perf_counter() - t0
+    return {"routable_after_s": round(state_at, 2),
             "routed_after_s": None if routed_at is None else round(routed_at, 2),
             "probe_routed_share": round(hits / max(1, len(probes)), 3)}
 
@@ -205,63 +208,73 @@ def bench(model=None, data: str | None = None, adapters: int = 26, examples: int
         live = app.state.dlp.live
         result = {"model": info.name, "adapters": adapters, "examples": examples, "rank": rank, "data": data,
                   "torch_threads": torch.get_num_threads()}
+        stop, box, loop_thread = threading.Event(), {}, None
         with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=600,
                                                     headers={"Authorization": f"Bearer {key}"}) as http:
-            # 1. load-to-routable
-            new = fresh[0]
-            body = {"lora_name": new.name, "lora_path": new.name, "examples": [r["input"] for r in new.rows[:examples]]}
-            t0 = time.perf_counter()
-            r = http.post("/v1/load_lora_adapter", json=body)
-            if r.status_code != 200:
-                raise DLPLoRAError(f"the load failed: {r.status_code} {r.text}")
-            call_s = time.perf_counter() - t0
-            a = _wait_routable(http, new.name, new.tests[:max(1, probe)], timeout)
-            retrain = next((c for c in reversed(live.changes) if c["op"] == "retrain"), {})
-            a.update(load_call_s=round(call_s, 3), retrain_s=retrain.get("seconds"),
-                     retrain_train_s=retrain.get("train_seconds"), retrain_examples=retrain.get("examples"))
-            result["load_to_routable"] = a
-            log(f"load-to-routable: the call took {a['load_call_s']}s; routable {a['routable_after_s']}s and "
-                f"routed to {a['routed_after_s']}s after it returned; {100 * a['probe_routed_share']:.0f}% of "
-                f"{probe} test prompts of the new task routed to it")
+            try:
+                # 1. load-to-routable
+                new = fresh[0]
+                body = {"lora_name": new.name, "lora_path": new.name, "examples": [r["input"] for r in new.rows[:examples]]}
+                t0 = time.perf_counter()
+                r = http.post("/v1/load_lora_adapter", json=body)
+                if r.status_code != 200:
+                    raise DLPLoRAError(f"the load failed: {r.status_code} {r.text}")
+                call_s = time.perf_counter() - t0
+                a = wait_routable(http, new.name, new.tests[:max(1, probe)], timeout)
+                retrain = next((c for c in reversed(live.changes) if c["op"] == "retrain"), {})
+                a.update(load_call_s=round(call_s, 3), retrain_s=retrain.get("seconds"),
+                         retrain_train_s=retrain.get("train_seconds"), retrain_examples=retrain.get("examples"))
+                result["load_to_routable"] = a
+                routed = "never" if a["routed_after_s"] is None else f"{a['routed_after_s']}s"
+                log(f"load-to-routable: the call took {a['load_call_s']}s; routable {a['routable_after_s']}s and "
+                    f"routed to {routed} after it returned; {100 * a['probe_routed_share']:.0f}% of "
+                    f"{probe} test prompts of the new task routed to it")
 
-            # 2. the closed loop during loads and unloads
-            served = [t.name for t in first] + [new.name]
-            prompts = [p for t in first + fresh for p in t.tests[:4]]
-            mix = {first[1].name: 0.5, first[2].name: 0.5} if adapters >= 3 else None
-            ops = []
-            for k in range(max(loads, unloads)):
-                if k < loads:
-                    ops.append(("load", fresh[1 + k]))
-                if k < unloads:
-                    ops.append(("unload", first[0] if k == 0 else None))  # then the newest adapter
-            stop = threading.Event()
-            box = {}
-            loop_thread = threading.Thread(target=lambda: box.update(out=asyncio.run(_closed_loop(
-                srv.url, key, prompts, mix, clients, max_new_tokens, stop))), daemon=True)
-            t0 = time.perf_counter()
-            loop_thread.start()
-            done_ops = []
-            for kind, t in ops:
-                time.sleep(gap)
-                if kind == "load":
-                    rows = [r["input"] for r in t.rows[:examples]]
-                    r = http.post("/v1/load_lora_adapter", json={"lora_name": t.name, "lora_path": t.name,
-                                                                 "examples": rows})
-                    served.append(t.name)
-                    name = t.name
-                else:
-                    name = t.name if t is not None else served[-1]
-                    r = http.post("/v1/unload_lora_adapter", json={"lora_name": name})
-                    served.remove(name)
-                done_ops.append({"op": kind, "name": name, "status": r.status_code,
-                                 "at_s": round(time.perf_counter() - t0, 2)})
-                log(f"  {kind} {name}: {r.status_code} at {done_ops[-1]['at_s']}s")
-            live.wait_trained(timeout)
-            time.sleep(settle)
-            stop.set()
-            loop_thread.join()
-            wall = time.perf_counter() - t0
-            out = box.get("out", [])
+                # 2. the closed loop during loads and unloads
+                served = [t.name for t in first] + [new.name]
+                prompts = [p for t in first + fresh for p in t.tests[:4]]
+                mix = {first[1].name: 0.5, first[2].name: 0.5} if adapters >= 3 else None
+                ops = []
+                for k in range(max(loads, unloads)):
+                    if k < loads:
+                        ops.append(("load", fresh[1 + k]))
+                    if k < unloads:
+                        ops.append(("unload", first[0] if k == 0 else None))  # then the newest adapter
+                loop_thread = threading.Thread(target=lambda: box.update(out=asyncio.run(_closed_loop(
+                    srv.url, key, prompts, mix, clients, max_new_tokens, stop))), daemon=True)
+                t0 = time.perf_counter()
+                loop_thread.start()
+                done_ops = []
+                for kind, t in ops:
+                    time.sleep(gap)
+                    if kind == "load":
+                        rows = [r["input"] for r in t.rows[:examples]]
+                        r = http.post("/v1/load_lora_adapter", json={"lora_name": t.name, "lora_path": t.name,
+                                                                     "examples": rows})
+                        served.append(t.name)
+                        name = t.name
+                    else:
+                        name = t.name if t is not None else served[-1]
+                        r = http.post("/v1/unload_lora_adapter", json={"lora_name": name})
+                        served.remove(name)
+                    done_ops.append({"op": kind, "name": name, "status": r.status_code,
+                                     "at_s": round(time.perf_counter() - t0, 2)})
+                    log(f"  {kind} {name}: {r.status_code} at {done_ops[-1]['at_s']}s")
+                live.wait_trained(timeout)
+                time.sleep(settle)
+                stop.set()
+                loop_thread.join()
+                wall = time.perf_counter() - t0
+                out = box.get("out", [])
+            except KeyboardInterrupt:
+                log("interrupted: stopping the clients, waiting for the router's retraining round to end...")
+                raise
+            finally:  # also on Ctrl-C: the clients, then the background retraining, end before the process does
+                stop.set()
+                if loop_thread is not None:
+                    loop_thread.join(60)
+                live.close()
+                live.wait_trained(60)  # a round in progress finishes (its router is dropped): no torch thread left
         ok = [o for o in out if o[2] == 200]
         failed = [o for o in out if o[2] != 200]
         log(f"closed loop: {len(out)} responses in {wall:.1f}s, {len(failed)} failed; replaying the distinct "
@@ -322,7 +335,7 @@ def run(args) -> None:
                 gap=args.gap, settle=args.settle, probe=args.probe, timeout=args.timeout,
                 max_batch_size=args.max_batch_size, retrain_max_prompts=args.retrain_max_prompts, threads=args.threads)
     a, b = out["load_to_routable"], out["load_test"]
-    print(f"load-to-routable: {a['routed_after_s']}s (routable in /v1/models after {a['routable_after_s']}s); "
+    print(f"load-to-routable: {'never' if a['routed_after_s'] is None else str(a['routed_after_s']) + 's'} (routable in /v1/models after {a['routable_after_s']}s); "
           f"closed loop: {b['responses']} responses, {b['failed']} failed, {b['changed']} changed")
     if args.json:
         print(json.dumps(out))

@@ -236,6 +236,12 @@ def bench(model=None, adapters: int = 4, rank: int = 8, replicas: int = 2, threa
     bad = [p for p in placements if p not in PLACEMENTS]
     if bad or not placements:
         raise DLPLoRAError(f"--placements: each must be one of {', '.join(PLACEMENTS)}, got {','.join(placements)}")
+    if ray_address:  # the cluster first: none there, or too few CPUs for every application, fails before any work
+        from ..cluster import check_cpus, join_ray
+
+        join_ray(ray_address)
+        check_cpus(threads * (1 + replicas * len(placements)), f"this benchmark (1 + {len(placements)} x {replicas} "
+                   f"replicas of {threads} CPU{'s' if threads > 1 else ''} each, deployed together)", ray_address)
     torch.set_num_threads(threads)
     t0 = time.time()
     net, tok, info = load_backbone(model, dtype="float32")

@@ -81,26 +81,36 @@ def train_speed(data_dir, names, repeats: int = 2) -> dict:
 
 def run(args) -> None:
     from ..plugin import Plugin, load_task_rows
-    from ..plugin.evaluate import format_view_table, routing_benchmark
+    from ..plugin.evaluate import format_sources, format_view_table, routing_benchmark
 
-    expected, data = None, args.data
+    lib, data = None, args.data
     if args.library:
         from ..library import Library
 
         lib = Library.open(args.library)
-        expected = lib.names
         plugin_dir = args.plugin or str(lib.plugin_dir())
         data = data or lib.manifest.get("data_dir")
     elif args.plugin:
         plugin_dir = args.plugin
     else:
         raise DLPLoRAError("give --library LIB (uses LIB/plugin) or --plugin DIR")
-    if not data:
+    if not data and lib is None:
         raise DLPLoRAError("give --data PREPARED_DIR (the prepared test splits of the plugin's tasks)")
-    plugin = Plugin.load(plugin_dir, expected_labels=expected)
-    names = list(plugin.labels)
-    rep = routing_benchmark(plugin, load_task_rows(data, names, "test"), batch_size=args.batch_size,
-                            threads=args.threads)
+    plugin = Plugin.load(plugin_dir, expected_labels=lib.names if lib else None, partial=True)
+    names = [n for n in plugin.labels if lib is None or n in lib.names]
+    sources = None
+    if lib is not None:  # the test split of the adapters that are tasks in DATA, the routing prompts of the others
+        sources, own = lib.prompt_sources(data, "test", names)
+        rows = {n: own[n] if n in own else load_task_rows(data, [n], "test")[n] for n in names}
+        print(format_sources(sources))
+        if own:
+            print(f"note: {', '.join(own)} are measured on their routing prompts, which the router was trained on "
+                  f"(in-sample)")
+    else:
+        rows = load_task_rows(data, names, "test")
+    rep = routing_benchmark(plugin, rows, batch_size=args.batch_size, threads=args.threads)
+    if sources:
+        rep["sources"] = sources
     print(format_view_table(rep, names))
     print(f"routing: {rep['routing_ms_per_prompt']:.3f} ms per prompt in batches of {rep['routing_batch_size']} "
           f"({rep['routing_threads']} thread), {rep['routing_single_prompt_ms']:.2f} ms for one prompt alone")

@@ -46,8 +46,10 @@ def add_precision_arguments(parser, dtype_default: str = "auto", quantize: bool 
                                  f"precision (default {quantize_default})")
     if compile:
         parser.add_argument("--compile", action="store_true",
-                            help="torch.compile the decode step (the first steps pay ~1 min of compiling; see "
-                                 "`dlp-lora bench decode --compile` for what it gains on this machine)")
+                            help="torch.compile the decode step: the first token waits for the compile, several "
+                                 "minutes on a CPU (289 s measured for a 16-token `generate --quantize int4 --compile` "
+                                 "on 2 cores), announced on stderr; it pays off over long generations or a server's "
+                                 "lifetime only (`dlp-lora bench decode --compile` measures the gain here)")
     parser.add_argument("--dtype", choices=DTYPES, default=dtype_default,
                         help="weights and activations: auto = bf16 on CUDA or on a CPU with native bf16 "
                              f"(avx512_bf16 / amx_bf16), else float32 (default {dtype_default})")

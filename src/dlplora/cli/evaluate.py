@@ -132,9 +132,11 @@ def register(sub, model_help: str) -> None:
     r = sub.add_parser("reproduce", help="the paper's pipeline end to end: data, adapters, plugin, evaluation",
                        description="Prepare the tasks, train one LoRA per task, train the plugin, then run every "
                                    "setting and method of `dlp-lora eval`, writing OUT/RESULTS.md, OUT/results.json "
-                                   "and OUT/figures. Resumable: finished adapters and cached predictions are reused.")
+                                   "and OUT/figures (default OUT: runs/reproduce). Resumable: finished adapters and cached predictions are reused.")
     r.add_argument("--extra-data", help="directory of the 6 non-BIG-bench tasks (gsm8k.jsonl, ...)")
-    r.add_argument("--out", default="docs", help="where RESULTS.md, results.json and figures/ go (default docs)")
+    r.add_argument("--out", default=os.path.join("runs", "reproduce"),
+                   help="where RESULTS.md, results.json and figures/ go (default runs/reproduce; `--out docs` "
+                        "replaces the committed docs/RESULTS.md, so it is never the default)")
     r.add_argument("--work", default=os.path.join("runs", "reproduce"),
                    help="data, library and prediction cache (default runs/reproduce)")
     r.add_argument("--tasks", default="all", help="'all', 'mcq', 'qa' or comma-separated task names (default all)")

@@ -36,11 +36,14 @@ def _public(result: dict) -> dict:
 
 
 def cmd_generate(args) -> None:
-    from ..engine import parse_adapters
+    from ..engine import adapter_set, parse_adapters
 
     if not args.prompts:
         raise DLPLoRAError("give at least one prompt, e.g. dlp-lora generate --library LIB \"What is 2+2?\"")
-    adapters = parse_adapters(args.adapters) if args.adapters is not None else None
+    for i, prompt in enumerate(args.prompts, 1):  # before the model loads
+        if not prompt.strip():
+            raise DLPLoRAError(f"prompt {i} is empty; give the model some text")
+    adapters = adapter_set(parse_adapters(args.adapters), "--adapters") if args.adapters is not None else None
     engine = _engine(args)
     results = engine.generate(args.prompts, max_new_tokens=args.max_new_tokens, adapters=adapters, raw=args.raw,
                               temperature=args.temperature, top_p=args.top_p, stop=args.stop or None,
@@ -58,9 +61,9 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from ..engine import parse_adapters
+    from ..engine import adapter_set, parse_adapters
 
-    adapters = parse_adapters(args.adapters) if args.adapters is not None else None
+    adapters = adapter_set(parse_adapters(args.adapters), "--adapters") if args.adapters is not None else None
     engine = _engine(args)
     if adapters is None and engine.router is None:
         engine.route([])  # raises the "train a plugin" error before the first turn
@@ -100,7 +103,8 @@ def _common(p, model_help: str) -> None:
     add_routing_arguments(p)
     add_precision_arguments(p)
     p.add_argument("--adapters", metavar="NAME=W,...",
-                   help="skip the router: use these adapters with these weights, as given (e.g. a=0.5,b=0.3)")
+                   help="skip the router: use these adapters with these weights, as given, each in [0, 1] (e.g. "
+                        "a=0.5,b=0.3)")
     p.add_argument("--mode", choices=("auto", "unmerged", "shared", "merged"), default="auto",
                    help="fusion mode (default auto: merged when every prompt uses the same set, else unmerged)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default 128")

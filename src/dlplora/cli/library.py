@@ -73,6 +73,9 @@ def cmd_learning_curve(args) -> None:
 def cmd_library_add(args) -> None:
     from ..library import Library, add_adapter, read_examples
 
+    if not args.create and not os.path.isfile(os.path.join(args.library, "library.json")):
+        raise DLPLoRAError(f"--library {args.library}: no library there (no library.json); check the path, or pass "
+                           f"--create to start a new library there")
     examples = read_examples(args.examples) if args.examples else None
     entry = add_adapter(args.library, args.name, args.path, model=args.model, force=args.force, examples=examples)
     print(f"added {args.name} to {args.library}: rank {entry['rank']}, targets {','.join(entry['targets'])}")
@@ -174,11 +177,14 @@ def register(sub, model_help: str) -> None:
 
     a = lib.add_parser("add", help="add a PEFT LoRA trained elsewhere",
                        description="Validate a PEFT LoRA directory against the library's base model (targets, "
-                                   "shapes, rank) and copy it into the library. Creates the library if needed.")
+                                   "shapes, rank) and copy it into the library. A missing library is refused "
+                                   "unless --create.")
     a.add_argument("name")
     a.add_argument("path")
     a.add_argument("--library", required=True)
     a.add_argument("--model", help="base model of a new library; " + model_help)
+    a.add_argument("--create", action="store_true", help="create the library if it does not exist (else a missing "
+                                                          "--library is refused: a mistyped path stays an error)")
     a.add_argument("--force", action="store_true", help="replace an adapter of the same name")
     a.add_argument("--examples", metavar="FILE",
                    help="JSONL of example prompts of the adapter's task (per line a JSON string, or an object with "

@@ -8,7 +8,7 @@ import sys
 import time
 
 from ..errors import DLPLoRAError
-from ..plugin.evaluate import format_leave_out, format_view_table
+from ..plugin.evaluate import format_leave_out, format_sources, format_view_table
 from .common import add_routing_arguments
 
 
@@ -32,11 +32,15 @@ def cmd_train_plugin(args) -> None:
         data = args.data or lib.manifest.get("data_dir")
         if not args.data and not (data and all(os.path.isfile(os.path.join(data, n, "train.jsonl")) for n in names)):
             return _train_from_library(args, lib)  # the routing prompts the library keeps (LIB/routing)
-        if not data:
-            raise DLPLoRAError(f"no training prompts: pass --data PREPARED_DIR (the library {args.library} "
-                               "records no data_dir)")
+        if not os.path.isdir(data):
+            raise DLPLoRAError(f"prepared data directory {data} does not exist; run `dlp-lora data prepare --out {data}`")
+        sources, extra = lib.prompt_sources(data)
+        if not any(v.startswith("prepared") for v in sources.values()):
+            print(f"no adapter of the library is a task prepared in {data}: training on the library's routing prompts")
+            return _train_from_library(args, lib)
         out = args.out or str(lib.plugin_dir())
     else:
+        extra, sources = None, None
         if not args.data or not args.tasks:
             raise DLPLoRAError("give --library LIB (its adapter names are the labels), or --data DIR with --tasks "
                                "(e.g. --tasks all)")
@@ -45,13 +49,16 @@ def cmd_train_plugin(args) -> None:
         names = parse_tasks(args.tasks)
         data = args.data
         out = args.out or os.path.join(data, "plugin")
-    if not os.path.isdir(data):
-        raise DLPLoRAError(f"prepared data directory {data} does not exist; run `dlp-lora data prepare --out {data}`")
+        if not os.path.isdir(data):
+            raise DLPLoRAError(f"prepared data directory {data} does not exist; run `dlp-lora data prepare --out {data}`")
     log = None if args.json else print
     background = None if args.background == "none" else args.background
     plugin, report = train_plugin_from_data(data, names, epochs=args.epochs, seed=args.seed, log=log,
                                             augment=not args.no_augment, n_views=args.views, background=background,
-                                            encoder=args.encoder, ood_draws=args.ood_draws)
+                                            encoder=args.encoder, ood_draws=args.ood_draws, extra_rows=extra)
+    if sources:
+        report["sources"] = sources
+        print(format_sources(sources))
     path = plugin.save(out)
     if lib is not None:
         lib.keep_routing_prompts(data)  # what it learnt, so that a server can retrain it without the data
@@ -61,7 +68,9 @@ def cmd_train_plugin(args) -> None:
     Plugin.load(out, expected_labels=names)
     report["load_ms"] = round((time.perf_counter() - t0) * 1000, 1)
     report["out"] = str(path)
-    print(format_view_table(report, names))
+    print(format_view_table(report, report["measured"]))
+    if extra:
+        print(f"not measured (no test split): {', '.join(extra)}")
     if report.get("leave_out"):
         print(format_leave_out(report["leave_out"]))
     print(f"{report['params']:,} parameters ({report['encoder']} encoder"
@@ -80,6 +89,8 @@ def _train_from_library(args, lib) -> None:
     plugin, report = train_plugin_from_library(lib, epochs=args.epochs, seed=args.seed, encoder=args.encoder,
                                                n_views=0 if args.no_augment else args.views,
                                                background=args.background, log=None if args.json else print)
+    report["sources"] = {n: f"routing prompts {lib.routing_source(n)}" for n in lib.names}
+    print(format_sources(report["sources"]))
     path = plugin.save(args.out or lib.plugin_dir())
     print(f"{report['params']:,} parameters, trained on {report['train_examples']} prompts of the library's routing "
           f"prompts ({report['tasks']} adapters, {report['background_prompts']} background prompts) in "
@@ -90,6 +101,8 @@ def _train_from_library(args, lib) -> None:
 
 def cmd_route(args) -> None:
     from ..plugin import Plugin
+    from ..plugin.model import check_texts
+    from ..plugin.router import without
 
     expected = None
     if args.library:
@@ -107,9 +120,12 @@ def cmd_route(args) -> None:
         prompts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise DLPLoRAError("no prompts to route: give them as arguments (or with --stdin, one per line)")
-    plugin = Plugin.load(plugin_dir, expected_labels=expected)
+    check_texts(prompts)  # before anything loads
+    plugin = Plugin.load(plugin_dir, expected_labels=expected, partial=True)  # a stale router: warns once
+    hidden = set(plugin.labels) - set(expected or plugin.labels)  # adapters the library no longer holds
     t0 = time.perf_counter()
     routings = plugin.route(prompts, p=args.p, top_k=args.top_k, weighting=args.weighting, floor=args.floor)
+    routings = [without(r, hidden) for r in routings]
     ms = (time.perf_counter() - t0) * 1000
     out = []
     for prompt, r in zip(prompts, routings):

@@ -182,5 +182,7 @@ def register(sub, model_help: str) -> None:
     r.add_argument("--detach", action="store_true",
                    help="deploy and exit, leaving the application running (default: run until Ctrl-C, then "
                         "delete it)")
-    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="the server's log (default info: it shows unknown request fields, which are ignored, and "
+                        "adapter loads and retraining)")
     s.set_defaults(func=cmd_serve)

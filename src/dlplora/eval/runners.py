@@ -62,6 +62,7 @@ def peft_with_every_adapter(library, model=None, dtype=None, device=None, label=
     under the name ``label(i, name)``. Returns (PEFT model, tokenizer)."""
     from peft import PeftModel
 
+    from ..adapters import peft_wrapping
     from ..backbone import load_backbone
 
     names = library.names
@@ -70,7 +71,8 @@ def peft_with_every_adapter(library, model=None, dtype=None, device=None, label=
         base_path = library.base_model.get("path")
         where = base_path if base_path and Path(base_path).is_dir() else None
     net, tok, _ = load_backbone(where, dtype=dtype, device=device)
-    pm = PeftModel.from_pretrained(net, str(library.adapter_dir(names[0])), adapter_name=label(0, names[0]))
+    with peft_wrapping():
+        pm = PeftModel.from_pretrained(net, str(library.adapter_dir(names[0])), adapter_name=label(0, names[0]))
     for i, n in enumerate(names[1:], 1):
         pm.load_adapter(str(library.adapter_dir(n)), adapter_name=label(i, n))
     return pm, tok

@@ -124,7 +124,7 @@ def run_demo(out: str | os.PathLike, model=None, extra_data=None, tasks=DEMO_TAS
     log(f"  dlp-lora chat --library {lib_dir}")
     log(f"  dlp-lora generate --library {lib_dir} \"How many legs do two cats have?\"")
     log(f"  dlp-lora serve --library {lib_dir} --port 8000")
-    log("  dlp-lora reproduce --extra-data DIR     # the paper's 26 tasks (hours on a CPU)")
+    log("  dlp-lora reproduce --extra-data DIR     # the paper's 26 tasks (hours on a CPU); writes runs/reproduce/")
     return report
 
 

@@ -21,7 +21,9 @@ from . import ensure_plugin
 class ReproduceConfig:
     """What `dlp-lora reproduce` runs (each field is a flag of the command; see ``dlp-lora reproduce --help``)."""
 
-    out: str | os.PathLike = field(default="docs", metadata={"help": "where RESULTS.md, results.json, figures/ go"})
+    out: str | os.PathLike = field(default=os.path.join("runs", "reproduce"),
+                                   metadata={"help": "where RESULTS.md, results.json, figures/ go (docs/ only when "
+                                                     "asked for: it holds the committed results)"})
     work: str | os.PathLike = field(default=os.path.join("runs", "reproduce"),
                                     metadata={"help": "data, library and prediction cache"})
     extra_data: str | os.PathLike | None = field(default=None, metadata={"help": "the 6 non-BIG-bench tasks"})

@@ -104,18 +104,26 @@ def fit(train_rows: dict[str, list[dict]], *, background: Sequence[str] = (), n_
 
 def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | str, *, epochs: int = 2, seed: int = 0,
                            augment: bool = True, n_views: int = 2, background="auto", robustness: bool = True,
-                           ood_draws: int = 0, detector: bool = True, log=None, **train_kw) -> tuple[Plugin, dict]:
+                           ood_draws: int = 0, detector: bool = True, log=None, extra_rows=None,
+                           **train_kw) -> tuple[Plugin, dict]:
     """Train a router on the prepared train splits of `tasks` (labels = task names) and measure it on
     their test splits. Returns (plugin, report): `accuracy` (mean over tasks of held-out top-1, as
     rendered), per_task, confusions, params, tasks, train_seconds, and with `robustness` the accuracy
     under every view (`views`); with `ood_draws` > 0, leave-3-tasks-out over that many draws
-    (`ood_to_base`, `leave_out`)."""
+    (`ood_to_base`, `leave_out`). `extra_rows` ({label: rows}): labels of `tasks` that are no task of `data_dir`
+    (a library's own adapters) and their training prompts (its routing prompts); they have no test split, so the
+    measures cover the prepared tasks only (`measured`)."""
     from ..tasks import parse_tasks, prepared_format
 
+    extra = dict(extra_rows or {})
     names = parse_tasks(tasks, data_dir) if isinstance(tasks, str) else list(tasks)
-    parse_tasks(names, data_dir)  # every label must be a known task or have prepared data
-    train_rows = load_task_rows(data_dir, names, "train")
-    test_rows = load_task_rows(data_dir, names, "test")
+    prepared = [n for n in names if n not in extra]
+    if not prepared:
+        raise DLPLoRAError(f"none of the labels is a task prepared in {data_dir}")
+    parse_tasks(prepared, data_dir)  # every other label must be a known task or have prepared data
+    loaded = load_task_rows(data_dir, prepared, "train")
+    train_rows = {n: extra[n] if n in extra else loaded[n] for n in names}  # in the labels' order
+    test_rows = load_task_rows(data_dir, prepared, "test")
     bg = resolve_background(background, names, log)
     views = n_views if augment else 0
     t0 = time.perf_counter()
@@ -123,12 +131,13 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
                  **train_kw)
     train_s = time.perf_counter() - t0
     plugin.config["training"].update({"augment": augment, "data_dir": str(data_dir), "background": len(bg),
-                                       "data_formats": {n: prepared_format(data_dir, n) for n in names}})
+                                       "data_formats": {n: prepared_format(data_dir, n) for n in prepared}})
     table = view_table(plugin, test_rows, VIEWS if robustness else ("rendered",))
     clean = table["rendered"]
     report = {"accuracy": clean["accuracy"], "micro_accuracy": clean["micro_accuracy"], "per_task": clean["per_task"],
               "confusions": clean["confusions"], "params": plugin.params, "tasks": len(names),
               "train_examples": plugin.config["training"]["examples"], "test_examples": clean["n"],
+              "measured": prepared,
               "train_seconds": round(train_s, 2), "epochs": epochs, "seed": seed, "encoder": plugin.encoder.kind,
               "none_class": plugin.none_class, "background_prompts": len(bg),
               "base_threshold": plugin.base_threshold,
@@ -141,7 +150,7 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
         def train_fn(tr, _te):
             return fit(tr, background=bg, n_views=views, seed=seed, epochs=epochs, detector=detector, **train_kw)
 
-        lo = leave_out(train_rows, test_rows, draws=ood_draws, k=3, seed=seed, train_fn=train_fn)
+        lo = leave_out({n: loaded[n] for n in prepared}, test_rows, draws=ood_draws, k=3, seed=seed, train_fn=train_fn)
         report["ood_to_base"] = lo["ood_to_base"]
         report["leave_out"] = lo
     plugin.config["report"] = {k: report[k] for k in ("accuracy", "train_seconds", "tasks", "views", "ood_to_base")

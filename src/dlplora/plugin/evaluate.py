@@ -164,6 +164,11 @@ def format_view_table(report: dict, names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def format_sources(sources: dict[str, str]) -> str:
+    """Where each adapter's prompts came from ({name: source}), one line each."""
+    return "prompts per adapter:\n" + "\n".join(f"  {n}: {src}" for n, src in sources.items())
+
+
 def format_leave_out(lo: dict) -> str:
     lines = [f"leave-{lo['k']}-out {', '.join(d['held_out'])}: {d['ood_to_base']:.3f} of their prompts to base; "
              f"in-library {d['in_library']:.4f} (without the base decision {d['in_library_argmax']:.4f})"

@@ -72,7 +72,7 @@ def check_texts(texts) -> list[str]:
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
-    for i, t in enumerate(texts):
+    for i, t in enumerate(texts, 1):  # counted from 1, as `generate` counts them
         if not isinstance(t, str):
             raise DLPLoRAError(f"prompt {i} is not a string ({type(t).__name__})")
         if not t.strip():

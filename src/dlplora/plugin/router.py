@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,39 @@ from .model import FORMAT, FORMATS, build_net, check_texts
 CONFIG_FILE = "plugin.json"
 WEIGHTS_FILE = "model.safetensors"
 RETRAIN_HINT = "retrain with `dlp-lora train-plugin --library LIB`"
+
+
+log = logging.getLogger("dlplora.plugin")
+
+
+def stale_note(directory, labels: Sequence[str], library: Sequence[str]) -> str:
+    """The one warning for a router trained for another adapter set than the library's (every entry point loads it
+    with ``partial=True``): it routes among the adapters it knows that the library holds; it cannot route to the
+    others (served when a request names them); the adapters the library lost are never chosen."""
+    known = [n for n in library if n in labels]
+    new = [n for n in library if n not in labels]
+    gone = [n for n in labels if n not in library]
+    parts = [f"the router at {directory} was trained for another adapter set than the library's: it routes among "
+             f"the {len(known)} of the library's {len(library)} adapters it knows ({', '.join(known)})"]
+    if new:
+        parts.append(f"it cannot route to {', '.join(new)} (served only when a request names them)")
+    if gone:
+        parts.append(f"it never chooses {', '.join(gone)} (no longer in the library)")
+    return "; ".join(parts) + f"; {RETRAIN_HINT}"
+
+
+def without(r: "Routing", hidden) -> "Routing":
+    """`r` without the adapters in `hidden` (labels the router may not choose), the others' weights renormalised;
+    none left: the base model, saying why."""
+    keep = [i for i, n in enumerate(r.names) if n not in hidden]
+    if len(keep) == len(r.names):
+        return r
+    if not keep:
+        cut = ", ".join(n for n in r.names if n in hidden)
+        return Routing([], [], [], [], f"the router chose {cut}, which it cannot route to", r.p_none)
+    total = sum(r.weights[i] for i in keep)
+    return Routing([r.names[i] for i in keep], [r.indices[i] for i in keep], [r.weights[i] / total for i in keep],
+                   [r.probs[i] for i in keep], None, r.p_none)
 
 
 # ---------------------------------------------------------------- selection (paper eq. 4-5)
@@ -158,8 +192,9 @@ class Plugin:
     def load(cls, directory: str | os.PathLike, expected_labels: Sequence[str] | None = None,
              partial: bool = False) -> "Plugin":
         """Load a saved plugin; with `expected_labels` (the library's adapter names, in order),
-        refuse a plugin trained for other adapters; with `partial`, only one that knows none of them (a live library:
-        the adapters it does not know are served pinned only, and its labels the library lost are never chosen)."""
+        refuse a plugin trained for other adapters; with `partial`, only one that knows none of them, and warn once
+        (:func:`stale_note`) when it knows others: the adapters it does not know are served pinned only, and its
+        labels the library lost are never chosen (:func:`without`)."""
         from safetensors.torch import load_file
 
         d = Path(directory)
@@ -174,6 +209,8 @@ class Plugin:
         labels = list(cfg["labels"])
         if expected_labels is not None:
             expected = list(expected_labels)
+            if partial and set(expected) != set(labels) and set(expected) & set(labels):
+                log.warning("%s", stale_note(d, labels, expected))
             if expected != labels and not (partial and set(expected) & set(labels)):
                 if sorted(expected) == sorted(labels):
                     why = "the same adapters in a different order"

@@ -415,6 +415,8 @@ def create_app(engine, config: ServeConfig | None = None, engine_spec: dict | No
     async def models():
         data = [{"id": state.base_name, "object": "model", "created": state.created, "owned_by": "dlp-lora",
                  "root": state.base_name, "parent": None}]
+        if state.base_name != ROUTE_ALIASES[0]:  # "dlp-lora": routed by the plugin (each adapter below has "routing")
+            data.append(data[0] | {"id": ROUTE_ALIASES[0], "parent": state.base_name})
         for n, routing, note in state.live.models():
             data.append({"id": n, "object": "model", "created": state.created, "owned_by": "dlp-lora", "root": n,
                          "parent": state.base_name, "routing": routing} | ({"routing_note": note} if note else {}))
@@ -496,5 +498,8 @@ def serve(engine, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000
           engine_spec: dict | None = None) -> None:
     import uvicorn
 
+    from .config import log_config
+
     app = create_app(engine, config, engine_spec)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=log_config(log_level),
+                timeout_keep_alive=30)

@@ -84,3 +84,15 @@ class APIError(Exception):
 
 class QueueFull(Exception):
     pass
+
+
+def log_config(log_level: str = "info") -> dict:
+    """uvicorn's logging configuration, with the server's own loggers (``dlplora.*``: unknown request fields, adapter
+    loads, retraining, at info) at `log_level` through the same handler (uvicorn configures only its own)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    cfg = copy.deepcopy(LOGGING_CONFIG)
+    cfg["loggers"]["dlplora"] = {"handlers": ["default"], "level": log_level.upper()}
+    return cfg

@@ -240,7 +240,7 @@ class LiveLibrary:
         while True:
             with self.lock:
                 t = self._trainer
-                if (t is None or not t.is_alive()) and not self._dirty:
+                if (t is None or not t.is_alive()) and (not self._dirty or self._closed):
                     return True
             if end is not None and time.monotonic() > end:
                 return False

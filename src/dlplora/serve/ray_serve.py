@@ -119,16 +119,11 @@ def build_app(spec: dict, replicas: int | None = 1, min_replicas: int | None = N
 def connect(address: str, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Join the Ray cluster at `address` ('auto' or HOST:PORT) and start Serve's HTTP proxy on host:port (a Serve
     already running on the cluster keeps its own proxy options)."""
-    import ray
     from ray import serve
 
-    node = address.rsplit(":", 1)[0]
-    local = {"_node_ip_address": node} if node in ("127.0.0.1", "localhost") else {}
-    try:
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, **local)
-    except ConnectionError as exc:
-        raise DLPLoRAError(f"--ray-address {address}: no Ray cluster there ({exc}); start one with "
-                           f"`ray start --head --num-cpus N`") from None
+    from ..cluster import join_ray
+
+    join_ray(address)
     serve.start(http_options={"host": host, "port": port})
 
 
@@ -181,18 +176,26 @@ def serve_on_ray(spec: dict, address: str, host: str = "127.0.0.1", port: int = 
     (`detach`: return at once and leave it running)."""
     from ray import serve
 
+    from ..cluster import check_cpus
+
     connect(address, host, port)
-    deploy(spec, name=name, **scaling)
-    log(f"deployed {name!r} on Ray Serve at {address}: http://{host}:{port}/v1", flush=True)
-    if detach:
-        log(f"left running; stop it with: python -c \"import ray; from ray import serve; "
-            f"ray.init(address='{address}'); serve.delete('{name}')\"", flush=True)
-        return
+    if name not in serve.status().applications:  # (an update in place reuses its replicas' CPUs)
+        n = max(1, scaling.get("min_replicas") or 0) if scaling.get("max_replicas") else scaling.get("replicas") or 1
+        cpus = scaling.get("cpus", 1.0)
+        check_cpus(n * cpus, f"{n} replica{'s' if n > 1 else ''} of {cpus:g} CPU{'s' if cpus != 1 else ''}", address)
     try:
+        deploy(spec, name=name, **scaling)
+        log(f"deployed {name!r} on Ray Serve at {address}: http://{host}:{port}/v1", flush=True)
+        if detach:
+            log(f"left running; stop it with: python -c \"import ray; from ray import serve; "
+                f"ray.init(address='{address}'); serve.delete('{name}')\"", flush=True)
+            return
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        pass
+        if detach:  # interrupted while deploying: what is deployed stays, as asked
+            raise
     finally:
-        serve.delete(name)
-        log(f"deleted {name!r}", flush=True)
+        if not detach:  # interrupted while deploying or serving, or the deployment failed: nothing stays behind
+            serve.delete(name)
+            log(f"deleted {name!r}", flush=True)

@@ -121,10 +121,9 @@ class Scheduler:
     # -------------------------------------------------- public
     def start(self) -> "Scheduler":
         if self.config.compile:  # compile now (or load the kernels from inductor's cache), not in the first requests
-            log.warning("compiling the decode step (minutes the first time; seconds from inductor's cache)")
             with torch.inference_mode(), self.engine.lock:  # the server's slots start empty: the base model's rows
-                log.warning("compiled in %.1f s", self.core.warm_up((1, 2), lambda b: self.engine.fusion.use_slots(
-                    0, b, table=TABLE)))
+                secs = self.core.warm_up((1, 2), lambda b: self.engine.fusion.use_slots(0, b, table=TABLE))
+                log.warning("the decode step is compiled for batches of 1 and more (%.0f s)", secs)
                 self.engine.fusion.clear()
         self.thread.start()
         return self

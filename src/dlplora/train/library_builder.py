@@ -91,6 +91,10 @@ def train_library(tasks, data_dir: str | os.PathLike, out: str | os.PathLike, mo
         load_split(data_dir, n, "train")
         if eval_limit > 0:
             load_split(data_dir, n, "test")
+    if ray_address:
+        from ..cluster import join_ray
+
+        join_ray(ray_address)  # no cluster there: one clear line before anything loads
     where = resolve_model(model)
     net, tok, info = load_backbone(where)
     check_targets(net, cfg.targets)
@@ -132,10 +136,6 @@ def train_library(tasks, data_dir: str | os.PathLike, out: str | os.PathLike, mo
 
     if ray_address and todo:
         import ray
-
-        host = ray_address.rsplit(":", 1)[0]
-        local = {"_node_ip_address": host} if host in ("127.0.0.1", "localhost") else {}
-        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False, **local)
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         remote = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1)(_ray_train_task)
         futures = {remote.remote(str(info.path), n, str(Path(data_dir).resolve()), cfg.to_dict(), str(root.resolve()),

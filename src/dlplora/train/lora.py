@@ -172,6 +172,8 @@ class TrainResult:
 def make_peft_model(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
+    from ..adapters import peft_wrapping
+
     check_targets(model, cfg.targets)
     extra = {}
     if cfg.top_layers:
@@ -179,7 +181,8 @@ def make_peft_model(model, cfg: TrainConfig):
         extra["layers_to_transform"] = list(range(max(0, n_layers - cfg.top_layers), n_layers))
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets), lora_dropout=cfg.dropout,
                       bias="none", task_type="CAUSAL_LM", **extra)
-    return get_peft_model(model, lcfg)
+    with peft_wrapping():
+        return get_peft_model(model, lcfg)
 
 
 def bottom_cache(peft_model, cfg: TrainConfig):
