@@ -6,12 +6,10 @@
 >>> engine.generate(["2+2?"], adapters={"gsm8k": 1.0})          # explicit set, weights used as given
 >>> chat = engine.chat(); chat.send("hello", on_token=print)    # keeps history, re-routes every turn
 
-The router (:mod:`dlplora.plugin`) runs once per prompt / user turn, on the turn's text plus a window
-of earlier user turns (``route_window``); the chosen weighted set is fixed on the fused layers before
-the first token and kept for every token of the turn. Generation is a batched greedy / sampled loop
-with a KV cache, left padding, EOS, stop strings and a per-row token limit: the primitives of
-:mod:`dlplora.decoding`, the same loop the benchmarks use for every contender. How the engine routes
-(top-p, weighting, fusion mode, chat window) is one :class:`dlplora.config.RoutingConfig`.
+The router (:mod:`dlplora.plugin`) runs once per prompt / user turn, on the turn's text plus a window of earlier user
+turns (``route_window``); the chosen weighted set is fixed on the fused layers before the first token and kept for
+every token of the turn. Generation: the primitives of :mod:`dlplora.decoding` (KV cache, EOS, stop strings, per-row
+limits), the loop the benchmarks use for every contender. Routing settings: :class:`dlplora.config.RoutingConfig`.
 """
 
 from __future__ import annotations
@@ -34,8 +32,7 @@ from .quantize import apply_quantize, quantize_dtype, resolve_quantize
 
 ENGINE_TABLE = "engine"  # the engine's slot table in the fused layers (the server's scheduler has its own)
 
-# DLPLoRA(..., route_window=N) and from_library(..., route_window=N) name RoutingConfig.window so
-_ROUTING_ALIASES = {"route_window": "window"}
+_ROUTING_ALIASES = {"route_window": "window"}  # DLPLoRA(..., route_window=N) names RoutingConfig.window so
 
 
 # ---------------------------------------------------------------- requests

@@ -223,8 +223,15 @@ class EngineClient:
 
     # -------------------------------------------------- lifecycle
     def start(self) -> "EngineClient":
+        import atexit
+
+        atexit.register(self._exiting)  # runs before multiprocessing's own exit hook terminates the child
         self._spawn()
         return self
+
+    def _exiting(self) -> None:
+        with self.lock:
+            self.state = "stopped"  # the child's end at interpreter exit is not a crash to recover from
 
     def _spawn(self) -> None:
         parent, child = self.ctx.Pipe(duplex=True)
