@@ -32,8 +32,8 @@ def add_routing_arguments(parser) -> None:
 def add_precision_arguments(parser, dtype_default: str = "auto", quantize: bool = True) -> None:
     """--dtype and --device (see dlplora.device), and --quantize (dlplora.quantize), for the commands that load
     the model to generate."""
+    from ..config import QUANTIZE
     from ..device import DEVICES, DTYPES
-    from ..quantize import QUANTIZE
 
     if quantize:
         parser.add_argument("--quantize", choices=QUANTIZE, default="none",

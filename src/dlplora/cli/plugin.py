@@ -8,7 +8,6 @@ import sys
 import time
 
 from ..errors import DLPLoRAError
-from ..plugin.evaluate import format_leave_out, format_view_table
 from .common import add_routing_arguments
 
 
@@ -18,6 +17,7 @@ def _print_json(obj) -> None:
 
 def cmd_train_plugin(args) -> None:
     from ..plugin import train_plugin_from_data
+    from ..plugin.evaluate import format_leave_out, format_view_table
 
     lib = None
     if args.library:
