@@ -45,3 +45,14 @@ def test_route_loads_the_plugin_but_not_transformers(tmp_path):
     res = _run("route", "--plugin", str(tmp_path / "plugin"), "add sum plus")
     assert res["code"] == 0, res
     assert "transformers" not in res["loaded"] and "torch" in res["loaded"], res
+
+
+def test_model_info_reads_the_facts_without_loading_and_they_match_a_load(tiny_model):
+    from dlplora.backbone import load_backbone
+
+    res = _run("model", "info", "--model", str(tiny_model), "--json")
+    assert res["code"] == 0 and res["loaded"] == [], res
+    read = subprocess.run([sys.executable, "-m", "dlplora.cli", "model", "info", "--model", str(tiny_model), "--json"],
+                          capture_output=True, text=True, check=True,
+                          env=dict(os.environ, PYTHONPATH=SRC)).stdout.strip().splitlines()[-1]
+    assert json.loads(read) == load_backbone(str(tiny_model))[2].to_dict()
