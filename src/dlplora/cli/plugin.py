@@ -64,6 +64,8 @@ def cmd_train_plugin(args) -> None:
     print(format_view_table(report, names))
     if report.get("leave_out"):
         print(format_leave_out(report["leave_out"]))
+    elif report.get("leave_out_note"):
+        print(report["leave_out_note"])
     print(f"{report['params']:,} parameters ({report['encoder']} encoder"
           f"{', none-of-these class on %d background prompts' % report['background_prompts'] if report['none_class'] else ''}"
           f"), trained on {report['train_examples']} prompts in {report['train_seconds']:.1f}s; saved to {path} "
@@ -157,7 +159,8 @@ def register(sub, model_help: str) -> None:
                          "JSONL file of {\"text\": ...} lines (default: auto)")
     tp.add_argument("--ood-draws", type=int, default=3,
                     help="leave-3-tasks-out draws measuring out-of-library prompts routed to base (each trains "
-                         "one more router; 0 skips; default: 3)")
+                         "one more router; fewer tasks held out from 3 or 4 adapters, skipped with a note "
+                         "below 3; 0 skips; default: 3)")
     tp.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
     tp.set_defaults(func=cmd_train_plugin)
 
