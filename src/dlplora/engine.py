@@ -319,10 +319,9 @@ class DLPLoRA:
             text = prompt if not history else "".join(m.get("content", "") + "\n" for m in history) + prompt
             ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         else:
-            from .tasks import chat_prompt
+            from .chat import chat_ids
 
-            ids = self.tokenizer(chat_prompt(self.tokenizer, prompt, list(history or [])),
-                                 add_special_tokens=False)["input_ids"]
+            ids = chat_ids(self.tokenizer, prompt, history)  # contents as plain text: no forged turns
         if self.context_length:
             room = self.context_length - max_new
             if room <= 0:
