@@ -149,6 +149,7 @@ class DLPLoRA:
         self.routing = routing_config(routing, **routing_overrides)
         self.info = info
         self.library = library
+        self.plugin_dir = library.plugin_dir() if library is not None else None  # where a retrained router goes
         # labels of the router that must never be chosen (a live library: unloaded or pinned-only adapters); its
         # choice is then cut to the others, reweighted, or the base model; swapped whole with the router
         self.unroutable = frozenset(getattr(router, "labels", ())) - set(fusion.names)
@@ -213,7 +214,9 @@ class DLPLoRA:
                 from .plugin import Plugin
 
                 router = Plugin.load(pdir, expected_labels=lib.names, partial=True)
-        return cls(net, tok, fusion, router=router, routing=routing, info=info, library=lib)
+        engine = cls(net, tok, fusion, router=router, routing=routing, info=info, library=lib)
+        engine.plugin_dir = Path(plugin_dir) if plugin_dir else lib.plugin_dir()
+        return engine
 
     def _route_rows(self, sets: list[dict], mode: str, expected_tokens: int) -> str | None:
         """Set the fused layers for one generation. In auto mode on the decoding core, rows with different sets

@@ -280,14 +280,18 @@ def example_rows(examples, where: str = "examples") -> list[dict]:
     return rows
 
 
-def read_examples(path: str | os.PathLike) -> list[dict]:
-    """Example prompts from a JSONL file: per line a JSON string, or an object with "input", "text" or "prompt"."""
+def read_examples(path: str | os.PathLike, root=None) -> list[dict]:
+    """Example prompts from a JSONL file: per line a JSON string, or an object with "input", "text" or "prompt".
+    With `root`, the file is read from inside it without following a symbolic link (:func:`dlplora.paths.read_under`)."""
+    from .paths import read_under
+
     path = Path(path)
     if not path.is_file():
         raise DLPLoRAError(f"examples file {path} does not exist")
     items = []
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 is text
+        raw = read_under(root, path) if root is not None else path.read_bytes()
+        lines = raw.decode("utf-8").split("\n")  # not splitlines(): U+2028 is text
     except UnicodeDecodeError as exc:
         raise DLPLoRAError(f"examples file {path} is not UTF-8 text ({exc})") from None
     for lineno, line in enumerate(lines, 1):
@@ -299,19 +303,31 @@ def read_examples(path: str | os.PathLike) -> list[dict]:
     return example_rows(items, str(path))
 
 
-def stage_adapter(lib: Library, name: str, path: str | os.PathLike, model=None) -> dict:
-    """Validate a PEFT LoRA against the library's base model (`model`: its directory, default the recorded one) and
-    copy it to LIB/adapters/<name>, replacing what is there; returns its manifest entry (not yet recorded)."""
+def stage_adapter(lib: Library, name: str, path: str | os.PathLike, model=None, root=None) -> dict:
+    """Copy a PEFT LoRA beside LIB/adapters/<name>, validate the copy against the library's base model (`model`: its
+    directory, default the recorded one) and move it in, replacing what is there; returns its manifest entry (not yet
+    recorded). With `root` (a server's --adapter-root), every file is opened from the resolved root without following
+    a symbolic link (:func:`dlplora.paths.copy_tree_under`); and what is validated and served is the copy, so a file
+    swapped after the checks cannot slip in."""
     import shutil
+
+    from .paths import copy_tree_under
 
     check_adapter_name(name)
     base = lib.base_model
-    info = validate_adapter(path, base.get("path") if model is None else model, base)
     final = lib.root / "adapters" / name
     tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(path, tmp)
+    try:
+        copy_tree_under(root, path, tmp) if root is not None else shutil.copytree(path, tmp)
+        info = validate_adapter(tmp, base.get("path") if model is None else model, base)
+    except DLPLoRAError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DLPLoRAError(str(exc).replace(str(tmp), str(path))) from None  # name the client's path, not ours
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return {"task": name, "path": f"adapters/{name}", "source": str(Path(path).resolve()), **info}
