@@ -7,7 +7,6 @@ $DLP_LORA_ARTIFACTS). Without chromium the browser test skips, saying why; CI se
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,8 @@ import pytest
 from dlplora.engine import DLPLoRA
 from dlplora.serve import ServeConfig, ServerThread, create_app
 from dlplora.testing import random_peft_library
+
+import playground_browser
 from wordplugin import train_word_plugin
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +24,6 @@ KEY = "sk-playground-123"
 SPECS = {"alpha": (4, 8, ["q_proj", "v_proj"]), "beta": (8, 8, ["q_proj", "v_proj"]), "gamma": (2, 4, ["o_proj"])}
 WORDS = {"alpha": ("add", "sum", "plus", "number", "total", "seven"),
          "beta": ("bonjour", "maison", "voiture", "chat", "pomme", "rouge")}  # gamma: unknown to the router
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
@@ -50,23 +50,13 @@ def test_the_page_is_served_without_the_key_and_no_playground_leaves_it_out(engi
 
 
 def _browser():
-    missing = [n for n, p in (("chromium", CHROMIUM), ("chromium-driver", DRIVER)) if p is None]
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        missing.append("the selenium package (pip install selenium)")
-    if missing:
-        reason = f"the playground's browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver)"
+    need = playground_browser.missing()
+    if need:
+        reason = f"the playground's browser test needs {', '.join(need)} (apt-get install chromium chromium-driver)"
         if os.environ.get("DLP_LORA_REQUIRE_BROWSER") == "1":
             pytest.fail(reason + "; DLP_LORA_REQUIRE_BROWSER=1 (CI) requires it")
         pytest.skip(reason)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,760",
-                "--no-first-run", "--disable-extensions", "--disable-background-networking"):
-        opts.add_argument(arg)
-    return webdriver.Chrome(service=Service(DRIVER), options=opts)
+    return playground_browser.browser()
 
 
 def _artefacts() -> Path:
@@ -94,12 +84,7 @@ def test_the_playground_in_chromium_streams_routes_and_pins_a_mix(engine):
             assert states == {"alpha": "routable", "beta": "routable", "gamma": "pinned-only"}
 
             def turn(text):
-                n = len(css(".msg.assistant[data-done]"))
-                box = browser.find_element(By.ID, "prompt")
-                box.send_keys(text)
-                browser.find_element(By.ID, "send").click()
-                wait.until(lambda _: len(css(".msg.assistant[data-done]")) > n)
-                msg = css(".msg.assistant[data-done]")[-1]
+                msg = playground_browser.send(browser, text, timeout=60)
                 bars = {r.get_attribute("data-name"): float(r.find_element(By.CSS_SELECTOR, ".weight").text)
                         for r in msg.find_elements(By.CSS_SELECTOR, ".bar-row")}
                 return msg, bars
