@@ -98,11 +98,7 @@ def test_the_playground_in_chromium_streams_routes_and_pins_a_mix(engine):
             answer = msg.find_element(By.CSS_SELECTOR, ".text").text
             assert answer and answer == want["choices"][0]["message"]["content"].strip()  # the stream, in full
 
-            browser.find_element(By.CSS_SELECTOR, "input[name=mode][value=mix]").click()
-            for name, w in (("beta", "0.3"), ("gamma", "0.7")):
-                field = browser.find_element(By.CSS_SELECTOR, f'#mix-editor [data-name="{name}"] input[type=number]')
-                field.clear()
-                field.send_keys(w)
+            playground_browser.set_mix(browser, {"beta": "0.3", "gamma": "0.7"})
             msg, bars = turn("bonjour maison")
             assert bars == {"beta": 0.3, "gamma": 0.7} and "your mix" in msg.text, msg.text
 
