@@ -117,3 +117,12 @@ def test_the_playground_in_chromium_streams_routes_and_pins_a_mix(engine):
             assert not errors, errors
     finally:
         browser.quit()
+
+
+def test_the_no_playground_flag_reaches_the_config():
+    from dlplora.cli import build_parser
+    from dlplora.cli.serve import config_from_args
+
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["serve", "--library", "LIB"])).playground is True
+    assert config_from_args(parse(["serve", "--library", "LIB", "--no-playground"])).playground is False
