@@ -304,30 +304,35 @@ def read_examples(path: str | os.PathLike, root=None) -> list[dict]:
 
 
 def stage_adapter(lib: Library, name: str, path: str | os.PathLike, model=None, root=None) -> dict:
-    """Copy a PEFT LoRA beside LIB/adapters/<name>, validate the copy against the library's base model (`model`: its
-    directory, default the recorded one) and move it in, replacing what is there; returns its manifest entry (not yet
-    recorded). With `root` (a server's --adapter-root), every file is opened from the resolved root without following
-    a symbolic link (:func:`dlplora.paths.copy_tree_under`); and what is validated and served is the copy, so a file
-    swapped after the checks cannot slip in."""
+    """Validate a PEFT LoRA against the library's base model (`model`: its directory, default the recorded one) and
+    copy it to LIB/adapters/<name>, replacing what is there; returns its manifest entry (not yet recorded). With
+    `root` (a server's --adapter-root), every file is copied through descriptors opened from the resolved root
+    without following a symbolic link (:func:`dlplora.paths.copy_tree_under`), and the copy is validated again:
+    what is served is what was checked, even if a file was swapped after the first check."""
     import shutil
 
     from .paths import copy_tree_under
 
     check_adapter_name(name)
     base = lib.base_model
+    base_dir = base.get("path") if model is None else model
+    info = validate_adapter(path, base_dir, base)
     final = lib.root / "adapters" / name
     tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        copy_tree_under(root, path, tmp) if root is not None else shutil.copytree(path, tmp)
-        info = validate_adapter(tmp, base.get("path") if model is None else model, base)
-    except DLPLoRAError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DLPLoRAError(str(exc).replace(str(tmp), str(path))) from None  # name the client's path, not ours
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if root is None:
+        shutil.copytree(path, tmp)
+    else:
+        try:
+            copy_tree_under(root, path, tmp)
+            info = validate_adapter(tmp, base_dir, base)
+        except DLPLoRAError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DLPLoRAError(str(exc).replace(str(tmp), str(path))) from None  # name the client's path, not ours
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return {"task": name, "path": f"adapters/{name}", "source": str(Path(path).resolve()), **info}
