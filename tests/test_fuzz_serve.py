@@ -134,14 +134,20 @@ def test_fuzz_raw_bytes(client, raw, path):
 @FUZZ
 @given(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]),
        st.sampled_from(["/", "/v1", "/v1/models", "/health", "/metrics", "/v1/chat/completions", "/v1/completions",
-                        "/v1/load_lora_adapter", "/v1/models/alpha", "/%00", "/v1/../health"]),
+                        "/v1/load_lora_adapter", "/v1/models/alpha", "/%00", "/v1/../health",
+                        "/playground/playground.js", "/playground/x"]),
        st.sampled_from([None, f"Bearer {KEY}", "Bearer nope", "Basic x", "Bearer", ""]))
 def test_fuzz_routes_and_auth(client, method, path, auth):
     headers = {"content-type": "application/json"} | ({"authorization": auth} if auth is not None else {})
     r = client.request(method, path, content=b"{}", headers=headers)
     assert r.status_code < 500, r.text[:300]
+    page = r.request.url.path in ("/", "/playground/playground.js") and method == "GET"
     if r.request.url.path == "/health":  # open to all; GET only
         assert r.status_code == (200 if method == "GET" else 405)
+    elif page:  # the playground's static files: open to all (the page asks for the key); GET only
+        assert r.status_code == 200
+    elif r.request.url.path == "/playground/x" and method == "GET":
+        assert r.status_code == 404  # open, and no such file
     elif auth != f"Bearer {KEY}":
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import time
@@ -136,7 +137,7 @@ def resolve_model(model: str | os.PathLike | None = None) -> str:
 
 
 def _check_architecture(config, where: str) -> str:
-    arch = getattr(config, "model_type", None)
+    arch = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise DLPLoRAError(f"{where}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     return arch
@@ -176,6 +177,31 @@ def model_name(where: str) -> str:
     if meta.is_file():
         return json.loads(meta.read_text()).get("name", p.name)
     return p.name if p.exists() else where
+
+
+def read_backbone_info(model: str | os.PathLike | None = None) -> BackboneInfo | None:
+    """The facts of a local model directory (config.json, and the parameter count from the safetensors headers)
+    without importing torch or transformers or loading any weight; None where that cannot be read so (a hub id,
+    weights not in safetensors): :func:`load_backbone` then."""
+    where = resolve_model(model)
+    p = Path(where)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    if not files:
+        return None
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+        params = 0
+        for f in files:
+            with open(f, "rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+            params += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DLPLoRAError(f"could not read the model config or weight headers at {where}: {exc}") from exc
+    arch = _check_architecture(cfg, where)
+    text = cfg.get("text_config") or cfg
+    return BackboneInfo(name=model_name(where), path=str(p.resolve()), architecture=arch, fingerprint=fingerprint(where),
+                        params=params, hidden_size=text.get("hidden_size", 0), num_layers=text.get("num_hidden_layers", 0),
+                        vocab_size=text.get("vocab_size", 0), context_length=text.get("max_position_embeddings", 0) or 0)
 
 
 def load_backbone(model: str | os.PathLike | None = None, dtype=None, device=None):

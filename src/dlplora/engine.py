@@ -152,6 +152,7 @@ class DLPLoRA:
         self.routing = routing_config(routing, **routing_overrides)
         self.info = info
         self.library = library
+        self.plugin_dir = library.plugin_dir() if library is not None else None  # where a retrained router goes
         # labels of the router that must never be chosen (a live library: unloaded or pinned-only adapters); its
         # choice is then cut to the others, reweighted, or the base model; swapped whole with the router
         self.unroutable = frozenset(getattr(router, "labels", ())) - set(fusion.names)
@@ -220,6 +221,7 @@ class DLPLoRA:
                 router = Plugin.load(pdir, expected_labels=lib.names, partial=True)
         engine = cls(net, tok, fusion, router=router, routing=routing, info=info, library=lib)
         engine.quantize = quantize  # what "auto" resolved to (reports, /v1/models)
+        engine.plugin_dir = Path(plugin_dir) if plugin_dir else lib.plugin_dir()
         return engine
 
     def _route_rows(self, sets: list[dict], mode: str, expected_tokens: int) -> str | None:
@@ -326,10 +328,9 @@ class DLPLoRA:
             text = prompt if not history else "".join(m.get("content", "") + "\n" for m in history) + prompt
             ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         else:
-            from .tasks import chat_prompt
+            from .chat import chat_ids
 
-            ids = self.tokenizer(chat_prompt(self.tokenizer, prompt, list(history or [])),
-                                 add_special_tokens=False)["input_ids"]
+            ids = chat_ids(self.tokenizer, prompt, history)  # contents as plain text: no forged turns
         if self.context_length:
             room = self.context_length - max_new
             if room <= 0:

@@ -338,9 +338,7 @@ class LoRAFusion:
         """Remove adapter `name` from every stack (the indices after it shift down by one) and unwrap the layers no
         other adapter targets. The caller makes sure that no running row uses it (a slot's gathered set would
         survive, but an unwrapped layer would drop its part); the server waits for those rows."""
-        i = self.index(name)
-        if len(self.names) == 1:
-            raise DLPLoRAError(f"{name!r} is the only adapter; the fusion needs at least one")
+        i = self.index(name)  # the last one too: then no layer stays wrapped, and the model is the base model
         self._check_idle(f"remove adapter {name!r}")
         others = set().union(*(t for n, t in self._targets.items() if n != name))
         with torch.no_grad():
@@ -453,6 +451,8 @@ class LoRAFusion:
         if not 0 <= slot < n:
             raise DLPLoRAError(f"slot {slot} is outside the slot table {table!r} ({n} slots; call init_slots first)")
         live = {n: float(w) for n, w in adapters.items() if float(w) != 0.0}
+        if not self.layers:  # no adapter loaded: every slot is the base model
+            return
         idx, wts = self.encode([live])
         if not torch.isfinite(wts).all() or (wts < 0).any():
             raise DLPLoRAError("routing weights must be finite and non-negative")

@@ -310,14 +310,18 @@ def example_rows(examples, where: str = "examples") -> list[dict]:
     return rows
 
 
-def read_examples(path: str | os.PathLike) -> list[dict]:
-    """Example prompts from a JSONL file: per line a JSON string, or an object with "input", "text" or "prompt"."""
+def read_examples(path: str | os.PathLike, root=None) -> list[dict]:
+    """Example prompts from a JSONL file: per line a JSON string, or an object with "input", "text" or "prompt".
+    With `root`, the file is read from inside it without following a symbolic link (:func:`dlplora.paths.read_under`)."""
+    from .paths import read_under
+
     path = Path(path)
     if not path.is_file():
         raise DLPLoRAError(f"examples file {path} does not exist")
     items = []
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 is text
+        raw = read_under(root, path) if root is not None else path.read_bytes()
+        lines = raw.decode("utf-8").split("\n")  # not splitlines(): U+2028 is text
     except UnicodeDecodeError as exc:
         raise DLPLoRAError(f"examples file {path} is not UTF-8 text ({exc})") from None
     for lineno, line in enumerate(lines, 1):
@@ -329,19 +333,36 @@ def read_examples(path: str | os.PathLike) -> list[dict]:
     return example_rows(items, str(path))
 
 
-def stage_adapter(lib: Library, name: str, path: str | os.PathLike, model=None) -> dict:
+def stage_adapter(lib: Library, name: str, path: str | os.PathLike, model=None, root=None) -> dict:
     """Validate a PEFT LoRA against the library's base model (`model`: its directory, default the recorded one) and
-    copy it to LIB/adapters/<name>, replacing what is there; returns its manifest entry (not yet recorded)."""
+    copy it to LIB/adapters/<name>, replacing what is there; returns its manifest entry (not yet recorded). With
+    `root` (a server's --adapter-root), every file is copied through descriptors opened from the resolved root
+    without following a symbolic link (:func:`dlplora.paths.copy_tree_under`), and the copy is validated again:
+    what is served is what was checked, even if a file was swapped after the first check."""
     import shutil
+
+    from .paths import copy_tree_under
 
     check_adapter_name(name)
     base = lib.base_model
-    info = validate_adapter(path, base.get("path") if model is None else model, base)
+    base_dir = base.get("path") if model is None else model
+    info = validate_adapter(path, base_dir, base)
     final = lib.root / "adapters" / name
     tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(path, tmp)
+    if root is None:
+        shutil.copytree(path, tmp)
+    else:
+        try:
+            copy_tree_under(root, path, tmp)
+            info = validate_adapter(tmp, base_dir, base)
+        except DLPLoRAError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DLPLoRAError(str(exc).replace(str(tmp), str(path))) from None  # name the client's path, not ours
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return {"task": name, "path": f"adapters/{name}", "source": str(Path(path).resolve()), **info}

@@ -23,9 +23,10 @@ import warnings
 import torch
 from torch import nn
 
+from .config import QUANTIZE  # noqa: F401 (re-exported)
 from .errors import DLPLoRAError
 
-QUANTIZE = ("auto", "none", "int8", "int4")  # auto: dlplora.device.auto_quantize_name
+# QUANTIZE lives in config so that the CLI reads it without importing torch
 INT4_GROUP = 32
 INT4_TILES = 8
 PREFILL_ROWS = 64  # from this many input rows on, Int4Linear dequantises to bf16 and runs a plain GEMM

@@ -28,7 +28,6 @@ import time
 import zlib
 
 from ..errors import DLPLoRAError
-from ..plugin import Routing
 
 FILLER_TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable type changed how books were "
@@ -52,6 +51,8 @@ class StandInRouter:
 
     def route(self, texts, p=0.6, top_k=None, weighting="softmax", floor=0.0):
         import torch
+        from ..plugin.router import Routing  # lazily: `dlp-lora --help` registers this module without numpy
+
         out = []
         for t in texts:
             g = torch.Generator().manual_seed(zlib.crc32(t.encode()))

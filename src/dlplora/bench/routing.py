@@ -7,8 +7,6 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
-
 from ..errors import DLPLoRAError
 
 
@@ -26,6 +24,7 @@ def add_arguments(p) -> None:
 
 def _sparse_torch_epochs(texts, y, n_out, epochs=2, batch_size=512, lr=4e-3, emb_lr=3e-2, seed=0) -> float:
     """The reference: the same network and schedule-free Adam, trained with PyTorch's sparse embedding path."""
+    import numpy as np
     import torch
     from torch import nn
 
@@ -58,6 +57,7 @@ def _sparse_torch_epochs(texts, y, n_out, epochs=2, batch_size=512, lr=4e-3, emb
 
 def train_speed(data_dir, names, repeats: int = 2) -> dict:
     """Wall time of 2 epochs (featurisation included, 1 thread) of each embedding update, interleaved."""
+    import numpy as np
     import torch
 
     from ..plugin import Plugin, build_training_set, load_task_rows

@@ -33,8 +33,8 @@ def add_precision_arguments(parser, dtype_default: str = "auto", quantize: bool 
                             quantize_default: str = "auto", compile: bool = True) -> None:
     """--dtype and --device (see dlplora.device), and --quantize (dlplora.quantize) and --compile, for the commands
     that load the model to generate."""
+    from ..config import QUANTIZE
     from ..device import DEVICES, DTYPES
-    from ..quantize import QUANTIZE
 
     if quantize:
         parser.add_argument("--quantize", choices=QUANTIZE, default=quantize_default,

@@ -1,4 +1,4 @@
-"""`dlp-lora model info`: load the backbone and print its facts."""
+"""`dlp-lora model info`: the backbone's facts (read from its files; loaded only for --smoke or a hub id)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ from .common import print_json
 
 
 def cmd_model_info(args) -> None:
-    from ..backbone import load_backbone
+    from ..backbone import load_backbone, read_backbone_info
 
-    t0 = time.time()
-    model, tok, info = load_backbone(args.model)
-    load_s = time.time() - t0
-    out = info.to_dict() | {"load_seconds": round(load_s, 2)}
+    info = None if args.smoke else read_backbone_info(args.model)  # no torch, no weights: a fraction of a second
+    if info is not None:
+        out = info.to_dict()
+    else:
+        t0 = time.time()
+        model, tok, info = load_backbone(args.model)
+        out = info.to_dict() | {"load_seconds": round(time.time() - t0, 2)}
     if args.smoke:
         import torch
 
@@ -33,9 +36,10 @@ def cmd_model_info(args) -> None:
 
 def register(sub, model_help: str) -> None:
     m = sub.add_parser("model", help="inspect the backbone").add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
-    mi = m.add_parser("info", help="load the backbone (caching the embedded one) and print its facts",
-                      description="Load the backbone and print its path, architecture, size and fingerprint. "
-                                  "The first run converts the embedded GGUF to a safetensors cache.")
+    mi = m.add_parser("info", help="print the backbone's facts (caching the embedded one)",
+                      description="Print the backbone's path, architecture, size and fingerprint, read from its "
+                                  "config and weight headers (loaded with --smoke, or for a hub id). The first run "
+                                  "converts the embedded GGUF to a safetensors cache.")
     mi.add_argument("--model", help=model_help)
     mi.add_argument("--smoke", type=int, default=0, metavar="N", help="also generate N tokens as a smoke check")
     mi.add_argument("--json", action="store_true", help="print a JSON object as the last line")

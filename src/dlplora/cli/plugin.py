@@ -8,7 +8,6 @@ import sys
 import time
 
 from ..errors import DLPLoRAError
-from ..plugin.evaluate import format_leave_out, format_sources, format_view_table
 from .common import add_routing_arguments
 
 
@@ -18,6 +17,7 @@ def _print_json(obj) -> None:
 
 def cmd_train_plugin(args) -> None:
     from ..plugin import train_plugin_from_data
+    from ..plugin.evaluate import format_leave_out, format_sources, format_view_table
 
     lib = None
     if args.library:
@@ -73,6 +73,8 @@ def cmd_train_plugin(args) -> None:
         print(f"not measured (no test split): {', '.join(extra)}")
     if report.get("leave_out"):
         print(format_leave_out(report["leave_out"]))
+    elif report.get("leave_out_note"):
+        print(report["leave_out_note"])
     print(f"{report['params']:,} parameters ({report['encoder']} encoder"
           f"{', none-of-these class on %d background prompts' % report['background_prompts'] if report['none_class'] else ''}"
           f"), trained on {report['train_examples']} prompts in {report['train_seconds']:.1f}s; saved to {path} "
@@ -85,6 +87,7 @@ def _train_from_library(args, lib) -> None:
     """`train-plugin --library LIB` without prepared data for every adapter: train on the routing prompts the library
     keeps (LIB/routing/<name>.jsonl, else its data_dir's train split); there is no test split to report on."""
     from ..plugin import train_plugin_from_library
+    from ..plugin.evaluate import format_sources
 
     plugin, report = train_plugin_from_library(lib, epochs=args.epochs, seed=args.seed, encoder=args.encoder,
                                                n_views=0 if args.no_augment else args.views,
@@ -173,7 +176,8 @@ def register(sub, model_help: str) -> None:
                          "JSONL file of {\"text\": ...} lines (default: auto)")
     tp.add_argument("--ood-draws", type=int, default=3,
                     help="leave-3-tasks-out draws measuring out-of-library prompts routed to base (each trains "
-                         "one more router; 0 skips; default: 3)")
+                         "one more router; fewer tasks held out from 3 or 4 adapters, skipped with a note "
+                         "below 3; 0 skips; default: 3)")
     tp.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
     tp.set_defaults(func=cmd_train_plugin)
 

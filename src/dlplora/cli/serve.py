@@ -23,7 +23,7 @@ def config_from_args(args):
                        prefill_chunk=args.prefill_chunk, compile=args.compile, max_messages=args.max_messages,
                        max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n, api_key=key,
                        allow_runtime_adapters=args.allow_runtime_adapters, adapter_root=args.adapter_root,
-                       retrain_max_prompts=args.retrain_max_prompts,
+                       retrain_max_prompts=args.retrain_max_prompts, playground=not args.no_playground,
                        engine_process=args.engine_process and not args.ray_address).check()
 
 
@@ -89,7 +89,8 @@ def cmd_serve(args) -> None:
           f"{str(engine.model.dtype).replace('torch.', '')}"
           f"{' activations, ' + quantize + ' weights' if quantize != 'none' else ''} (--quantize {args.quantize}); "
           f"API key: {'required' if config.api_key else 'none (open to anyone who can reach the port)'}; "
-          f"http://{args.host}:{args.port}/v1", flush=True)
+          f"http://{args.host}:{args.port}/v1"
+          + ("" if args.no_playground else f"; playground: http://{args.host}:{args.port}/"), flush=True)
     labels = set(getattr(engine.router, "labels", ()) or ())
     pinned = [n for n in engine.names if engine.router is not None and n not in labels]
     if pinned:
@@ -153,6 +154,9 @@ def register(sub, model_help: str) -> None:
     s.add_argument("--retrain-max-prompts", type=int, default=300, metavar="N",
                    help="routing prompts per adapter when the router retrains after a runtime load with examples "
                         "(a seeded sample; default 300: seconds on 2 cores for 26 adapters)")
+    s.add_argument("--no-playground", action="store_true",
+                   help="leave out the playground page at / (on by default: a static page that chats through the "
+                        "API above and shows the adapters chosen for each turn)")
     s.add_argument("--served-model-name", metavar="NAME",
                    help="the id of the base model in /v1/models (default: the backbone's name)")
     s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,

@@ -22,7 +22,7 @@ import time
 from typing import Sequence
 
 from ..errors import DLPLoRAError
-from .evaluate import BASE, bench_routing, evaluate, leave_out, view_table
+from .evaluate import BASE, bench_routing, evaluate, leave_out, leave_out_size, view_table
 from .features import FEATURIZER, Features, HashedNgramTokenizer
 from ..config import DEFAULT_P, WEIGHTINGS, check_selection_args
 from .model import FORMAT
@@ -32,8 +32,8 @@ from .views import VIEWS, render_view
 
 __all__ = ["BASE", "CONFIG_FILE", "DEFAULT_P", "FEATURIZER", "FORMAT", "Features", "HashedNgramTokenizer", "Plugin",
            "RETRAIN_HINT", "Routing", "VIEWS", "WEIGHTINGS", "WEIGHTS_FILE", "bench_routing", "build_training_set",
-           "calibrate_base_threshold", "check_selection_args", "evaluate", "fit", "leave_out", "load_task_rows",
-           "render_view", "retrain_settings", "select", "train_plugin_from_data", "train_plugin_from_library",
+           "calibrate_base_threshold", "check_selection_args", "evaluate", "fit", "leave_out", "leave_out_size",
+           "load_task_rows", "render_view", "retrain_settings", "select", "train_plugin_from_data", "train_plugin_from_library",
            "view_table"]
 
 CALIBRATION_SHARE = 0.05  # of each task's training rows, held back to calibrate the base threshold
@@ -112,7 +112,8 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
     under every view (`views`); with `ood_draws` > 0, leave-3-tasks-out over that many draws
     (`ood_to_base`, `leave_out`). `extra_rows` ({label: rows}): labels of `tasks` that are no task of `data_dir`
     (a library's own adapters) and their training prompts (its routing prompts); they have no test split, so the
-    measures cover the prepared tasks only (`measured`)."""
+    measures cover the prepared tasks only (`measured`). Fewer tasks are held out for a library of 3 or 4
+    (:func:`leave_out_size`), none below 3, and then `leave_out_note` says why."""
     from ..tasks import parse_tasks, prepared_format
 
     extra = dict(extra_rows or {})
@@ -150,9 +151,14 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
         def train_fn(tr, _te):
             return fit(tr, background=bg, n_views=views, seed=seed, epochs=epochs, detector=detector, **train_kw)
 
-        lo = leave_out({n: loaded[n] for n in prepared}, test_rows, draws=ood_draws, k=3, seed=seed, train_fn=train_fn)
-        report["ood_to_base"] = lo["ood_to_base"]
-        report["leave_out"] = lo
+        k = leave_out_size(len(prepared))
+        if k:
+            lo = leave_out({n: loaded[n] for n in prepared}, test_rows, draws=ood_draws, k=k, seed=seed, train_fn=train_fn)
+            report["ood_to_base"] = lo["ood_to_base"]
+            report["leave_out"] = lo
+        else:
+            report["leave_out_note"] = (f"leave-tasks-out skipped: with {len(prepared)} prepared tasks no task can be held "
+                                        "out (the router trained on the rest needs 2); it needs 3 or more")
     plugin.config["report"] = {k: report[k] for k in ("accuracy", "train_seconds", "tasks", "views", "ood_to_base")
                                if k in report}
     return plugin, report

@@ -94,8 +94,9 @@ class BackboneEncoder:
 
         texts = [_LONE_SURROGATE.sub("\ufffd", t) for t in texts]  # the BPE tokenizer cannot encode them
         turns = [t.rsplit(TURN_SEPARATOR, 1) if TURN_SEPARATOR in t else ["", t] for t in texts]
-        cur = self.tok([c for _, c in turns], add_special_tokens=False)["input_ids"]
-        hist = self.tok([h for h, _ in turns], add_special_tokens=False)["input_ids"]
+        plain = dict(add_special_tokens=False, split_special_tokens=True)  # a special token's string is text here
+        cur = self.tok([c for _, c in turns], **plain)["input_ids"]
+        hist = self.tok([h for h, _ in turns], **plain)["input_ids"]
         return torch.cat([self._pool(cur, a, b) for _, a, b in _WINDOWS] + [self._pool(hist, -64, None)], dim=1)
 
     @staticmethod

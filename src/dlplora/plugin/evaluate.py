@@ -3,6 +3,7 @@ to no adapter), and routing latency."""
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import Counter
@@ -62,6 +63,12 @@ def view_table(plugin: Plugin, rows_by_task: dict[str, list[dict]], views: Seque
     return {v: evaluate(plugin, rows_by_task, v, seed) for v in views}
 
 
+def leave_out_size(n_tasks: int, k: int = 3) -> int:
+    """How many tasks a leave-out draw holds out of `n_tasks`: `k`, fewer when the library is small (a router
+    trained on the rest needs 2 tasks), 0 below 3 tasks (no draw possible)."""
+    return max(0, min(k, n_tasks - 2)) if n_tasks >= 3 else 0
+
+
 def leave_out(train_rows: dict[str, list[dict]], test_rows: dict[str, list[dict]], *, draws: int = 3, k: int = 3,
               seed: int = 0, train_fn=None) -> dict:
     """Leave-tasks-out: for each draw, hold out `k` tasks, train a router on the others with
@@ -73,9 +80,13 @@ def leave_out(train_rows: dict[str, list[dict]], test_rows: dict[str, list[dict]
     if len(names) - k < 2:
         raise DLPLoRAError(f"leave-{k}-out needs at least {k + 2} tasks, got {len(names)}")
     rng = random.Random(seed)
-    out = []
-    for d in range(draws):
+    out, seen = [], set()
+    draws = min(draws, math.comb(len(names), k))  # distinct held-out sets only
+    while len(out) < draws:
         held = sorted(rng.sample(names, k))
+        if tuple(held) in seen:
+            continue
+        seen.add(tuple(held))
         keep = [n for n in names if n not in held]
         plugin = train_fn({n: train_rows[n] for n in keep}, {n: test_rows[n] for n in keep})
         texts_in, gold_in = view_texts({n: test_rows[n] for n in keep}, "rendered")

@@ -9,7 +9,10 @@ Both are off unless the server runs with ``--allow-runtime-adapters``; then they
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` (its routes do not exist), with a message that says how to turn them on. The
 API key (``--api-key``) applies to them as to every route. With ``--adapter-root DIR``, ``lora_path`` and
 ``examples_path`` must resolve inside DIR (a relative path is taken from DIR; ``..`` and symbolic links are
-resolved first, every file of the adapter directory included): else 403. Without it, any path the server can read
+resolved first, every file of the adapter directory included): else 403; the files are then copied (and the
+examples file read) through descriptors opened from the resolved root with O_NOFOLLOW
+(:func:`dlplora.paths.copy_tree_under`), so a file swapped for a symbolic link after these checks is refused, and
+what is validated and served is the copy. Without it, any path the server can read
 is accepted, so give one whenever clients are not trusted with the server's file system.
 
 Answers: 200 with ``{"object": "lora_adapter", "id", "loaded", "routing", "message", ...}`` (``message`` is
@@ -92,7 +95,7 @@ def parse_load(body: dict, root: str | None) -> tuple[str, Path, list[dict] | No
             if not file.is_file():
                 raise APIError(404, f"'examples_path' {body['examples_path']!r}: no such file on the server",
                                param="examples_path")
-            rows += read_examples(file)
+            rows += read_examples(file, root=root)
     except DLPLoRAError as exc:
         raise APIError(400, str(exc), param="examples") from None
     ignored = [k for k in body if k not in LOAD_FIELDS]

@@ -57,6 +57,7 @@ from .config import COMPLETIONS_DEFAULT_MAX_TOKENS, ROUTE_ALIASES, APIError, Que
 from .engine_proc import EngineClient
 from .live import LiveLibrary
 from .metrics import Metrics
+from .playground import PLAYGROUND_PATHS, add_playground
 from .logprobs import ChoiceLogprobs, TokenText
 from .protocol import (ROUTED_HEADER, GenerationParams, ResponseWriter, error_response, parse_generation,
                        read_json, routed_header)
@@ -194,16 +195,19 @@ class ServerState:
 
 
 class _Auth:
-    """ASGI middleware: every HTTP route but /health needs "Authorization: Bearer <key>"; a missing or wrong key
-    gets 401 in the OpenAI format (the key is compared in constant time)."""
+    """ASGI middleware: every HTTP route but /health (and GET of the playground's static files) needs
+    "Authorization: Bearer <key>"; a missing or wrong key gets 401 in the OpenAI format (compared in constant time)."""
 
     OPEN = ("/health",)
+    OPEN_PREFIXES = PLAYGROUND_PATHS  # the playground's static files: the page asks for the key, then sends it
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode("ascii")
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") in self.OPEN:
+        path = scope.get("path", "")
+        page = (path == "/" or path.startswith(self.OPEN_PREFIXES)) and scope.get("method") in ("GET", "HEAD")
+        if scope["type"] != "http" or path in self.OPEN or page:
             return await self.app(scope, receive, send)
         auth = next((v for k, v in scope.get("headers", []) if k == b"authorization"), None)
         if auth is None:
@@ -438,6 +442,8 @@ def create_app(engine, config: ServeConfig | None = None, engine_spec: dict | No
         return await generate(state, request, chat=False)
 
     app.include_router(adapters_router(state))  # /v1/load_lora_adapter, /v1/unload_lora_adapter
+    if state.config.playground:
+        add_playground(app)  # GET / and /playground/*: static files that call the endpoints above
 
     if state.config.api_key:
         app.add_middleware(_Auth, key=state.config.api_key)

@@ -36,6 +36,7 @@ class ServeConfig:
     allow_runtime_adapters: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter are on
     adapter_root: str | None = None  # lora_path of a runtime load must lie under this directory (else 403)
     retrain_max_prompts: int = 300  # routing prompts per adapter when the router retrains after a runtime load
+    playground: bool = True  # the static playground page at / (serve/playground.py); --no-playground: off
     # one of several Ray Serve replicas (dlplora.serve.ray_serve): the runtime adapter routes answer 501, since a load
     # would reach one replica only
     replicated: bool = False

@@ -136,7 +136,8 @@ class LiveLibrary:
             info = getattr(self.engine, "info", None)
             files = lib.root / "adapters" / name
             try:
-                entry = stage_adapter(lib, name, path, model=info.path if info is not None else None)
+                entry = stage_adapter(lib, name, path, model=info.path if info is not None else None,
+                                      root=self.config.adapter_root)
                 weights = load_peft_adapter(files, name)
                 if examples:
                     lib.save_routing_prompts(name, examples)
@@ -194,9 +195,6 @@ class LiveLibrary:
                 if name not in self.names:
                     raise APIError(404, f"the LoRA adapter {name!r} cannot be found; served: {', '.join(self.names)}",
                                    param="lora_name", code="model_not_found")
-                if len(self.names) == 1:
-                    raise APIError(400, f"{name!r} is the only adapter served; the server needs at least one",
-                                   param="lora_name")
                 entry = lib.manifest["adapters"].get(name)
                 if entry is not None:
                     lib.remove_entry(name)
@@ -273,7 +271,7 @@ class LiveLibrary:
                 with self.lock:
                     if self._closed:  # the server stopped while it trained
                         return
-                save_plugin(plugin, self.library.plugin_dir())
+                save_plugin(plugin, getattr(self.engine, "plugin_dir", None) or self.library.plugin_dir())
             except Exception as exc:
                 log.warning("retraining the router failed: %s", exc)
                 with self.lock:
