@@ -220,8 +220,7 @@ class DLPLoRA:
 
                 router = Plugin.load(pdir, expected_labels=lib.names, partial=True)
         engine = cls(net, tok, fusion, router=router, routing=routing, info=info, library=lib)
-        engine.quantize = quantize  # what "auto" resolved to (reports, /v1/models)
-        engine.plugin_dir = Path(plugin_dir) if plugin_dir else lib.plugin_dir()
+        engine.quantize, engine.plugin_dir = quantize, Path(plugin_dir) if plugin_dir else lib.plugin_dir()
         return engine
 
     def _route_rows(self, sets: list[dict], mode: str, expected_tokens: int) -> str | None:
