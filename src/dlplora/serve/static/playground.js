@@ -39,7 +39,8 @@ async function loadModels() {
   if (!resp.ok) { status("GET /v1/models: " + await errorText(resp)); return; }
   const data = (await resp.json()).data;
   state.base = data[0].id;
-  state.adapters = data.slice(1).map((m) => ({ name: m.id, routing: m.routing || "routable", note: m.routing_note }));
+  state.adapters = data.filter((m) => m.routing !== undefined)  // the adapters (the base model and "dlp-lora" have none)
+    .map((m) => ({ name: m.id, routing: m.routing, note: m.routing_note }));
   $("model-name").textContent = state.base + " · " + state.adapters.length + " adapters";
   status("");
   renderLibrary();
