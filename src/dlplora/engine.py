@@ -173,6 +173,11 @@ class DLPLoRA:
     def _set_routing(self, **change) -> None:
         self.routing = self.routing.replace(**change)
 
+    def base_decision(self) -> dict | None:
+        """The router's base-model decision in force (:meth:`Plugin.base_decision`; None without a router)."""
+        info = getattr(self.router, "base_decision", None)
+        return info(self.routing.base_threshold) if info is not None else None
+
     # -------------------------------------------------- construction
     @classmethod
     def from_library(cls, lib_dir: str | os.PathLike, model: str | os.PathLike | None = None,
