@@ -81,7 +81,7 @@ def train_speed(data_dir, names, repeats: int = 2) -> dict:
 
 def run(args) -> None:
     from ..plugin import Plugin, load_task_rows
-    from ..plugin.evaluate import format_view_table, routing_benchmark
+    from ..plugin.evaluate import format_own_words, format_view_table, routing_benchmark
 
     expected, data = None, args.data
     if args.library:
@@ -102,6 +102,7 @@ def run(args) -> None:
     rep = routing_benchmark(plugin, load_task_rows(data, names, "test"), batch_size=args.batch_size,
                             threads=args.threads)
     print(format_view_table(rep, names))
+    print(format_own_words(rep["own_words_detail"]))
     print(f"routing: {rep['routing_ms_per_prompt']:.3f} ms per prompt in batches of {rep['routing_batch_size']} "
           f"({rep['routing_threads']} thread), {rep['routing_single_prompt_ms']:.2f} ms for one prompt alone")
     if args.train_speed:

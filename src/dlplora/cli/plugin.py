@@ -8,8 +8,8 @@ import sys
 import time
 
 from ..errors import DLPLoRAError
-from ..plugin.evaluate import format_leave_out, format_view_table
-from .common import add_routing_arguments
+from ..plugin.evaluate import format_leave_out, format_own_words, format_view_table
+from .common import add_routing_arguments, base_threshold_from_args
 
 
 def _print_json(obj) -> None:
@@ -62,6 +62,7 @@ def cmd_train_plugin(args) -> None:
     report["load_ms"] = round((time.perf_counter() - t0) * 1000, 1)
     report["out"] = str(path)
     print(format_view_table(report, names))
+    print(format_own_words(report["own_words_detail"]))
     if report.get("leave_out"):
         print(format_leave_out(report["leave_out"]))
     print(f"{report['params']:,} parameters ({report['encoder']} encoder"
@@ -91,6 +92,7 @@ def _train_from_library(args, lib) -> None:
 def cmd_route(args) -> None:
     from ..plugin import Plugin
 
+    thr = base_threshold_from_args(args)
     expected = None
     if args.library:
         from ..library import Library
@@ -109,7 +111,8 @@ def cmd_route(args) -> None:
         raise DLPLoRAError("no prompts to route: give them as arguments (or with --stdin, one per line)")
     plugin = Plugin.load(plugin_dir, expected_labels=expected)
     t0 = time.perf_counter()
-    routings = plugin.route(prompts, p=args.p, top_k=args.top_k, weighting=args.weighting, floor=args.floor)
+    routings = plugin.route(prompts, p=args.p, top_k=args.top_k, weighting=args.weighting, floor=args.floor,
+                            base_threshold=thr)
     ms = (time.perf_counter() - t0) * 1000
     out = []
     for prompt, r in zip(prompts, routings):
@@ -125,6 +128,7 @@ def cmd_route(args) -> None:
     if args.json:
         _print_json({"routings": out, "p": args.p if args.top_k is None else None, "top_k": args.top_k,
                      "weighting": args.weighting, "floor": args.floor, "plugin": str(plugin_dir),
+                     "base_threshold": plugin.threshold_in_use(thr), "calibrated_base_threshold": plugin.base_threshold,
                      "route_ms": round(ms, 3)})
 
 
@@ -148,9 +152,9 @@ def register(sub, model_help: str) -> None:
     tp.add_argument("--views", type=int, default=2,
                     help="augmented views per training prompt: scaffolding dropped, cut short, another turn "
                          "before it, noise (default: 2)")
-    tp.add_argument("--encoder", choices=("hashed", "backbone"), default="hashed",
+    tp.add_argument("--encoder", choices=("hashed", "backbone", "hybrid"), default="hashed",
                     help="hashed: trained hashed word/byte n-gram embeddings (default); backbone: the backbone's "
-                         "frozen input embeddings, mean-pooled")
+                         "frozen input embeddings, mean-pooled; hybrid: both side by side (slower to train)")
     tp.add_argument("--background", default="auto",
                     help="prompts of other tasks for the 'none of these' class (routed to the base model): auto = "
                          "BIG-bench tasks outside the suite (cached on first use), none = no such class, or a "

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,13 +16,16 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import DEFAULT_P, check_selection_args
+from ..config import DEFAULT_P, check_base_threshold, check_selection_args
 from ..errors import DLPLoRAError
 from ..paths import read_json
 from .encoders import encoder_from_config
-from .model import FORMAT, FORMATS, build_net, check_texts
+from .model import FORMAT, FORMATS, build_net, check_texts, foreign_score
 
 CONFIG_FILE = "plugin.json"
+# "mahalanobis": the score is the squared Mahalanobis distance to the nearest adapter's prompts; "mahalanobis+logistic":
+# a logistic score in [0, 1] of that distance and the network's probabilities (:func:`foreign_score`)
+DETECTORS = ("mahalanobis", "mahalanobis+logistic")
 WEIGHTS_FILE = "model.safetensors"
 RETRAIN_HINT = "retrain with `dlp-lora train-plugin --library LIB`"
 
@@ -124,7 +128,7 @@ class Plugin:
 
     @property
     def has_detector(self) -> bool:
-        return self.config.get("base_detector") == "mahalanobis"
+        return self.config.get("base_detector") in DETECTORS
 
     @property
     def base_threshold(self) -> float | None:
@@ -189,7 +193,7 @@ class Plugin:
             encoder = encoder_from_config(cfg)
             state = load_file(str(w_path))
             n_out = len(labels) + (1 if cfg.get("none_class") else 0)
-            detector = len(labels) if cfg.get("base_detector") == "mahalanobis" else 0
+            detector = len(labels) if cfg.get("base_detector") in DETECTORS else 0
             net = build_net(encoder, m["hidden"], n_out, float(m.get("dropout", 0.0)), emb_weight=state.get("emb.weight"),
                             detector_classes=detector)
             net.load_state_dict(state, assign=True)
@@ -220,7 +224,11 @@ class Plugin:
                 probs.append(torch.softmax(logits.float(), dim=-1).numpy())
                 if distances and self.has_detector:
                     dists.append(self.net.distance(h.float()).numpy())
-        return np.concatenate(probs), (np.concatenate(dists) if distances and self.has_detector else None)
+        if not (distances and self.has_detector):
+            return np.concatenate(probs), None
+        full, dist = np.concatenate(probs), np.concatenate(dists)
+        return full, (dist if self.config.get("base_detector") == "mahalanobis" else
+                      foreign_score(self.config["base_score"], dist, full, self.none_class))
 
     @staticmethod
     def _split(full: np.ndarray, none_class: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -236,10 +244,24 @@ class Plugin:
 
     def _threshold(self, base_threshold: float | None) -> float | None:
         """The detector threshold in force: the calibrated one unless overridden (None: no detector)."""
-        thr = self.base_threshold if base_threshold is None else base_threshold
-        if isinstance(thr, bool) or (thr is not None and (not isinstance(thr, (int, float)) or not thr >= 0)):
-            raise DLPLoRAError(f"base threshold must be a distance >= 0 (inf turns the check off), got {thr!r}")
-        return thr
+        check_base_threshold(base_threshold)
+        return self.base_threshold if base_threshold is None else float(base_threshold)
+
+    def base_decision(self, base_threshold: float | None = None) -> dict:
+        """The base-model decision with `base_threshold` (None: the calibrated one), for /v1/models and reports:
+        `base_threshold` in force (None: no prompt goes to base for looking foreign), `calibrated`, `base_fallback`,
+        `set_by` ("plugin" or "operator") and the `detector`."""
+        thr = self.threshold_in_use(base_threshold)
+        cal = self.threshold_in_use()
+        return {"base_threshold": thr, "calibrated": cal, "base_fallback": thr is not None,
+                "set_by": "plugin" if base_threshold is None else "operator",
+                "detector": self.config.get("base_detector")}
+
+    def threshold_in_use(self, base_threshold: float | None = None) -> float | None:
+        """The threshold :meth:`route` applies with `base_threshold` (None: the calibrated one), for reports:
+        None when no prompt can go to the base model for looking foreign (no detector, or the check is off)."""
+        thr = self._threshold(base_threshold)
+        return thr if thr is not None and math.isfinite(thr) else None
 
     @staticmethod
     def _far(dist: np.ndarray | None, thr: float | None, n: int) -> np.ndarray:
@@ -256,6 +278,7 @@ class Plugin:
             p = self.default_p
         check_selection_args(p, top_k, weighting, floor)
         thr = self._threshold(base_threshold)
+        which = "calibrated" if base_threshold is None else "operator's threshold"
         full, dist = self.scores(texts)
         far = self._far(dist, thr, len(full))
         pr, pn = self._split(full, self.none_class)
@@ -264,15 +287,22 @@ class Plugin:
             p_none = None if pn is None else float(pn[i])
             if far[i]:
                 none = f"; 'none of these' {p_none:.3f}" if p_none is not None else ""
-                out.append(Routing([], [], [], [], base_reason=f"the prompt matches none of the adapters' tasks: its "
-                                   f"distance to the nearest adapter's prompts is {float(dist[i]):.1f}, over the "
-                                   f"calibrated {thr:.1f}{none}", p_none=p_none))
+                out.append(Routing([], [], [], [], base_reason=self._base_reason(float(dist[i]), thr, which, none),
+                                   p_none=p_none))
                 continue
             idx, w, kp = select(row, p=p, top_k=top_k, weighting=weighting, floor=floor)
             reason = None if idx else (f"the best adapter's probability {float(row.max()):.3f} is below the "
                                        f"floor {floor:.3f}")
             out.append(Routing([self.labels[i] for i in idx], idx, w, kp, base_reason=reason, p_none=p_none))
         return out
+
+    def _base_reason(self, score: float, thr: float, which: str, none: str) -> str:
+        if self.config.get("base_detector") == "mahalanobis":
+            return (f"the prompt matches none of the adapters' tasks: its distance to the nearest adapter's prompts is "
+                    f"{score:.1f}, over the {which} {thr:.1f}{none}")
+        return (f"the prompt matches none of the adapters' tasks: its out-of-library score (distance to the nearest "
+                f"adapter's prompts{', ' if none else ''}{none[2:]}, best adapter's probability) is {score:.3f}, over "
+                f"the {which} {thr:.3f}")
 
     def decide(self, texts: Sequence[str] | str) -> tuple[list[str], np.ndarray]:
         """Per prompt, in one pass: the top-1 adapter name, and whether the calibrated detector sends the
