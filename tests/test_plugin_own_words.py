@@ -129,7 +129,7 @@ def test_routing_config_and_flags_check_the_base_threshold(capsys):
     assert "not both" in capsys.readouterr().err
     assert main(["route", "--plugin", "/nonexistent", "--base-threshold", "-3", "hi"]) == 2
     assert "base threshold must be a number >= 0" in capsys.readouterr().err
-    for cmd in (["generate", "x"], ["chat"], ["serve"], ["eval", "--library", "L"]):
+    for cmd in (["generate", "x"], ["chat"], ["serve"], ["eval", "--library", "L"], ["bench", "routing"]):
         with pytest.raises(SystemExit):
             main(cmd + ["--help"])
         out = capsys.readouterr().out

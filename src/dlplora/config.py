@@ -8,6 +8,7 @@ chat routing window); the engine, the CLI and the server build one instead of pa
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import DLPLoRAError
@@ -51,6 +52,16 @@ def check_base_threshold(thr) -> float | None:
     if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not thr >= 0:
         raise DLPLoRAError(f"base threshold must be a number >= 0 (inf turns the base-model fallback off), got {thr!r}")
     return float(thr)
+
+
+def base_threshold_of(threshold, off: bool = False) -> float | None:
+    """The base threshold of the flags --base-threshold T / --no-base-fallback (`off`): inf when off, else T
+    checked (None: the plugin's calibrated one)."""
+    if off:
+        if threshold is not None:
+            raise DLPLoRAError("give --base-threshold or --no-base-fallback, not both")
+        return math.inf
+    return check_base_threshold(threshold)
 
 
 def check_mode(mode: str) -> str:

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from ..config import base_threshold_of
 from ..errors import DLPLoRAError
 
 
@@ -97,7 +98,11 @@ def run(args) -> None:
         raise DLPLoRAError("give --library LIB (uses LIB/plugin) or --plugin DIR")
     if not data:
         raise DLPLoRAError("give --data PREPARED_DIR (the prepared test splits of the plugin's tasks)")
+    thr = base_threshold_of(args.base_threshold, args.no_base_fallback)  # flags from cli.common.add_base_arguments
     plugin = Plugin.load(plugin_dir, expected_labels=expected)
+    decision = plugin.base_decision(thr) if plugin.has_detector else None
+    if thr is not None and plugin.has_detector:  # the table under the operator's threshold
+        plugin.config["base_threshold"] = thr
     names = list(plugin.labels)
     rep = routing_benchmark(plugin, load_task_rows(data, names, "test"), batch_size=args.batch_size,
                             threads=args.threads)
@@ -111,6 +116,7 @@ def run(args) -> None:
         print(f"training, 2 epochs on {ts['train_prompts']} prompts, 1 thread: lazy Adam {ts['lazy_adam_s']} s, "
               f"torch sparse Adam {ts['torch_sparse_adam_s']} s ({ts['torch_sparse_over_lazy']}x)")
     rep["plugin"] = str(plugin_dir)
+    rep["base_decision"] = decision
     if args.json:
         import json
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import sys
 
-from ..config import DEFAULT_P, WEIGHTINGS, RoutingConfig
+from ..config import DEFAULT_P, WEIGHTINGS, RoutingConfig, base_threshold_of
 from ..errors import DLPLoRAError
 
 MODEL_HELP = "base model: a local Hugging Face directory or hub id (default: embedded SmolLM2-135M-Instruct)"
@@ -32,14 +31,7 @@ def add_base_arguments(parser) -> None:
 
 def base_threshold_from_args(args) -> float | None:
     """The base threshold of --base-threshold / --no-base-fallback (None: the plugin's calibrated one)."""
-    thr = getattr(args, "base_threshold", None)
-    if getattr(args, "no_base_fallback", False):
-        if thr is not None:
-            raise DLPLoRAError("give --base-threshold or --no-base-fallback, not both")
-        return math.inf
-    from ..config import check_base_threshold
-
-    return check_base_threshold(thr)
+    return base_threshold_of(getattr(args, "base_threshold", None), getattr(args, "no_base_fallback", False))
 
 
 def add_routing_arguments(parser) -> None:

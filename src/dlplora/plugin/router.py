@@ -209,10 +209,10 @@ class Plugin:
         """The network's softmax, shape (len(texts), N adapters [+ 1 for "none of these", last])."""
         return self.scores(texts, distances=False)[0]
 
-    def scores(self, texts: Sequence[str] | str, batch: int = 1024,
-               distances: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """(:meth:`full_probs`, the base detector's distance per text, or None without a detector or
-        with `distances` false)."""
+    def scores(self, texts: Sequence[str] | str, batch: int = 1024, distances: bool = True,
+               raw: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(:meth:`full_probs`, the base detector's score per text -- with `raw`, the Mahalanobis distance it
+        reads -- or None without a detector or with `distances` false)."""
         import torch
 
         texts = check_texts(texts)
@@ -227,8 +227,13 @@ class Plugin:
         if not (distances and self.has_detector):
             return np.concatenate(probs), None
         full, dist = np.concatenate(probs), np.concatenate(dists)
-        return full, (dist if self.config.get("base_detector") == "mahalanobis" else
-                      foreign_score(self.config["base_score"], dist, full, self.none_class))
+        return full, (dist if raw else self._score(full, dist))
+
+    def _score(self, full: np.ndarray, dist: np.ndarray) -> np.ndarray:
+        """The base decision's score from the probabilities and the Mahalanobis distances."""
+        if self.config.get("base_detector") == "mahalanobis":
+            return dist
+        return foreign_score(self.config["base_score"], dist, full, self.none_class)
 
     @staticmethod
     def _split(full: np.ndarray, none_class: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -279,15 +284,17 @@ class Plugin:
         check_selection_args(p, top_k, weighting, floor)
         thr = self._threshold(base_threshold)
         which = "calibrated" if base_threshold is None else "operator's threshold"
-        full, dist = self.scores(texts)
-        far = self._far(dist, thr, len(full))
+        full, dist = self.scores(texts, raw=True)
+        score = None if dist is None else self._score(full, dist)
+        far = self._far(score, thr, len(full))
         pr, pn = self._split(full, self.none_class)
         out = []
         for i, row in enumerate(pr):
             p_none = None if pn is None else float(pn[i])
             if far[i]:
                 none = f"; 'none of these' {p_none:.3f}" if p_none is not None else ""
-                out.append(Routing([], [], [], [], base_reason=self._base_reason(float(dist[i]), thr, which, none),
+                out.append(Routing([], [], [], [], base_reason=self._base_reason(float(score[i]), float(dist[i]),
+                                                                                   float(row.max()), thr, which, none),
                                    p_none=p_none))
                 continue
             idx, w, kp = select(row, p=p, top_k=top_k, weighting=weighting, floor=floor)
@@ -296,13 +303,13 @@ class Plugin:
             out.append(Routing([self.labels[i] for i in idx], idx, w, kp, base_reason=reason, p_none=p_none))
         return out
 
-    def _base_reason(self, score: float, thr: float, which: str, none: str) -> str:
+    def _base_reason(self, score: float, dist: float, best: float, thr: float, which: str, none: str) -> str:
         if self.config.get("base_detector") == "mahalanobis":
             return (f"the prompt matches none of the adapters' tasks: its distance to the nearest adapter's prompts is "
-                    f"{score:.1f}, over the {which} {thr:.1f}{none}")
-        return (f"the prompt matches none of the adapters' tasks: its out-of-library score (distance to the nearest "
-                f"adapter's prompts{', ' if none else ''}{none[2:]}, best adapter's probability) is {score:.3f}, over "
-                f"the {which} {thr:.3f}")
+                    f"{dist:.1f}, over the {which} {thr:.1f}{none}")
+        return (f"the prompt matches none of the adapters' tasks: its out-of-library score is {score:.3f}, over the "
+                f"{which} {thr:.3f} (distance to the nearest adapter's prompts {dist:.1f}{none}; best adapter's "
+                f"probability {best:.3f})")
 
     def decide(self, texts: Sequence[str] | str) -> tuple[list[str], np.ndarray]:
         """Per prompt, in one pass: the top-1 adapter name, and whether the calibrated detector sends the

@@ -288,19 +288,25 @@ def calibrate_base_threshold(plugin, fit_texts: Sequence[str], fit_labels: Seque
 
 
 def fit_foreign_score(plugin, inside: Sequence[str], foreign: Sequence[str]) -> dict:
-    """The logistic base score's parameters: standardised :func:`.router.score_features` of in-library prompts
-    (label 0) and foreign ones (label 1), classes weighted equally, fitted by L-BFGS."""
-    import torch
-
+    """The logistic base score's parameters for `plugin`: :func:`fit_logistic` on the :func:`.model.score_features`
+    of in-library prompts and foreign ones."""
     xs = []
     for texts in (inside, foreign):
         full, dist = plugin.scores(list(texts))
         xs.append(score_features(dist, full, plugin.none_class))
-    x = np.concatenate(xs)
+    return fit_logistic(*xs) | {"in_library_prompts": len(xs[0]), "foreign_prompts": len(xs[1])}
+
+
+def fit_logistic(x_in: np.ndarray, x_out: np.ndarray) -> dict:
+    """Logistic regression of standardised features, in-library rows (label 0) against foreign ones (label 1),
+    both classes weighted equally, a small L2 penalty, fitted by L-BFGS -> {"weights", "bias", "mean", "std"}."""
+    import torch
+
+    x = np.concatenate([x_in, x_out])
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
     xt = torch.from_numpy((x - mean) / std)
-    y = torch.cat([torch.zeros(len(xs[0])), torch.ones(len(xs[1]))]).double()
-    wt = torch.where(y > 0, 0.5 / len(xs[1]), 0.5 / len(xs[0])).double()
+    y = torch.cat([torch.zeros(len(x_in)), torch.ones(len(x_out))]).double()
+    wt = torch.where(y > 0, 0.5 / len(x_out), 0.5 / len(x_in)).double()
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=100, line_search_fn="strong_wolfe")
@@ -313,5 +319,4 @@ def fit_foreign_score(plugin, inside: Sequence[str], foreign: Sequence[str]) -> 
         return loss
 
     opt.step(closure)
-    return {"weights": w.detach().tolist(), "bias": float(b.detach()), "mean": mean.tolist(), "std": std.tolist(),
-            "in_library_prompts": len(xs[0]), "foreign_prompts": len(xs[1])}
+    return {"weights": w.detach().tolist(), "bias": float(b.detach()), "mean": mean.tolist(), "std": std.tolist()}
