@@ -8,6 +8,7 @@ chat routing window); the engine, the CLI and the server build one instead of pa
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import DLPLoRAError
@@ -44,6 +45,26 @@ def check_selection_args(p: float | None, top_k: int | None, weighting: str, flo
         raise DLPLoRAError(f"confidence floor must be a number in [0, 1], got {floor!r}")
 
 
+def check_base_threshold(thr) -> float | None:
+    """The base-model threshold of the router: None (the plugin's calibrated one), or a number >= 0 (math.inf: the
+    detector never sends a prompt to the base model)."""
+    if thr is None:
+        return None
+    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not thr >= 0:
+        raise DLPLoRAError(f"base threshold must be a number >= 0 (inf turns the base-model fallback off), got {thr!r}")
+    return float(thr)
+
+
+def base_threshold_of(threshold, off: bool = False) -> float | None:
+    """The base threshold of the flags --base-threshold T / --no-base-fallback (`off`): inf when off, else T
+    checked (None: the plugin's calibrated one)."""
+    if off:
+        if threshold is not None:
+            raise DLPLoRAError("give --base-threshold or --no-base-fallback, not both")
+        return math.inf
+    return check_base_threshold(threshold)
+
+
 def check_mode(mode: str) -> str:
     if mode not in FUSION_MODES:
         raise DLPLoRAError(f"unknown fusion mode {mode!r}; choose one of {', '.join(FUSION_MODES)}")
@@ -60,6 +81,8 @@ class RoutingConfig:
     floor: float = field(default=0.0, metadata={"help": "route to the base model below this best probability"})
     mode: str = field(default="auto", metadata={"help": "fusion mode: auto, unmerged, shared or merged"})
     window: int = field(default=0, metadata={"help": "earlier user turns the router reads with a chat turn"})
+    base_threshold: float | None = field(default=None, metadata={
+        "help": "the router's base-model threshold (None: the plugin's calibrated one; inf: never the base model)"})
 
     def __post_init__(self):
         self.check()
@@ -67,6 +90,7 @@ class RoutingConfig:
     def check(self) -> "RoutingConfig":
         check_selection_args(self.p, self.top_k, self.weighting, self.floor)
         check_mode(self.mode)
+        check_base_threshold(self.base_threshold)
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise DLPLoRAError(f"the routing window must be an integer >= 0, got {self.window!r}")
         return self
@@ -80,8 +104,9 @@ class RoutingConfig:
         return replace(self, **changes)
 
     def selection(self) -> dict:
-        """The keyword arguments of the router's ``route`` (p, top_k, weighting, floor)."""
-        return {"p": self.p, "top_k": self.top_k, "weighting": self.weighting, "floor": self.floor}
+        """The keyword arguments of the router's ``route`` (p, top_k, weighting, floor; base_threshold when set)."""
+        out = {"p": self.p, "top_k": self.top_k, "weighting": self.weighting, "floor": self.floor}
+        return out if self.base_threshold is None else out | {"base_threshold": self.base_threshold}
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -59,12 +59,9 @@ def adapter_set(value, where: str) -> dict[str, float]:
             w = float(w)
         except (TypeError, ValueError):
             raise RequestError(f"{where}: weight of adapter {name!r} is not a number: {w!r}", "adapters") from None
-        if math.isnan(w) or math.isinf(w):
-            raise RequestError(f"{where}: weight of adapter {name!r} is {w}; weights must be finite", "adapters")
-        if not 0 <= w <= MAX_WEIGHT:
-            raise RequestError(f"{where}: weight of adapter {name!r} is {w:g}; each weight must be in [0, {MAX_WEIGHT:g}] "
-                               f"(1 = the adapter at full strength, 0 = left out; past 1 the delta is extrapolated "
-                               f"and the model's output can break down)", "adapters")
+        if not 0 <= w <= MAX_WEIGHT:  # NaN fails this too
+            raise RequestError(f"{where}: weight of adapter {name!r} is {w:g}; each weight must be in [0, {MAX_WEIGHT:g}] (1 = "
+                               f"full strength, 0 = left out; past 1 the output can break down)", "adapters")
         if w > 0:
             out[name] = out.get(name, 0.0) + w
     return out
@@ -107,15 +104,13 @@ def _is_history(h) -> bool:
 
 
 def routing_config(routing: RoutingConfig | None = None, **overrides) -> RoutingConfig:
-    """`routing` (default: the defaults) with keyword overrides (p=, top_k=, weighting=, floor=, mode=, window= or
-    route_window=) applied and checked."""
+    """`routing` (default: the defaults) with keyword overrides (p=, top_k=, ..., route_window=) applied, checked."""
     changes = {_ROUTING_ALIASES.get(k, k): v for k, v in overrides.items()}
     return (routing or RoutingConfig()).replace(**changes) if changes else (routing or RoutingConfig())
 
 
 def routing_field(adapters: list[dict], source: str, base_reason: str | None = None) -> dict:
-    """The `routing` of a response: the weighted adapters, how they were chosen, and, when the router
-    chose the base model, `base_model: true` and its reason."""
+    """A response's `routing`: the weighted adapters, how chosen, and for the base model its reason."""
     out = {"adapters": adapters, "source": source}
     if not adapters and base_reason:
         out.update(base_model=True, base_reason=base_reason)
@@ -124,8 +119,7 @@ def routing_field(adapters: list[dict], source: str, base_reason: str | None = N
 
 @dataclass
 class Request:
-    """One checked generation request: the prompt's token ids, the explicit adapter set (None = route it),
-    the text the router reads, and the token budget."""
+    """One checked request: prompt ids, explicit adapter set (None = route it), the router's text, token budget."""
 
     ids: list[int]
     adapters: dict[str, float] | None
@@ -177,6 +171,11 @@ class DLPLoRA:
 
     def _set_routing(self, **change) -> None:
         self.routing = self.routing.replace(**change)
+
+    def base_decision(self) -> dict | None:
+        """The router's base-model decision in force (:meth:`Plugin.base_decision`; None without a router)."""
+        info = getattr(self.router, "base_decision", None)
+        return info(self.routing.base_threshold) if info is not None else None
 
     # -------------------------------------------------- construction
     @classmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 
+from ..config import base_threshold_of
 from ..errors import DLPLoRAError
 
 
@@ -81,7 +82,7 @@ def train_speed(data_dir, names, repeats: int = 2) -> dict:
 
 def run(args) -> None:
     from ..plugin import Plugin, load_task_rows
-    from ..plugin.evaluate import format_sources, format_view_table, routing_benchmark
+    from ..plugin.evaluate import format_own_words, format_sources, format_view_table, routing_benchmark
 
     lib, data = None, args.data
     if args.library:
@@ -96,7 +97,11 @@ def run(args) -> None:
         raise DLPLoRAError("give --library LIB (uses LIB/plugin) or --plugin DIR")
     if not data and lib is None:
         raise DLPLoRAError("give --data PREPARED_DIR (the prepared test splits of the plugin's tasks)")
+    thr = base_threshold_of(args.base_threshold, args.no_base_fallback)  # flags from cli.common.add_base_arguments
     plugin = Plugin.load(plugin_dir, expected_labels=lib.names if lib else None, partial=True)
+    decision = plugin.base_decision(thr) if plugin.has_detector else None
+    if thr is not None and plugin.has_detector:  # the table under the operator's threshold
+        plugin.config["base_threshold"] = thr
     names = [n for n in plugin.labels if lib is None or n in lib.names]
     sources = None
     if lib is not None:  # the test split of the adapters that are tasks in DATA, the routing prompts of the others
@@ -112,6 +117,7 @@ def run(args) -> None:
     if sources:
         rep["sources"] = sources
     print(format_view_table(rep, names))
+    print(format_own_words(rep["own_words_detail"]))
     print(f"routing: {rep['routing_ms_per_prompt']:.3f} ms per prompt in batches of {rep['routing_batch_size']} "
           f"({rep['routing_threads']} thread), {rep['routing_single_prompt_ms']:.2f} ms for one prompt alone")
     if args.train_speed:
@@ -120,6 +126,7 @@ def run(args) -> None:
         print(f"training, 2 epochs on {ts['train_prompts']} prompts, 1 thread: lazy Adam {ts['lazy_adam_s']} s, "
               f"torch sparse Adam {ts['torch_sparse_adam_s']} s ({ts['torch_sparse_over_lazy']}x)")
     rep["plugin"] = str(plugin_dir)
+    rep["base_decision"] = decision
     if args.json:
         import json
 

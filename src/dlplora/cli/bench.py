@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from .common import add_base_arguments
+
 
 def cmd_bench_train(args) -> None:
     from ..bench.train import bench_batching, bench_train
@@ -60,6 +62,7 @@ def register(sub, model_help: str) -> None:
     r = b.add_parser("routing", help="the plugin's accuracy per view of the test prompts, and its routing latency",
                      description=routing.__doc__.strip())
     routing.add_arguments(r)
+    add_base_arguments(r)
     r.set_defaults(func=routing.run)
 
     f = b.add_parser("fusion", help="fused multi-LoRA inference vs single PEFT LoRA, side by side")

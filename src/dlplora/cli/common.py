@@ -6,7 +6,7 @@ import json
 import shlex
 import sys
 
-from ..config import DEFAULT_P, WEIGHTINGS, RoutingConfig
+from ..config import DEFAULT_P, WEIGHTINGS, RoutingConfig, base_threshold_of
 from ..errors import DLPLoRAError
 
 MODEL_HELP = "base model: a local Hugging Face directory or hub id (default: embedded SmolLM2-135M-Instruct)"
@@ -19,6 +19,21 @@ def print_json(obj) -> None:
     print(json.dumps(obj, ensure_ascii=False, default=float))
 
 
+def add_base_arguments(parser) -> None:
+    """--base-threshold / --no-base-fallback: the operator's control of the router's base-model decision."""
+    parser.add_argument("--base-threshold", type=float, default=None, metavar="T",
+                        help="send a prompt to the base model when the router's out-of-library score is over T "
+                             "(default: the threshold calibrated in plugin.json; see docs/plugin.md)")
+    parser.add_argument("--no-base-fallback", action="store_true",
+                        help="never send a prompt to the base model because it looks foreign to every adapter "
+                             "(the same as --base-threshold inf; --floor still applies)")
+
+
+def base_threshold_from_args(args) -> float | None:
+    """The base threshold of --base-threshold / --no-base-fallback (None: the plugin's calibrated one)."""
+    return base_threshold_of(getattr(args, "base_threshold", None), getattr(args, "no_base_fallback", False))
+
+
 def add_routing_arguments(parser) -> None:
     """The router's selection options, the same for `route`, `generate`, `chat` and `serve`."""
     parser.add_argument("--p", type=float, default=DEFAULT_P, help=f"top-p threshold in (0, 1] (default {DEFAULT_P})")
@@ -27,6 +42,7 @@ def add_routing_arguments(parser) -> None:
                         help="kept probabilities -> weights: softmax (paper eq. 5, default) or renorm")
     parser.add_argument("--floor", type=float, default=0.0,
                         help="route to the base model when the best probability is below this (default 0: off)")
+    add_base_arguments(parser)
 
 
 def add_precision_arguments(parser, dtype_default: str = "auto", quantize: bool = True,
@@ -60,7 +76,8 @@ def add_precision_arguments(parser, dtype_default: str = "auto", quantize: bool 
 def routing_from_args(args) -> RoutingConfig:
     """The RoutingConfig of the routing options (and --mode, --route-window where the command has them)."""
     return RoutingConfig(p=args.p, top_k=args.top_k, weighting=args.weighting, floor=args.floor,
-                         mode=getattr(args, "mode", "auto"), window=getattr(args, "route_window", 0) or 0)
+                         mode=getattr(args, "mode", "auto"), window=getattr(args, "route_window", 0) or 0,
+                         base_threshold=base_threshold_from_args(args))
 
 
 def parse_top_layers(value: str) -> int | None:

@@ -6,7 +6,8 @@ import os
 
 from ..config import DEFAULT_P
 from ..eval.settings import MT_MCQ_REPLIES
-from .common import add_precision_arguments, command_line, parse_top_layers, print_json
+from .common import (add_base_arguments, add_precision_arguments, base_threshold_from_args, command_line,
+                     parse_top_layers, print_json)
 
 
 def cmd_eval(args) -> None:
@@ -24,7 +25,7 @@ def cmd_eval(args) -> None:
                         ties_density=args.ties_density,
                         progress=not args.no_progress, command=command_line(), cache_dir=args.cache, note=args.note,
                         p_sweep=parse_p_values(args.p_sweep), mcq_exact_match=args.mcq_exact_match,
-                        mt_mcq_reply=args.mt_mcq_reply)
+                        mt_mcq_reply=args.mt_mcq_reply, base_threshold=base_threshold_from_args(args))
     results = run_evaluation(config, log=log)
     if not args.json:
         print(f"wrote {os.path.join(args.out, 'results.json')}, RESULTS.md and figures/ "
@@ -126,6 +127,7 @@ def register(sub, model_help: str) -> None:
     e.add_argument("--note", default="", help="a paragraph put at the top of RESULTS.md (e.g. what was cut)")
     e.add_argument("--json", action="store_true", help="print results.json as the last line")
     _common(e, model_help)
+    add_base_arguments(e)
     add_precision_arguments(e, dtype_default="auto", quantize_default="none", compile=False)  # bf16 where native: 2.4x the choice ranking
     e.set_defaults(func=cmd_eval)
 

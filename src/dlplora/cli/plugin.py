@@ -8,7 +8,7 @@ import sys
 import time
 
 from ..errors import DLPLoRAError
-from .common import add_routing_arguments
+from .common import add_routing_arguments, base_threshold_from_args
 
 
 def _print_json(obj) -> None:
@@ -17,7 +17,7 @@ def _print_json(obj) -> None:
 
 def cmd_train_plugin(args) -> None:
     from ..plugin import train_plugin_from_data
-    from ..plugin.evaluate import format_leave_out, format_sources, format_view_table
+    from ..plugin.evaluate import format_leave_out, format_own_words, format_sources, format_view_table
 
     lib = None
     if args.library:
@@ -71,6 +71,7 @@ def cmd_train_plugin(args) -> None:
     print(format_view_table(report, report["measured"]))
     if extra:
         print(f"not measured (no test split): {', '.join(extra)}")
+    print(format_own_words(report["own_words_detail"]))
     if report.get("leave_out"):
         print(format_leave_out(report["leave_out"]))
     elif report.get("leave_out_note"):
@@ -107,6 +108,7 @@ def cmd_route(args) -> None:
     from ..plugin.model import check_texts
     from ..plugin.router import without
 
+    thr = base_threshold_from_args(args)
     expected = None
     if args.library:
         from ..library import Library
@@ -127,7 +129,8 @@ def cmd_route(args) -> None:
     plugin = Plugin.load(plugin_dir, expected_labels=expected, partial=True)  # a stale router: warns once
     hidden = set(plugin.labels) - set(expected or plugin.labels)  # adapters the library no longer holds
     t0 = time.perf_counter()
-    routings = plugin.route(prompts, p=args.p, top_k=args.top_k, weighting=args.weighting, floor=args.floor)
+    routings = plugin.route(prompts, p=args.p, top_k=args.top_k, weighting=args.weighting, floor=args.floor,
+                            base_threshold=thr)
     routings = [without(r, hidden) for r in routings]
     ms = (time.perf_counter() - t0) * 1000
     out = []
@@ -144,6 +147,7 @@ def cmd_route(args) -> None:
     if args.json:
         _print_json({"routings": out, "p": args.p if args.top_k is None else None, "top_k": args.top_k,
                      "weighting": args.weighting, "floor": args.floor, "plugin": str(plugin_dir),
+                     "base_threshold": plugin.threshold_in_use(thr), "calibrated_base_threshold": plugin.base_threshold,
                      "route_ms": round(ms, 3)})
 
 
@@ -167,9 +171,9 @@ def register(sub, model_help: str) -> None:
     tp.add_argument("--views", type=int, default=2,
                     help="augmented views per training prompt: scaffolding dropped, cut short, another turn "
                          "before it, noise (default: 2)")
-    tp.add_argument("--encoder", choices=("hashed", "backbone"), default="hashed",
+    tp.add_argument("--encoder", choices=("hashed", "backbone", "hybrid"), default="hashed",
                     help="hashed: trained hashed word/byte n-gram embeddings (default); backbone: the backbone's "
-                         "frozen input embeddings, mean-pooled")
+                         "frozen input embeddings, mean-pooled; hybrid: both side by side (slower to train)")
     tp.add_argument("--background", default="auto",
                     help="prompts of other tasks for the 'none of these' class (routed to the base model): auto = "
                          "BIG-bench tasks outside the suite (cached on first use), none = no such class, or a "

@@ -16,6 +16,7 @@ model the paired test of the two on each task (``paired``).
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -181,6 +182,7 @@ class _Run:
                          for t in self.tasks}
         self.cache = PredictionCache(c.cache_dir or Path(c.out) / "cache")
         self.engine = engine if engine is not None else DLPLoRA.from_library(self.lib.root, model=c.model, p=self.p,
+                                                                             base_threshold=c.base_threshold,
                                                                              dtype=c.dtype, device=c.device,
                                                                              quantize=c.quantize)
         self.fused = FusedRunner(self.engine)
@@ -245,7 +247,7 @@ class _Run:
                 "backbone": (engine.info.to_dict() if getattr(engine, "info", None) is not None else None),
                 "tasks": self.tasks, "limit": c.limit, "p": self.p, "weightings": self.weightings,
                 "methods": self.methods, "settings": self.settings, "teacher_forced": c.teacher_forced,
-                "mcq_exact_match": c.mcq_exact_match, "seed": c.seed, "batch_size": c.batch_size, "route_window": c.route_window, "turns": c.turns,
+                "mcq_exact_match": c.mcq_exact_match, "seed": c.seed, "batch_size": c.batch_size, "route_window": c.route_window, "base_threshold": "off" if c.base_threshold == math.inf else c.base_threshold, "turns": c.turns,
                 "mt_mcq_reply": c.mt_mcq_reply,
                 "arrow": {"top_k": min(c.arrow_top_k, len(names)), "temperature": 1.0,
                           "implementation": "peft ArrowConfig / arrow_router LoRA variant; experts mixed by "

@@ -171,6 +171,8 @@ class EvalConfig:
     tasks: str | Sequence[str] | None = field(default=None, metadata={"help": "restrict to these tasks"})
     limit: int | None = field(default=None, metadata={"help": "test examples per task (None: all)"})
     p: float = field(default=DEFAULT_P, metadata={"help": "DLP top-p threshold"})
+    base_threshold: float | None = field(default=None, metadata={
+        "help": "DLP's base-model threshold (None: the plugin's calibrated one; inf: never the base model)"})
     weightings: Sequence[str] = field(default=WEIGHTINGS, metadata={"help": "DLP fusion weightings to report"})
     teacher_forced: bool = field(default=False, metadata={
         "help": "also score generative tasks teacher-forced (base, LoRA and DLP-LoRA: the paper's methods)"})

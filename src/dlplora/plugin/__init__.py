@@ -22,7 +22,7 @@ import time
 from typing import Sequence
 
 from ..errors import DLPLoRAError
-from .evaluate import BASE, bench_routing, evaluate, leave_out, leave_out_size, view_table
+from .evaluate import BASE, bench_routing, evaluate, evaluate_own_words, leave_out, leave_out_size, view_table
 from .features import FEATURIZER, Features, HashedNgramTokenizer
 from ..config import DEFAULT_P, WEIGHTINGS, check_selection_args
 from .model import FORMAT
@@ -32,11 +32,12 @@ from .views import VIEWS, render_view
 
 __all__ = ["BASE", "CONFIG_FILE", "DEFAULT_P", "FEATURIZER", "FORMAT", "Features", "HashedNgramTokenizer", "Plugin",
            "RETRAIN_HINT", "Routing", "VIEWS", "WEIGHTINGS", "WEIGHTS_FILE", "bench_routing", "build_training_set",
-           "calibrate_base_threshold", "check_selection_args", "evaluate", "fit", "leave_out", "leave_out_size",
+           "calibrate_base_threshold", "check_selection_args", "evaluate", "evaluate_own_words", "fit", "leave_out", "leave_out_size",
            "load_task_rows", "render_view", "retrain_settings", "select", "train_plugin_from_data", "train_plugin_from_library",
            "view_table"]
 
 CALIBRATION_SHARE = 0.05  # of each task's training rows, held back to calibrate the base threshold
+BACKGROUND_CALIBRATION_SHARE = 0.2  # of the background tasks, held out of training to fit the base score on
 
 
 def load_task_rows(data_dir: str | os.PathLike, tasks: Sequence[str], split: str) -> dict[str, list[dict]]:
@@ -51,10 +52,11 @@ def load_task_rows(data_dir: str | os.PathLike, tasks: Sequence[str], split: str
     return out
 
 
-def resolve_background(background, names: Sequence[str], log=None) -> list[str]:
-    """Background ("none of these") texts: "auto" = the cached BIG-bench pool (:mod:`dlplora.background`;
+def resolve_background(background, names: Sequence[str], log=None) -> list:
+    """Background ("none of these") prompts: "auto" = the cached BIG-bench pool (:mod:`dlplora.background`;
     built when missing if the BIG-bench tasks are cached, else none), None/"none" = no none class, a
-    path = a JSONL file, or a list of texts. Rows of tasks that are adapters here are left out."""
+    path = a JSONL file ({"task", "text"} rows), or a list of texts. Rows of tasks that are adapters here are
+    left out."""
     from ..background import read_background
     from ..tasks import ensure_background
 
@@ -68,7 +70,20 @@ def resolve_background(background, names: Sequence[str], log=None) -> list[str]:
             log("no background prompts cached (the BIG-bench tasks are not in use): training without the "
                 "'none of these' class; give --background FILE to add one")
         return []
-    return [r["text"] for r in read_background(path, exclude_tasks=names)]
+    return read_background(path, exclude_tasks=names)
+
+
+def split_background(background: Sequence, seed: int) -> tuple[list[str], list[str]]:
+    """(texts to train the "none of these" class on, texts of held-out background *tasks* to fit the base score
+    on): a seeded :data:`BACKGROUND_CALIBRATION_SHARE` of the tasks (rows {"task", "text"}; a text without a task
+    is its own) when there are at least 10 of them, else no held-out part."""
+    rows = [b if isinstance(b, dict) else {"task": "", "text": str(b)} for b in background]
+    groups = sorted({r["task"].split("/")[0] or r["text"] for r in rows})
+    if len(groups) < 10:
+        return [r["text"] for r in rows], []
+    held = set(random.Random(seed).sample(groups, max(1, int(len(groups) * BACKGROUND_CALIBRATION_SHARE))))
+    keep = [(r["task"].split("/")[0] or r["text"]) not in held for r in rows]
+    return [r["text"] for r, k in zip(rows, keep) if k], [r["text"] for r, k in zip(rows, keep) if not k]
 
 
 def split_calibration(rows_by_task: dict[str, list[dict]], seed: int) -> tuple[dict, dict]:
@@ -85,20 +100,23 @@ def split_calibration(rows_by_task: dict[str, list[dict]], seed: int) -> tuple[d
 
 def fit(train_rows: dict[str, list[dict]], *, background: Sequence[str] = (), n_views: int = 2, seed: int = 0,
         epochs: int = 2, detector: bool = True, log=None, **train_kw) -> Plugin:
-    """Train a router on prepared rows (labels = task names): views augmentation, the background as
-    the "none of these" class, and (`detector`) the base-model detector fitted on the training rows and
-    calibrated on held-back rows in every view."""
+    """Train a router on prepared rows (labels = task names): views augmentation, the background (texts, or
+    {"task", "text"} rows) as the "none of these" class, and (`detector`) the base-model detector fitted on the
+    training rows, its score fitted on held-back rows in every view against held-out background tasks
+    (:func:`split_background`), and its threshold calibrated on the held-back rows."""
     from .views import view_texts
 
     fit_rows, calib_rows = split_calibration(train_rows, seed)
+    background, foreign = split_background(background, seed)
     texts, labels = build_training_set(fit_rows, n_views=n_views, background=background, seed=seed)
     plugin = Plugin.train(texts, labels, list(train_rows), epochs=epochs, seed=seed, log=log, **train_kw)
     calib = {t: r for t, r in calib_rows.items() if r}
     if detector:
         fit_texts, fit_labels = view_texts(fit_rows, "rendered")
         calib_texts = [x for v in VIEWS for x in view_texts(calib, v, seed)[0]] if calib else []
-        calibrate_base_threshold(plugin, fit_texts, fit_labels, calib_texts)
-    plugin.config["training"].update({"n_views": n_views, "calibration_rows": sum(map(len, calib_rows.values()))})
+        calibrate_base_threshold(plugin, fit_texts, fit_labels, calib_texts, foreign_texts=foreign)
+    plugin.config["training"].update({"n_views": n_views, "calibration_rows": sum(map(len, calib_rows.values())),
+                                      "background_trained": len(background), "background_held_out": len(foreign)})
     return plugin
 
 
@@ -147,6 +165,8 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
               "views_per_task": {v: r["per_task"] for v, r in table.items()},
               "views_confusions": {v: r["confusions"][:5] for v, r in table.items()},
               "views_to_base": {v: r["to_base"] for v, r in table.items()}}
+    own = evaluate_own_words(plugin)
+    report.update(own_words=own["accuracy"] if own else None, own_words_detail=own)
     if ood_draws:
         def train_fn(tr, _te):
             return fit(tr, background=bg, n_views=views, seed=seed, epochs=epochs, detector=detector, **train_kw)
@@ -159,7 +179,8 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
         else:
             report["leave_out_note"] = (f"leave-tasks-out skipped: with {len(prepared)} prepared tasks no task can be held "
                                         "out (the router trained on the rest needs 2); it needs 3 or more")
-    plugin.config["report"] = {k: report[k] for k in ("accuracy", "train_seconds", "tasks", "views", "ood_to_base")
+    plugin.config["report"] = {k: report[k] for k in ("accuracy", "train_seconds", "tasks", "views", "ood_to_base",
+                                                      "own_words")
                                if k in report}
     return plugin, report
 
@@ -176,10 +197,10 @@ def retrain_settings(plugin: Plugin) -> dict:
         out["dropout"] = float(model["dropout"])
     enc = plugin.encoder
     out["encoder"] = enc.kind
-    if enc.kind == "hashed":
+    if enc.kind in ("hashed", "hybrid"):
         out.update(tokenizer=enc.tokenizer, dim=enc.dim)
-    else:
-        out["model"] = getattr(enc, "model", None)
+    if enc.kind != "hashed":
+        out["model"] = getattr(getattr(enc, "backbone", enc), "model", None)
     out["none_class"], out["default_p"] = plugin.none_class, plugin.default_p
     return out
 
@@ -213,7 +234,7 @@ def train_plugin_from_library(lib, names: Sequence[str] | None = None, *, like: 
         from ..tasks import background_path
 
         path = background_path()
-        bg = [r["text"] for r in read_background(path, exclude_tasks=names)] if none_class and path.is_file() else []
+        bg = read_background(path, exclude_tasks=names) if none_class and path.is_file() else []
     else:
         bg = resolve_background(background, names, log)
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ from ..config import TURN_SEPARATOR
 from ..errors import DLPLoRAError
 from .features import FEATURIZER, RETRAIN_HINT, Features, HashedNgramTokenizer
 
-ENCODERS = ("hashed", "backbone")
+ENCODERS = ("hashed", "backbone", "hybrid")
 BACKBONE_ENCODER = "backbone-embeddings-v1"
 _WINDOWS = (("head", 0, 64), ("body", 0, 256), ("tail", -64, None))
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -117,6 +117,40 @@ class BackboneEncoder:
         return batch
 
 
+class HybridEncoder:
+    """Both side by side: the hashed n-gram segments (trained table) and the backbone's frozen pooled embeddings;
+    the MLP reads their concatenation. A batch is the pair (hashed Features, backbone tensor)."""
+
+    kind = "hybrid"
+
+    def __init__(self, hashed: HashedEncoder, backbone: BackboneEncoder):
+        self.hashed, self.backbone = hashed, backbone
+        self.tokenizer, self.dim = hashed.tokenizer, hashed.dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.hashed.out_dim + self.backbone.out_dim
+
+    def encode(self, texts: Sequence[str]):
+        return self.hashed.encode(texts), self.backbone.encode(texts)
+
+    @staticmethod
+    def take(batch, rows: np.ndarray):
+        return HashedEncoder.take(batch[0], rows), BackboneEncoder.take(batch[1], rows)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "hashed": self.hashed.to_dict(), "backbone": self.backbone.to_dict()}
+
+    def module(self, weight=None):
+        return self.hashed.module(weight)
+
+    @staticmethod
+    def forward(module, batch):
+        import torch
+
+        return torch.cat([HashedEncoder.forward(module, batch[0]), batch[1]], dim=1)
+
+
 def _embedding_table(model_dir: str):
     """The backbone's input embedding matrix (fp32, frozen), read from its safetensors files."""
     from pathlib import Path
@@ -139,6 +173,9 @@ def make_encoder(kind: str, *, tokenizer: HashedNgramTokenizer | None = None, di
                                                                history_bytes=history_bytes), dim)
     if kind == "backbone":
         return BackboneEncoder(model)
+    if kind == "hybrid":
+        return HybridEncoder(make_encoder("hashed", tokenizer=tokenizer, dim=dim, bits=bits, body_bytes=body_bytes,
+                                          history_bytes=history_bytes), BackboneEncoder(model))
     raise DLPLoRAError(f"unknown plugin encoder {kind!r}; choose one of: {', '.join(ENCODERS)}")
 
 
@@ -151,5 +188,7 @@ def encoder_from_config(cfg: dict):
         return HashedEncoder(HashedNgramTokenizer.from_dict(enc["tokenizer"]), int(enc["dim"]))
     if enc.get("kind") == "backbone":
         return BackboneEncoder(enc.get("model"))
+    if enc.get("kind") == "hybrid":
+        return HybridEncoder(encoder_from_config({"encoder": enc["hashed"]}), BackboneEncoder(enc["backbone"].get("model")))
     raise DLPLoRAError(f"plugin encoder {enc.get('kind')!r} is not supported by this version "
                        f"(expects {' or '.join(ENCODERS)}, {FEATURIZER}); {RETRAIN_HINT}")

@@ -3,10 +3,12 @@ to no adapter), and routing latency."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -17,6 +19,9 @@ from .router import Plugin
 from .views import VIEWS, view_texts
 
 BASE = "<base>"  # the prediction "use the base model" in tables and confusions
+# Prompts of the 26 tasks in a user's own words, from sources the router never trains on (built by
+# scripts/build_own_words.py; each row says where it comes from; docs/plugin.md, "Own words").
+OWN_WORDS = Path(__file__).with_name("own_words.jsonl")
 
 
 def predict_all(plugin: Plugin, texts: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -67,6 +72,40 @@ def leave_out_size(n_tasks: int, k: int = 3) -> int:
     """How many tasks a leave-out draw holds out of `n_tasks`: `k`, fewer when the library is small (a router
     trained on the rest needs 2 tasks), 0 below 3 tasks (no draw possible)."""
     return max(0, min(k, n_tasks - 2)) if n_tasks >= 3 else 0
+
+
+def load_own_words(path: str | Path = OWN_WORDS) -> list[dict]:
+    """The own-words evaluation set: rows {"task", "text", "source", "input_sha1"[, "n_source"]}."""
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise DLPLoRAError(f"the own-words set {path} is unreadable ({exc})") from exc
+    return rows
+
+
+def evaluate_own_words(plugin: Plugin, rows: Sequence[dict] | None = None) -> dict | None:
+    """Top-1 accuracy per task on the own-words prompts of the plugin's labels (a prompt sent to the base model
+    counts as wrong), mean over tasks; also with the base decision off, the share sent to base, and where the
+    prompts come from. None when the set has no prompt of the plugin's labels."""
+    rows = [r for r in (load_own_words() if rows is None else rows) if r["task"] in plugin.labels]
+    if not rows:
+        return None
+    gold = [r["task"] for r in rows]
+    pred, top1 = predict_all(plugin, [r["text"] for r in rows])
+    names = [n for n in plugin.labels if n in set(gold)]
+    res = accuracy_table(gold, pred, names, 5)
+    return {"accuracy": res["accuracy"], "adapters_only": accuracy_table(gold, top1, names, 0)["accuracy"],
+            "to_base": sum(p == BASE for p in pred) / len(pred), "per_task": res["per_task"],
+            "confusions": res["confusions"], "n": len(rows), "tasks": len(names),
+            "sources": dict(Counter(r["source"].split(":", 1)[0] for r in rows))}
+
+
+def format_own_words(ow: dict | None) -> str:
+    if not ow:
+        return "own-words set: no prompts of these adapters' tasks"
+    return (f"own-words set ({ow['n']} prompts of {ow['tasks']} tasks, never trained on): {100 * ow['accuracy']:.2f}% "
+            f"mean per-task top-1 ({100 * ow['adapters_only']:.2f}% with the base decision off; "
+            f"{100 * ow['to_base']:.2f}% sent to base)")
 
 
 def leave_out(train_rows: dict[str, list[dict]], test_rows: dict[str, list[dict]], *, draws: int = 3, k: int = 3,
@@ -144,7 +183,8 @@ def routing_benchmark(plugin: Plugin, test_rows: dict[str, list[dict]], batch_si
     table = view_table(plugin, test_rows)
     texts, _ = view_texts(test_rows, "rendered")
     speed = bench_routing(plugin, texts, batch_size=batch_size, threads=threads)
-    return {"accuracy": table["rendered"]["accuracy"], "views": {v: r["accuracy"] for v, r in table.items()},
+    own = evaluate_own_words(plugin)
+    return {"own_words": own["accuracy"] if own else None, "own_words_detail": own,"accuracy": table["rendered"]["accuracy"], "views": {v: r["accuracy"] for v, r in table.items()},
             "views_adapters_only": {v: r["adapters_only"] for v, r in table.items()},
             "views_per_task": {v: r["per_task"] for v, r in table.items()},
             "views_to_base": {v: r["to_base"] for v, r in table.items()},

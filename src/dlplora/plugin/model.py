@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Sequence
 
+import numpy as np
+
 from ..errors import DLPLoRAError
 
 FORMAT = 2
@@ -50,6 +52,24 @@ def build_net(encoder, hidden: Sequence[int], n_out: int, dropout: float, emb_we
             return torch.einsum("nkd,de,nke->nk", d, self.ood_precision, d).min(dim=1).values
 
     return RouterNet()
+
+
+def score_features(dist: np.ndarray, full: np.ndarray, none_class: bool) -> np.ndarray:
+    """What the logistic base score reads per prompt: log(1 + distance), log p("none of these") (with that class),
+    log of the best adapter's probability."""
+    cols = [np.log1p(np.maximum(dist, 0.0))]
+    if none_class:
+        cols.append(np.log(full[:, -1] + 1e-6))
+        full = full[:, :-1]
+    cols.append(np.log(full.max(axis=1) + 1e-6))
+    return np.stack(cols, axis=1).astype(np.float64)
+
+
+def foreign_score(params: dict, dist: np.ndarray, full: np.ndarray, none_class: bool) -> np.ndarray:
+    """The logistic base score: sigmoid(w . standardised :func:`score_features` + b), fitted to tell held-back
+    in-library prompts (in every view) from prompts of held-out background tasks (:mod:`.train`)."""
+    x = (score_features(dist, full, none_class) - np.asarray(params["mean"])) / np.asarray(params["std"])
+    return 1.0 / (1.0 + np.exp(-(x @ np.asarray(params["weights"]) + float(params["bias"]))))
 
 
 def check_labels(label_names: Sequence[str]) -> list[str]:

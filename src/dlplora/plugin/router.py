@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,13 +17,16 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import DEFAULT_P, check_selection_args
+from ..config import DEFAULT_P, check_base_threshold, check_selection_args
 from ..errors import DLPLoRAError
 from ..paths import read_json
 from .encoders import encoder_from_config
-from .model import FORMAT, FORMATS, build_net, check_texts
+from .model import FORMAT, FORMATS, build_net, check_texts, foreign_score
 
 CONFIG_FILE = "plugin.json"
+# "mahalanobis": the score is the squared Mahalanobis distance to the nearest adapter's prompts; "mahalanobis+logistic":
+# a logistic score in [0, 1] of that distance and the network's probabilities (:func:`foreign_score`)
+DETECTORS = ("mahalanobis", "mahalanobis+logistic")
 WEIGHTS_FILE = "model.safetensors"
 RETRAIN_HINT = "retrain with `dlp-lora train-plugin --library LIB`"
 
@@ -158,7 +162,7 @@ class Plugin:
 
     @property
     def has_detector(self) -> bool:
-        return self.config.get("base_detector") == "mahalanobis"
+        return self.config.get("base_detector") in DETECTORS
 
     @property
     def base_threshold(self) -> float | None:
@@ -226,7 +230,7 @@ class Plugin:
             encoder = encoder_from_config(cfg)
             state = load_file(str(w_path))
             n_out = len(labels) + (1 if cfg.get("none_class") else 0)
-            detector = len(labels) if cfg.get("base_detector") == "mahalanobis" else 0
+            detector = len(labels) if cfg.get("base_detector") in DETECTORS else 0
             net = build_net(encoder, m["hidden"], n_out, float(m.get("dropout", 0.0)), emb_weight=state.get("emb.weight"),
                             detector_classes=detector)
             net.load_state_dict(state, assign=True)
@@ -242,10 +246,10 @@ class Plugin:
         """The network's softmax, shape (len(texts), N adapters [+ 1 for "none of these", last])."""
         return self.scores(texts, distances=False)[0]
 
-    def scores(self, texts: Sequence[str] | str, batch: int = 1024,
-               distances: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """(:meth:`full_probs`, the base detector's distance per text, or None without a detector or
-        with `distances` false)."""
+    def scores(self, texts: Sequence[str] | str, batch: int = 1024, distances: bool = True,
+               raw: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(:meth:`full_probs`, the base detector's score per text -- with `raw`, the Mahalanobis distance it
+        reads -- or None without a detector or with `distances` false)."""
         import torch
 
         texts = check_texts(texts)
@@ -257,7 +261,16 @@ class Plugin:
                 probs.append(torch.softmax(logits.float(), dim=-1).numpy())
                 if distances and self.has_detector:
                     dists.append(self.net.distance(h.float()).numpy())
-        return np.concatenate(probs), (np.concatenate(dists) if distances and self.has_detector else None)
+        if not (distances and self.has_detector):
+            return np.concatenate(probs), None
+        full, dist = np.concatenate(probs), np.concatenate(dists)
+        return full, (dist if raw else self._score(full, dist))
+
+    def _score(self, full: np.ndarray, dist: np.ndarray) -> np.ndarray:
+        """The base decision's score from the probabilities and the Mahalanobis distances."""
+        if self.config.get("base_detector") == "mahalanobis":
+            return dist
+        return foreign_score(self.config["base_score"], dist, full, self.none_class)
 
     @staticmethod
     def _split(full: np.ndarray, none_class: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -273,10 +286,24 @@ class Plugin:
 
     def _threshold(self, base_threshold: float | None) -> float | None:
         """The detector threshold in force: the calibrated one unless overridden (None: no detector)."""
-        thr = self.base_threshold if base_threshold is None else base_threshold
-        if isinstance(thr, bool) or (thr is not None and (not isinstance(thr, (int, float)) or not thr >= 0)):
-            raise DLPLoRAError(f"base threshold must be a distance >= 0 (inf turns the check off), got {thr!r}")
-        return thr
+        check_base_threshold(base_threshold)
+        return self.base_threshold if base_threshold is None else float(base_threshold)
+
+    def base_decision(self, base_threshold: float | None = None) -> dict:
+        """The base-model decision with `base_threshold` (None: the calibrated one), for /v1/models and reports:
+        `base_threshold` in force (None: no prompt goes to base for looking foreign), `calibrated`, `base_fallback`,
+        `set_by` ("plugin" or "operator") and the `detector`."""
+        thr = self.threshold_in_use(base_threshold)
+        cal = self.threshold_in_use()
+        return {"base_threshold": thr, "calibrated": cal, "base_fallback": thr is not None,
+                "set_by": "plugin" if base_threshold is None else "operator",
+                "detector": self.config.get("base_detector")}
+
+    def threshold_in_use(self, base_threshold: float | None = None) -> float | None:
+        """The threshold :meth:`route` applies with `base_threshold` (None: the calibrated one), for reports:
+        None when no prompt can go to the base model for looking foreign (no detector, or the check is off)."""
+        thr = self._threshold(base_threshold)
+        return thr if thr is not None and math.isfinite(thr) else None
 
     @staticmethod
     def _far(dist: np.ndarray | None, thr: float | None, n: int) -> np.ndarray:
@@ -293,23 +320,33 @@ class Plugin:
             p = self.default_p
         check_selection_args(p, top_k, weighting, floor)
         thr = self._threshold(base_threshold)
-        full, dist = self.scores(texts)
-        far = self._far(dist, thr, len(full))
+        which = "calibrated" if base_threshold is None else "operator's threshold"
+        full, dist = self.scores(texts, raw=True)
+        score = None if dist is None else self._score(full, dist)
+        far = self._far(score, thr, len(full))
         pr, pn = self._split(full, self.none_class)
         out = []
         for i, row in enumerate(pr):
             p_none = None if pn is None else float(pn[i])
             if far[i]:
                 none = f"; 'none of these' {p_none:.3f}" if p_none is not None else ""
-                out.append(Routing([], [], [], [], base_reason=f"the prompt matches none of the adapters' tasks: its "
-                                   f"distance to the nearest adapter's prompts is {float(dist[i]):.1f}, over the "
-                                   f"calibrated {thr:.1f}{none}", p_none=p_none))
+                out.append(Routing([], [], [], [], base_reason=self._base_reason(float(score[i]), float(dist[i]),
+                                                                                   float(row.max()), thr, which, none),
+                                   p_none=p_none))
                 continue
             idx, w, kp = select(row, p=p, top_k=top_k, weighting=weighting, floor=floor)
             reason = None if idx else (f"the best adapter's probability {float(row.max()):.3f} is below the "
                                        f"floor {floor:.3f}")
             out.append(Routing([self.labels[i] for i in idx], idx, w, kp, base_reason=reason, p_none=p_none))
         return out
+
+    def _base_reason(self, score: float, dist: float, best: float, thr: float, which: str, none: str) -> str:
+        if self.config.get("base_detector") == "mahalanobis":
+            return (f"the prompt matches none of the adapters' tasks: its distance to the nearest adapter's prompts is "
+                    f"{dist:.1f}, over the {which} {thr:.1f}{none}")
+        return (f"the prompt matches none of the adapters' tasks: its out-of-library score is {score:.3f}, over the "
+                f"{which} {thr:.3f} (distance to the nearest adapter's prompts {dist:.1f}{none}; best adapter's "
+                f"probability {best:.3f})")
 
     def decide(self, texts: Sequence[str] | str) -> tuple[list[str], np.ndarray]:
         """Per prompt, in one pass: the top-1 adapter name, and whether the calibrated detector sends the

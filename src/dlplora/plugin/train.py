@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import DLPLoRAError
 from .encoders import make_encoder
 from ..config import DEFAULT_P, check_selection_args
-from .model import FORMAT, build_net, check_labels, check_texts
+from .model import FORMAT, build_net, check_labels, check_texts, score_features
 from .views import augment, compose
 
 # Share of the held-back in-library prompts (as rendered and in every view) that the calibrated
@@ -203,9 +203,12 @@ def train_router(cls, texts: Sequence[str], labels: Sequence, label_names: Seque
                 for g in opt.param_groups:
                     g["lr"] = lr * scale
                 fb = enc.take(feats, rows)
+                hb, dense_in = (fb if enc.kind == "hybrid" else (fb, None))
                 if lazy is not None:
-                    seg = lazy.bags(fb)
-                    x = seg[torch.from_numpy(fb.slots)].flatten(1)
+                    seg = lazy.bags(hb)
+                    x = seg[torch.from_numpy(hb.slots)].flatten(1)
+                    if dense_in is not None:
+                        x = torch.cat([x, dense_in], dim=1)
                 else:
                     x = fb
                 loss = loss_fn(net.mlp(net.norm(x)), yt[torch.from_numpy(rows)])
@@ -213,7 +216,7 @@ def train_router(cls, texts: Sequence[str], labels: Sequence, label_names: Seque
                 loss.backward()
                 opt.step()
                 if lazy is not None:
-                    lazy.step(fb, seg.grad, scale)
+                    lazy.step(hb, seg.grad, scale)
                 tot_loss += float(loss.detach()) * len(rows)
                 step += 1
             if log:
@@ -232,13 +235,18 @@ def train_router(cls, texts: Sequence[str], labels: Sequence, label_names: Seque
 
 
 def calibrate_base_threshold(plugin, fit_texts: Sequence[str], fit_labels: Sequence[str],
-                             held_back_texts: Sequence[str], false_rate: float = BASE_FALSE_RATE) -> float:
+                             held_back_texts: Sequence[str], false_rate: float = BASE_FALSE_RATE,
+                             foreign_texts: Sequence[str] = ()) -> float:
     """Fit the base-model detector and calibrate its threshold.
 
     The detector: the mean penultimate MLP feature of each adapter's training prompts (`fit_texts`,
-    labelled with adapter names) and the inverse of their pooled covariance; a prompt's score is its
-    squared Mahalanobis distance to the nearest mean (Lee et al., 2018). The threshold is the score
-    that `false_rate` of the held-back in-library prompts (never trained on) exceed."""
+    labelled with adapter names) and the inverse of their pooled covariance; a prompt's distance is its
+    squared Mahalanobis distance to the nearest mean (Lee et al., 2018). With `foreign_texts` (prompts of
+    tasks the router never trained on, e.g. held-out background tasks), the score is a logistic regression
+    of that distance, p("none of these") and the best adapter's probability, fitted to tell the held-back
+    in-library prompts from the foreign ones (:func:`.router.foreign_score`); without them, the distance
+    itself. The threshold is the score that `false_rate` of the held-back in-library prompts (never
+    trained on, in every view) exceed."""
     import torch
 
     names = plugin.labels
@@ -262,11 +270,53 @@ def calibrate_base_threshold(plugin, fit_texts: Sequence[str], fit_labels: Seque
             net.register_buffer(name, value)
     plugin.config["base_detector"] = "mahalanobis"
     plugin.config["base_threshold"] = math.inf
+    plugin.config.pop("base_score", None)
+    if len(foreign_texts) and len(held_back_texts):
+        plugin.config["base_score"] = fit_foreign_score(plugin, held_back_texts, foreign_texts)
+        plugin.config["base_detector"] = "mahalanobis+logistic"
     _, dist = plugin.scores(list(held_back_texts)) if held_back_texts else (None, np.zeros(0))
     thr = float(np.quantile(dist, 1.0 - false_rate, method="higher")) if len(dist) else math.inf
     plugin.config["base_threshold"] = thr
     plugin.config["base_calibration"] = {
         "false_rate": false_rate, "held_back_prompts": int(len(dist)), "fit_prompts": len(fit_texts),
+        "foreign_prompts": len(foreign_texts),
         "rule": "base model when the squared Mahalanobis distance of the penultimate features to the nearest "
-                "adapter's mean exceeds base_threshold"}
+                "adapter's mean exceeds base_threshold" if "base_score" not in plugin.config else
+                "base model when the logistic score of that distance, p('none of these') and the best adapter's "
+                "probability (base_score) exceeds base_threshold"}
     return thr
+
+
+def fit_foreign_score(plugin, inside: Sequence[str], foreign: Sequence[str]) -> dict:
+    """The logistic base score's parameters for `plugin`: :func:`fit_logistic` on the :func:`.model.score_features`
+    of in-library prompts and foreign ones."""
+    xs = []
+    for texts in (inside, foreign):
+        full, dist = plugin.scores(list(texts))
+        xs.append(score_features(dist, full, plugin.none_class))
+    return fit_logistic(*xs) | {"in_library_prompts": len(xs[0]), "foreign_prompts": len(xs[1])}
+
+
+def fit_logistic(x_in: np.ndarray, x_out: np.ndarray) -> dict:
+    """Logistic regression of standardised features, in-library rows (label 0) against foreign ones (label 1),
+    both classes weighted equally, a small L2 penalty, fitted by L-BFGS -> {"weights", "bias", "mean", "std"}."""
+    import torch
+
+    x = np.concatenate([x_in, x_out])
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
+    xt = torch.from_numpy((x - mean) / std)
+    y = torch.cat([torch.zeros(len(x_in)), torch.ones(len(x_out))]).double()
+    wt = torch.where(y > 0, 0.5 / len(x_out), 0.5 / len(x_in)).double()
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, y, reduction="none") * wt).sum()
+        loss = loss + 1e-4 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return {"weights": w.detach().tolist(), "bias": float(b.detach()), "mean": mean.tolist(), "std": std.tolist()}

@@ -424,7 +424,7 @@ def create_app(engine, config: ServeConfig | None = None, engine_spec: dict | No
         for n, routing, note in state.live.models():
             data.append({"id": n, "object": "model", "created": state.created, "owned_by": "dlp-lora", "root": n,
                          "parent": state.base_name, "routing": routing} | ({"routing_note": note} if note else {}))
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": data, "router": engine.base_decision()}
 
     @app.get("/metrics")
     async def metrics():
