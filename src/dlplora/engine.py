@@ -60,7 +60,7 @@ def adapter_set(value, where: str) -> dict[str, float]:
         except (TypeError, ValueError):
             raise RequestError(f"{where}: weight of adapter {name!r} is not a number: {w!r}", "adapters") from None
         if not 0 <= w <= MAX_WEIGHT:  # NaN fails this too
-            raise RequestError(f"{where}: weight of adapter {name!r} is {w:g}; each weight must be in [0, {MAX_WEIGHT:g}] (1 = "
+            raise RequestError(f"{where}: weight of adapter {name!r} is {w:g}; each weight must be in [0, {MAX_WEIGHT:g}] (finite; 1 = "
                                f"full strength, 0 = left out; past 1 the output can break down)", "adapters")
         if w > 0:
             out[name] = out.get(name, 0.0) + w
