@@ -16,8 +16,8 @@ library of random adapters of the trained adapters' shape (rank 8 on every linea
 At each ``--max-concurrency`` level (arrivals all at once, or ``--request-rate`` Poisson with ``--burstiness``):
 vLLM's metrics (TTFT, TPOT, ITL, E2EL: mean / p50 / p90 / p99 ms; TTFT, ITL and TPOT from the streamed requests),
 output tokens/s, requests/s, failed requests. After the server has stopped, the same requests run offline through
-the engine (``DLPLoRA.generate``, batches of the level's concurrency, the same sets, routed rows routed by the same
-plugin, the same precision): ``server_vs_offline`` = served output tok/s / offline output tok/s, and every served
+the engine (``DLPLoRA.generate``, batches of the level's concurrency holding prompts of similar lengths, the same
+sets, routed rows routed by the same plugin, the same precision): ``server_vs_offline`` = served output tok/s / offline output tok/s, and every served
 response is compared with its offline text (``mismatches``, with examples). llama-server (after that, alone) gets
 the same requests, a set as per-request LoRA scales and a routed request the set our router chose
 (:mod:`dlplora.bench.llama_server`).
@@ -196,7 +196,9 @@ def _ms(stats: dict | None, key: str) -> str:
 
 
 def run_offline(args, lib: Path, items: list, levels: list[int], log) -> dict[int, tuple]:
-    """The workload through the engine in batches of each level's concurrency: {level: (summary, per-item rows)}."""
+    """The workload through the engine in batches of each level's concurrency: {level: (summary, per-item rows)}.
+    The batches hold requests of similar prompt lengths (the items sorted by length: an offline run may order its
+    work, and a static batch computes every row at its longest prompt's width)."""
     import torch
 
     from ..engine import DLPLoRA
@@ -206,9 +208,10 @@ def run_offline(args, lib: Path, items: list, levels: list[int], log) -> dict[in
     torch.set_num_threads(args.threads)
     if args.compile:
         engine.compile()
-    prompts = [it.prompt for it in items]
-    sets = [None if it.adapters is None else dict(it.adapters) for it in items]
-    raws = [not it.chat for it in items]
+    order = sorted(items, key=lambda it: len(engine.tokenizer(it.prompt)["input_ids"]))
+    prompts = [it.prompt for it in order]
+    sets = [None if it.adapters is None else dict(it.adapters) for it in order]
+    raws = [not it.chat for it in order]
     out = {}
     for c in levels:
         def batch(k, n_new):
@@ -217,8 +220,11 @@ def run_offline(args, lib: Path, items: list, levels: list[int], log) -> dict[in
 
         batch(0, 2)  # warm-up
         t0 = time.perf_counter()
-        rows = [r for k in range(0, len(items), c) for r in batch(k, args.max_tokens)]
+        done = [r for k in range(0, len(order), c) for r in batch(k, args.max_tokens)]
         dt = time.perf_counter() - t0
+        rows: list[dict] = [{}] * len(items)
+        for it, r in zip(order, done):
+            rows[it.index] = r
         ok = [r for r in rows if "error" not in r]
         tokens = sum(r["tokens"] for r in ok)
         out[c] = ({"requests": len(rows), "failed": len(rows) - len(ok), "duration_s": round(dt, 3),
