@@ -163,3 +163,34 @@ def test_bench_serve_against_a_subprocess_server_on_a_tiny_model(tiny_model, cap
         assert s["e2el_ms"]["p99"] >= s["ttft_ms"]["p50"]
         assert row["server_vs_offline"] == pytest.approx(s["output_tok_s"] / off["output_tok_s"], abs=0.002)
     assert res["server_vs_offline"] == levels[3]["server_vs_offline"]
+
+
+FAKE_CONVERTER = ("import argparse, sys\n"
+                  "p = argparse.ArgumentParser(); p.add_argument('--base'); p.add_argument('--outtype')\n"
+                  "p.add_argument('--outfile'); p.add_argument('src'); a = p.parse_args()\n"
+                  "if a.src.endswith('bad'): sys.exit(1)\n"
+                  "open(a.outfile, 'w').write(a.base + ' ' + a.outtype + ' ' + a.src)\n")
+
+
+def test_adapters_go_through_llamas_converter_and_into_llama_servers_command(tmp_path):
+    """A stand-in converter (llama.cpp is not built in CI): one call per adapter, the converter's argv as the issue
+    gives it, its failure named; and the llama-server command line of a level."""
+    from dlplora.bench.llama_server import convert_adapters, llama_source, server_command
+
+    src = tmp_path / "llama.cpp"
+    (src / "build" / "bin").mkdir(parents=True)
+    (src / "build" / "bin" / "llama-server").write_text("")
+    (src / "convert_lora_to_gguf.py").write_text(FAKE_CONVERTER)
+    assert llama_source(str(src / "build" / "bin" / "llama-server")) == src.resolve()
+    with pytest.raises(DLPLoRAError, match="--llama-src"):
+        llama_source(str(tmp_path / "elsewhere" / "llama-server"))
+    out = convert_adapters(src, "BASE", {"a": tmp_path / "ad_a", "b": tmp_path / "ad_b"}, tmp_path / "gguf",
+                           log=lambda *a: None)
+    assert {n: p.read_text() for n, p in out.items()} == {"a": f"BASE f32 {tmp_path / 'ad_a'}",
+                                                          "b": f"BASE f32 {tmp_path / 'ad_b'}"}
+    with pytest.raises(DLPLoRAError, match="converting the adapters to GGUF failed"):
+        convert_adapters(src, "BASE", {"x": tmp_path / "ad_bad"}, tmp_path / "gguf2", log=lambda *a: None)
+    cmd = server_command("llama-server", "m.gguf", [out["a"], out["b"]], threads=2, slots=8, ctx=4096, port=1234)
+    assert cmd[:3] == ["llama-server", "-m", "m.gguf"] and cmd[3:7] == ["--lora", str(out["a"]), "--lora", str(out["b"])]
+    flags = " ".join(cmd[7:])
+    assert "--lora-init-without-apply" in flags and "-t 2" in flags and "-np 8" in flags and "-c 4096" in flags

@@ -33,23 +33,37 @@ def llama_source(server: str, src: str | None = None) -> Path:
                        f"(build_llama_cpp.sh prints it as LLAMA_SRC)")
 
 
+# runs the converter once per adapter in one interpreter (its imports, torch and transformers, load once)
+_DRIVER = """
+import json, runpy, sys
+conv, jobs = sys.argv[1], json.loads(sys.argv[2])
+for base, out, src in jobs:
+    sys.argv = [conv, "--base", base, "--outtype", "f32", "--outfile", out, src]
+    try:
+        runpy.run_path(conv, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise SystemExit(f"{src}: the converter exited with {exc.code}")
+"""
+
+
 def convert_adapters(src: Path, base: str, adapter_dirs: dict[str, Path], out_dir: Path, log=print) -> dict[str, Path]:
     """Convert each PEFT adapter ({name: dir}) to ``out_dir/<name>.gguf``; returns {name: gguf path}."""
+    import json
+
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), str(src)]
                                                        + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    out = {}
-    for name, d in adapter_dirs.items():
-        dst = out_dir / f"{name}.gguf"
-        cmd = [sys.executable, str(src / CONVERTER), "--base", str(base), "--outtype", "f32", "--outfile", str(dst),
-               str(d)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if res.returncode != 0 or not dst.is_file():
-            tail = (res.stderr or res.stdout).strip()[-800:]
-            hint = " (the converter needs the gguf package: pip install " + str(src / "gguf-py") + ")" \
-                if "gguf" in tail and "No module" in tail else ""
-            raise DLPLoRAError(f"converting the adapter {name} to GGUF failed{hint}: {tail}")
-        out[name] = dst
+    out = {name: out_dir / f"{name}.gguf" for name in adapter_dirs}
+    jobs = [[str(base), str(out[name]), str(d)] for name, d in adapter_dirs.items()]
+    res = subprocess.run([sys.executable, "-c", _DRIVER, str(src / CONVERTER), json.dumps(jobs)], capture_output=True,
+                         text=True, env=env)
+    missing = [n for n, g in out.items() if not g.is_file()]
+    if res.returncode != 0 or missing:
+        tail = (res.stderr or res.stdout).strip()[-800:]
+        hint = f" (the converter needs the gguf package: pip install {src / 'gguf-py'})" \
+            if "No module named 'gguf'" in tail else ""
+        raise DLPLoRAError(f"converting the adapters to GGUF failed{hint}: {tail}")
     log(f"converted {len(out)} adapters to GGUF LoRAs with {src / CONVERTER}")
     return out
 
