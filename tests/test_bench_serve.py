@@ -126,6 +126,7 @@ def test_server_process_waits_for_health_and_always_stops(tmp_path):
     (["--num-prompts", "0"], "--num-prompts must be >= 1"),
     (["--base-url", "http://127.0.0.1:9"], "--base-url needs --library"),
     (["--llama-server", "/nonexistent/llama-server"], "no such file"),
+    (["--backend", "llama-server"], "--backend llama-server is for a llama-server at --base-url"),
 ])
 def test_bad_arguments_are_named(argv, message):
     args = build_parser().parse_args(["bench", "serve"] + argv)

@@ -51,7 +51,8 @@ def add_arguments(p) -> None:
     p.add_argument("--base-url", metavar="URL", help="an OpenAI-compatible server already running (its root, e.g. "
                                                      "http://127.0.0.1:8000); default: start `dlp-lora serve` here")
     p.add_argument("--backend", choices=("dlp-lora", "llama-server"), default="dlp-lora",
-                   help="the API of --base-url: ours, or llama-server (its --lora files in the library's order)")
+                   help="the API of --base-url: ours, or llama-server (its --lora files in the library's order; "
+                        "routed requests get no adapter there)")
     p.add_argument("--api-key", metavar="KEY", help="the API key of --base-url")
     p.add_argument("--library", metavar="LIB", help="the adapter library (with its plugin); default: a temporary "
                                                     "library of random adapters named after the tasks")
@@ -313,9 +314,6 @@ def bench(args, log=print) -> dict:
         tmp = Path(tmp_name)
         lib, names, has_plugin, prompts = library_and_prompts(args, tmp, log)
         items = loadgen.build_workload(prompts, names, args.num_prompts, args.seed, routed=has_plugin)
-        if args.backend == "llama-server" and not args.no_offline:
-            raise DLPLoRAError("--backend llama-server at --base-url: give --no-offline (its texts are not ours), "
-                               "or use --llama-server PATH to run it beside ours")
         log(f"{len(items)} requests per level ({sum(it.kind == loadgen.ROUTED for it in items)} routed, "
             f"{sum(it.kind == loadgen.MIX for it in items)} mixes, {sum(it.chat for it in items)} chat, "
             f"{sum(it.stream for it in items)} streamed), max_tokens {args.max_tokens}, {len(names)} adapters, "
@@ -424,6 +422,9 @@ def run(args) -> dict:
     if args.base_url and not args.library:
         raise DLPLoRAError("--base-url needs --library: the library the server serves (its adapters' names, and "
                            "the offline run)")
+    if args.backend == "llama-server" and not (args.base_url and args.no_offline):
+        raise DLPLoRAError("--backend llama-server is for a llama-server at --base-url, with --no-offline (its texts "
+                           "are not ours); or give --llama-server PATH to run it beside ours")
     if args.llama_server and not Path(args.llama_server).is_file():
         raise DLPLoRAError(f"--llama-server {args.llama_server}: no such file (build_llama_cpp.sh prints its path)")
     res = bench(args, log=lambda *a: print(*a, flush=True))
