@@ -69,7 +69,8 @@ def test_metrics_follow_vllms_definitions():
     d = Outcome(3, error="HTTP 500: boom", latency=0.1)
     s = loadgen.summarize([a, b, c, d], 2.0)
     assert (s["requests"], s["completed"], s["failed"], s["streamed"]) == (4, 3, 1, 2)
-    assert s["output_tokens"] == 9 and s["input_tokens"] == 10 and s["output_tok_s"] == 4.5 and s["requests_per_s"] == 1.5
+    assert s["output_tokens"] == 9 and s["input_tokens"] == 10
+    assert s["output_tok_s"] == 4.5 and s["requests_per_s"] == 1.5
     assert s["ttft_ms"]["mean"] == 250.0 and s["ttft_ms"]["p50"] == 250.0
     assert s["tpot_ms"] == {"mean": 200.0, "p50": 200.0, "p90": 200.0, "p99": 200.0}  # (1.0 - 0.2) / (5 - 1)
     assert s["itl_ms"]["p99"] == 200.0 and s["e2el_ms"]["mean"] == 600.0
@@ -127,6 +128,7 @@ def test_server_process_waits_for_health_and_always_stops(tmp_path):
     (["--base-url", "http://127.0.0.1:9"], "--base-url needs --library"),
     (["--llama-server", "/nonexistent/llama-server"], "no such file"),
     (["--backend", "llama-server"], "--backend llama-server is for a llama-server at --base-url"),
+    (["--llama-server", "/x/llama-server", "--no-offline"], "needs the offline engine"),
 ])
 def test_bad_arguments_are_named(argv, message):
     args = build_parser().parse_args(["bench", "serve"] + argv)
@@ -192,6 +194,66 @@ def test_adapters_go_through_llamas_converter_and_into_llama_servers_command(tmp
     with pytest.raises(DLPLoRAError, match="converting the adapters to GGUF failed"):
         convert_adapters(src, "BASE", {"x": tmp_path / "ad_bad"}, tmp_path / "gguf2", log=lambda *a: None)
     cmd = server_command("llama-server", "m.gguf", [out["a"], out["b"]], threads=2, slots=8, ctx=4096, port=1234)
-    assert cmd[:3] == ["llama-server", "-m", "m.gguf"] and cmd[3:7] == ["--lora", str(out["a"]), "--lora", str(out["b"])]
+    assert cmd[:3] == ["llama-server", "-m", "m.gguf"]
+    assert cmd[3:7] == ["--lora", str(out["a"]), "--lora", str(out["b"])]
     flags = " ".join(cmd[7:])
     assert "--lora-init-without-apply" in flags and "-t 2" in flags and "-np 8" in flags and "-c 4096" in flags
+
+
+FAKE_LLAMA_SERVER = '''
+import argparse, json, http.server
+p = argparse.ArgumentParser()
+p.add_argument("-m"); p.add_argument("--lora", action="append"); p.add_argument("-t"); p.add_argument("-np")
+p.add_argument("-c"); p.add_argument("--port", type=int); p.add_argument("--host")
+a, _ = p.parse_known_args()
+seen = open(a.m + ".requests", "a")
+
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        seen.write(json.dumps({"slots": a.np, "lora": body["lora"], "n_loras": len(a.lora)}) + "\\n"); seen.flush()
+        chat = self.path.endswith("chat/completions")
+        self.send_response(200); self.end_headers()
+        if not body.get("stream"):
+            c = {"message": {"content": "ok ok"}} if chat else {"text": "ok ok"}
+            usage = {"completion_tokens": 2, "prompt_tokens": 5}
+            self.wfile.write(json.dumps({"choices": [c], "usage": usage}).encode())
+            return
+        for t in ("ok", " ok"):
+            c = {"delta": {"content": t}} if chat else {"text": t}
+            self.wfile.write(("data: " + json.dumps({"choices": [c]}) + "\\n\\n").encode())
+        self.wfile.write(b"data: [DONE]\\n\\n")
+
+http.server.ThreadingHTTPServer((a.host, a.port), H).serve_forever()
+'''
+
+
+def test_llama_server_path_with_stand_ins(tiny_model, tmp_path, capsys):
+    """--llama-server end to end with a stand-in converter and llama-server (no llama.cpp in CI): every level gets
+    its own server with as many slots, every request a lora list over the converted adapters, and the ratios."""
+    src = tmp_path / "llama.cpp"
+    (src / "build" / "bin").mkdir(parents=True)
+    (src / "convert_lora_to_gguf.py").write_text(FAKE_CONVERTER)
+    server = src / "build" / "bin" / "llama-server"
+    server.write_text(f"#!{sys.executable}\n" + FAKE_LLAMA_SERVER)
+    server.chmod(0o755)
+    gguf = tmp_path / "model.gguf"
+    argv = ["bench", "serve", "--model", str(tiny_model), "--adapters", "3", "--num-prompts", "6", "--max-concurrency",
+            "1,2", "--max-tokens", "3", "--threads", "1", "--dtype", "float32", "--llama-server", str(server),
+            "--gguf", str(gguf), "--json"]
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["failed"] == 0 and res["llama_server_failed"] == 0 and res["mismatches"] == 0
+    for key in ("vs_llama_server", "ttft_p99_vs_llama_server", "tpot_1client_vs_llama_server"):
+        assert res[key] > 0
+    top = res["levels"][-1]
+    assert res["vs_llama_server"] == pytest.approx(top["server"]["output_tok_s"] / top["llama_server"]["output_tok_s"],
+                                                   abs=0.002)
+    seen = [json.loads(line) for line in (tmp_path / "model.gguf.requests").read_text().splitlines()]
+    assert len(seen) == 2 * (1 + 6)  # a warm-up and the requests, at each level
+    assert {s["slots"] for s in seen} == {"1", "2"} and {s["n_loras"] for s in seen} == {3}
+    assert all(0 <= x["id"] < 3 and x["scale"] > 0 for s in seen for x in s["lora"])

@@ -15,12 +15,13 @@ library of random adapters of the trained adapters' shape (rank 8 on every linea
 
 At each ``--max-concurrency`` level (arrivals all at once, or ``--request-rate`` Poisson with ``--burstiness``):
 vLLM's metrics (TTFT, TPOT, ITL, E2EL: mean / p50 / p90 / p99 ms; TTFT, ITL and TPOT from the streamed requests),
-output tokens/s, requests/s, failed requests. After the server has stopped, the same requests run offline through
-the engine (``DLPLoRA.generate``, batches of the level's concurrency holding prompts of similar lengths, the same
-sets, routed rows routed by the same plugin, the same precision): ``server_vs_offline`` = served output tok/s / offline output tok/s, and every served
-response is compared with its offline text (``mismatches``, with examples). llama-server (after that, alone) gets
-the same requests, a set as per-request LoRA scales and a routed request the set our router chose
-(:mod:`dlplora.bench.llama_server`).
+output tokens/s, requests/s, failed requests. Each level runs its contenders one after another, each alone on the
+machine (our server is started for the level and stopped after it): first the server, then the same requests offline
+through the engine (``DLPLoRA.generate``, batches of the level's concurrency holding prompts of similar lengths, the
+same sets, routed rows routed by the same plugin, the same precision): ``server_vs_offline`` = served output tok/s /
+offline output tok/s, and every served response is compared with its offline text (``mismatches``, with examples).
+Then llama-server gets the same requests, a set as per-request LoRA scales and a routed request the set our router
+chose (:mod:`dlplora.bench.llama_server`).
 
 The last line of ``--json``: ``{"server_vs_offline", "vs_llama_server", "ttft_p99_vs_llama_server",
 "tpot_1client_vs_llama_server", "requests", "failed", "mismatches", "dtype", "quantize", "cpu_flags", "levels":
@@ -31,6 +32,7 @@ The last line of ``--json``: ``{"server_vs_offline", "vs_llama_server", "ttft_p9
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -174,8 +176,6 @@ def _package_env() -> dict:
 def _levels_over(url: str, requests, levels, args, log, label: str, api_key=None, at_level=None) -> dict[int, tuple]:
     """Drive `url` at every level (one unmeasured warm-up request first): {level: (summary, outcomes)}.
     `at_level(c)`: a context manager entered around each level (llama-server: a server with c slots)."""
-    import contextlib
-
     out = {}
     for c in levels:
         with (at_level(c) if at_level else contextlib.nullcontext(url)) as u:
@@ -196,43 +196,55 @@ def _ms(stats: dict | None, key: str) -> str:
     return "-" if not stats else f"{stats[key]:.0f}ms"
 
 
-def run_offline(args, lib: Path, items: list, levels: list[int], log) -> dict[int, tuple]:
-    """The workload through the engine in batches of each level's concurrency: {level: (summary, per-item rows)}.
-    The batches hold requests of similar prompt lengths (the items sorted by length: an offline run may order its
-    work, and a static batch computes every row at its longest prompt's width)."""
-    import torch
+class Offline:
+    """The workload through the engine (loaded once) in batches of a level's concurrency. The batches hold requests
+    of similar prompt lengths (the items sorted by length: an offline run may order its work, and a static batch
+    computes every row at its longest prompt's width)."""
 
-    from ..engine import DLPLoRA
+    def __init__(self, args, lib: Path, items: list):
+        import torch
 
-    engine = DLPLoRA.from_library(lib, model=args.model, dtype=args.dtype, device=args.device,
-                                  quantize=args.quantize)
-    torch.set_num_threads(args.threads)
-    if args.compile:
-        engine.compile()
-    order = sorted(items, key=lambda it: len(engine.tokenizer(it.prompt)["input_ids"]))
-    prompts = [it.prompt for it in order]
-    sets = [None if it.adapters is None else dict(it.adapters) for it in order]
-    raws = [not it.chat for it in order]
-    out = {}
-    for c in levels:
+        from ..engine import DLPLoRA
+
+        self.args, self.items = args, items
+        self.engine = DLPLoRA.from_library(lib, model=args.model, dtype=args.dtype, device=args.device,
+                                           quantize=args.quantize)
+        torch.set_num_threads(args.threads)
+        if args.compile:
+            self.engine.compile()
+        self.order = sorted(items, key=lambda it: len(self.engine.tokenizer(it.prompt)["input_ids"]))
+
+    def routes(self) -> list[dict[str, float]]:
+        """Each item's set: its own, or for a routed item the one the plugin chooses (as the server routes it)."""
+        eng = self.engine
+        routed = [it for it in self.items if it.adapters is None]
+        sets = [s for s, _ in eng.route_with_reasons([eng.routing_text(it.prompt) for it in routed])] if routed else []
+        chosen = {it.index: s for it, s in zip(routed, sets)}
+        return [it.adapters if it.adapters is not None else chosen[it.index] for it in self.items]
+
+    def level(self, c: int, log) -> tuple[dict, list[dict]]:
+        """(summary, the rows of DLPLoRA.generate in the items' order) at batch size `c`."""
+        prompts = [it.prompt for it in self.order]
+        sets = [None if it.adapters is None else dict(it.adapters) for it in self.order]
+        raws = [not it.chat for it in self.order]
+
         def batch(k, n_new):
-            return engine.generate(prompts[k:k + c], max_new_tokens=n_new, adapters=sets[k:k + c], raw=raws[k:k + c],
-                                   on_error="return")
+            return self.engine.generate(prompts[k:k + c], max_new_tokens=n_new, adapters=sets[k:k + c],
+                                        raw=raws[k:k + c], on_error="return")
 
         batch(0, 2)  # warm-up
         t0 = time.perf_counter()
-        done = [r for k in range(0, len(order), c) for r in batch(k, args.max_tokens)]
+        done = [r for k in range(0, len(self.order), c) for r in batch(k, self.args.max_tokens)]
         dt = time.perf_counter() - t0
-        rows: list[dict] = [{}] * len(items)
-        for it, r in zip(order, done):
+        rows: list[dict] = [{}] * len(self.items)
+        for it, r in zip(self.order, done):
             rows[it.index] = r
         ok = [r for r in rows if "error" not in r]
         tokens = sum(r["tokens"] for r in ok)
-        out[c] = ({"requests": len(rows), "failed": len(rows) - len(ok), "duration_s": round(dt, 3),
-                   "output_tokens": tokens, "output_tok_s": round(tokens / dt, 2),
-                   "requests_per_s": round(len(ok) / dt, 3)}, rows)
-        log(f"  {'offline':<12} batch {c:>3}:       {out[c][0]['output_tok_s']:8.1f} tok/s  failed {out[c][0]['failed']}")
-    return out
+        s = {"requests": len(rows), "failed": len(rows) - len(ok), "duration_s": round(dt, 3), "output_tokens": tokens,
+             "output_tok_s": round(tokens / dt, 2), "requests_per_s": round(len(ok) / dt, 3)}
+        log(f"  {'offline':<12} batch {c:>3}:       {s['output_tok_s']:8.1f} tok/s  failed {s['failed']}")
+        return s, rows
 
 
 def compare(items: list, outcomes: list, offline: list[dict]) -> dict:
@@ -257,12 +269,11 @@ def compare(items: list, outcomes: list, offline: list[dict]) -> dict:
             "mismatch_examples": diffs[:3]}
 
 
-def run_llama_server(args, lib: Path, names: list[str], items: list, offline_rows: list[dict], levels, tmp: Path,
-                     log) -> dict[int, tuple]:
-    """The workload on llama-server (converted adapters, per-request scales), one server per level with as many
-    slots as the level's concurrency."""
-    import contextlib
-
+def llama_server_levels(args, lib: Path, names: list[str], items: list, routes: list[dict], need: int, tmp: Path,
+                        log):
+    """(the requests for llama-server, a context manager factory: a llama-server with `c` slots on the converted
+    adapters, yielding its URL). `routes`: every item's set (a routed item: the set our router chose); `need`: the
+    tokens a slot must hold."""
     from ..backbone import default_gguf_path, resolve_model
     from ..library import Library
     from .llama_server import convert_adapters, llama_source, server_command
@@ -272,11 +283,7 @@ def run_llama_server(args, lib: Path, names: list[str], items: list, offline_row
     base = args.model or lib_obj.base_model.get("path") or None
     ggufs = convert_adapters(src, resolve_model(base), {n: lib_obj.adapter_dir(n) for n in names}, tmp / "gguf", log)
     ids = {n: i for i, n in enumerate(names)}
-    routed = [{a["name"]: a["weight"] for a in r["routing"]["adapters"]} if "error" not in r else {}
-              for r in offline_rows]
-    requests = [loadgen.llama_body(it, args.max_tokens, it.adapters if it.adapters is not None else routed[it.index],
-                                   ids) for it in items]
-    need = max([r.get("prompt_tokens", 0) for r in offline_rows] + [1]) + args.max_tokens + 64
+    requests = [loadgen.llama_body(it, args.max_tokens, routes[it.index], ids) for it in items]
     gguf = args.gguf or str(default_gguf_path())
 
     @contextlib.contextmanager
@@ -287,7 +294,7 @@ def run_llama_server(args, lib: Path, names: list[str], items: list, offline_row
         with loadgen.ServerProcess(cmd, f"http://127.0.0.1:{port}", tmp / f"llama-server-{c}.log", "llama-server"):
             yield f"http://127.0.0.1:{port}"
 
-    return _levels_over("", requests, levels, args, log, "llama-server", at_level=server)
+    return requests, server
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -319,29 +326,37 @@ def bench(args, log=print) -> dict:
             f"{sum(it.stream for it in items)} streamed), max_tokens {args.max_tokens}, {len(names)} adapters, "
             f"{dtype}{' + ' + args.quantize if args.quantize != 'none' else ''}, {args.threads} threads, CPU flags "
             f"{' '.join(flags) or '-'}")
-        if args.base_url:
-            if args.backend == "llama-server":
-                ids = {n: i for i, n in enumerate(names)}
-                requests = [loadgen.llama_body(it, args.max_tokens, it.adapters or {}, ids) for it in items]
-            else:
-                requests = [loadgen.request_body(it, args.max_tokens) for it in items]
-            ours = _levels_over(args.base_url.rstrip("/"), requests, levels, args, log, "server", args.api_key)
-            server_ready_s = None
+        offline_run = None if args.no_offline else Offline(args, lib, items)  # loaded now, idle while others run
+        llama_requests = llama_at = None
+        if args.llama_server:
+            need = len(offline_run.engine.tokenizer(offline_run.order[-1].prompt)["input_ids"]) + args.max_tokens + 64
+            llama_requests, llama_at = llama_server_levels(args, lib, names, items, offline_run.routes(), need, tmp,
+                                                           log)
+        ready: list[float] = []
+        our_at, url = None, (args.base_url or "").rstrip("/")
+        if args.base_url and args.backend == "llama-server":
+            ids = {n: i for i, n in enumerate(names)}
+            requests = [loadgen.llama_body(it, args.max_tokens, it.adapters or {}, ids) for it in items]
         else:
             requests = [loadgen.request_body(it, args.max_tokens) for it in items]
-            port = loadgen.free_port()
-            cmd = _our_server_command(args, lib, port, max(64, 2 * max(levels)))
-            with loadgen.ServerProcess(cmd, f"http://127.0.0.1:{port}", tmp / "server.log", "dlp-lora serve",
-                                       env=_package_env()) as srv:
-                log(f"dlp-lora serve ready in {srv.ready_s:.1f}s (pid {srv.proc.pid})")
-                ours = _levels_over(srv.url, requests, levels, args, log, "server")
-            server_ready_s = round(srv.ready_s, 1)
-        offline = {} if args.no_offline else run_offline(args, lib, items, levels, log)
-        llama = {}
-        if args.llama_server:
-            if not offline:
-                raise DLPLoRAError("--llama-server needs the offline run (the sets our router chose); drop --no-offline")
-            llama = run_llama_server(args, lib, names, items, offline[levels[0]][1], levels, tmp, log)
+        if not args.base_url:
+            @contextlib.contextmanager
+            def our_at(c):
+                port = loadgen.free_port()
+                cmd = _our_server_command(args, lib, port, max(64, 2 * c))
+                with loadgen.ServerProcess(cmd, f"http://127.0.0.1:{port}", tmp / f"server-{c}.log", "dlp-lora serve",
+                                           env=_package_env()) as srv:
+                    ready.append(round(srv.ready_s, 1))
+                    log(f"dlp-lora serve ready in {srv.ready_s:.1f}s (pid {srv.proc.pid})")
+                    yield srv.url
+
+        ours, offline, llama = {}, {}, {}
+        for c in levels:  # a level's contenders one after another, each alone on the machine
+            ours.update(_levels_over(url, requests, [c], args, log, "server", args.api_key, at_level=our_at))
+            if offline_run is not None:
+                offline[c] = offline_run.level(c, log)
+            if llama_at is not None:
+                llama.update(_levels_over("", llama_requests, [c], args, log, "llama-server", at_level=llama_at))
 
     rows = []
     for c in levels:
@@ -371,7 +386,7 @@ def bench(args, log=print) -> dict:
             "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
             "burstiness": args.burstiness, "seed": args.seed, "max_batch_size": args.max_batch_size,
             "base_url": args.base_url, "backend": args.backend, "library": args.library or "temporary",
-            "data": args.data, "adapters": len(names), "server_ready_s": server_ready_s,
+            "data": args.data, "adapters": len(names), "server_ready_s": ready,
             "llama_server": args.llama_server, "total_seconds": round(time.time() - t_start, 1), "levels": rows}
 
 
@@ -425,6 +440,8 @@ def run(args) -> dict:
     if args.backend == "llama-server" and not (args.base_url and args.no_offline):
         raise DLPLoRAError("--backend llama-server is for a llama-server at --base-url, with --no-offline (its texts "
                            "are not ours); or give --llama-server PATH to run it beside ours")
+    if args.llama_server and args.no_offline:
+        raise DLPLoRAError("--llama-server needs the offline engine (the sets our router chooses); drop --no-offline")
     if args.llama_server and not Path(args.llama_server).is_file():
         raise DLPLoRAError(f"--llama-server {args.llama_server}: no such file (build_llama_cpp.sh prints its path)")
     res = bench(args, log=lambda *a: print(*a, flush=True))
