@@ -210,6 +210,12 @@ def test_raw_mode_skips_template(engine):
     assert r["prompt_tokens"] == len(engine.tokenizer("The quick brown fox")["input_ids"])
     c = engine.generate(["The quick brown fox"], adapters={}, max_new_tokens=3)[0]
     assert c["prompt_tokens"] > r["prompt_tokens"]
+    # one batch holding a chat row and a raw row (bench serve's offline run of chat and completions requests)
+    both = engine.generate(["The quick brown fox"] * 2, adapters={}, raw=[False, True], max_new_tokens=3)
+    assert [b["prompt_tokens"] for b in both] == [c["prompt_tokens"], r["prompt_tokens"]]
+    assert [b["text"] for b in both] == [c["text"], r["text"]]
+    with pytest.raises(DLPLoRAError, match="raw: 1 entries for 2 prompts"):
+        engine.generate(["a", "b"], adapters={}, raw=[True], max_new_tokens=1)
 
 
 def test_chat_keeps_history_reroutes_and_streams(engine):

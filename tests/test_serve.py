@@ -438,31 +438,3 @@ def test_serve_cli_checks_limits_and_serves_in_a_subprocess(libs, capsys):
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-def test_bench_serve_and_its_alias_on_a_tiny_model(tiny_model):
-    from dlplora.bench.serve import bench
-    from dlplora.cli import build_parser
-
-    a = build_parser().parse_args(["bench", "serve", "--quick", "--concurrency", "2"])
-    b = build_parser().parse_args(["bench-serve", "--quick", "--concurrency", "2"])
-    assert a.func is b.func and {k: v for k, v in vars(a).items() if k not in ("command", "subcommand")} == \
-        {k: v for k, v in vars(b).items() if k not in ("command", "subcommand")}
-    res = bench(str(tiny_model), adapters=2, rank=4, levels=(2,), requests=4, max_new_tokens=3, max_batch_size=4,
-                log=lambda *a: None)
-    (row,) = res["levels"]
-    assert row["concurrency"] == 2 and row["requests"] == 4
-    for label, cap in (("on", 4), ("off", 1)):
-        r = row[label]
-        assert r["errors"] == 0 and r["max_batch_size"] == cap and 1 <= r["mean_batch_rows"] <= min(cap, 2)
-        assert 0 < r["completion_tokens"] <= 4 * 3  # EOS may end a request early
-        # wall_s is rounded to 1 ms: the throughput must lie within what that rounding allows
-        lo, hi = r["completion_tokens"] / (r["wall_s"] + 5e-4), r["completion_tokens"] / max(r["wall_s"] - 5e-4, 1e-9)
-        assert lo - 0.01 <= r["tokens_per_s"] <= hi + 0.01
-        assert r["p50_latency_s"] <= r["p95_latency_s"]
-    assert row["throughput_ratio_on_vs_off"] == pytest.approx(row["on"]["tokens_per_s"] / row["off"]["tokens_per_s"],
-                                                              abs=0.01)
-    # the same server on int8 base weights (adapters in float): every request still answered
-    q = bench(str(tiny_model), adapters=2, rank=4, levels=(2,), requests=4, max_new_tokens=3, max_batch_size=4,
-              quantize="int8", log=lambda *a: None)
-    assert "int8" in q["precision"] and all(q["levels"][0][k]["errors"] == 0 for k in ("on", "off"))

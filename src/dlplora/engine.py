@@ -339,7 +339,7 @@ class DLPLoRA:
                                          f"at most {room} (context window {self.context_length})", "prompt")
         return Request(ids=ids, adapters=aset, route_text=self.routing_text(prompt, history), max_new=max_new)
 
-    def validate(self, prompts: Sequence[str], adapters=None, history=None, raw: bool = False,
+    def validate(self, prompts: Sequence[str], adapters=None, history=None, raw: bool | Sequence[bool] = False,
                  max_new_tokens: int | Sequence[int] = DEFAULT_MAX_NEW_TOKENS) -> list[str | None]:
         """Check each request without generating: per row None (fine) or the error message."""
         return self._prepare_all(prompts, adapters, history, raw, max_new_tokens)[1]
@@ -351,10 +351,11 @@ class DLPLoRA:
         adapters_l = _per_prompt(adapters, n, lambda v: isinstance(v, Mapping) or hasattr(v, "names"), "adapters")
         history_l = _per_prompt(history, n, _is_history, "history")
         max_l = _per_prompt(max_new_tokens, n, lambda v: isinstance(v, int), "max_new_tokens")
+        raw_l = _per_prompt(raw, n, lambda v: isinstance(v, bool), "raw")
         reqs, errors = [], []
         for i in range(n):
             try:
-                r = self.prepare_request(prompts[i], adapters_l[i], history_l[i], raw, max_l[i])
+                r = self.prepare_request(prompts[i], adapters_l[i], history_l[i], raw_l[i], max_l[i])
                 if r.adapters is None and self.router is None:
                     self.route([])  # raises the "train a plugin" error
                 reqs.append(r)
@@ -366,14 +367,14 @@ class DLPLoRA:
 
     # -------------------------------------------------- generation
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int | Sequence[int] = DEFAULT_MAX_NEW_TOKENS,
-                 adapters=None, raw: bool = False, temperature: float = 0.0, top_p: float = 1.0,
+                 adapters=None, raw: bool | Sequence[bool] = False, temperature: float = 0.0, top_p: float = 1.0,
                  stop: Sequence[str] | None = None, history=None, mode: str | None = None, seed: int | None = None,
                  on_error: str = "raise", on_token: Callable[[int, str], None] | None = None) -> list[dict]:
         """Generate a completion for each prompt.
 
         adapters: None (the plugin routes each prompt), one {name: weight} set for all prompts, or a
             list with one set (or None = route) per prompt. Explicit weights are used as given ({} = base).
-        raw: feed the prompt as is, without the chat template.
+        raw: feed the prompt as is, without the chat template (one bool for all prompts, or one per prompt).
         temperature: 0 = greedy (default); otherwise sampling, with nucleus `top_p`.
         stop: strings that end a completion (not included in the text).
         history: earlier chat messages, for all prompts or one list per prompt.

@@ -36,9 +36,18 @@ import time
 from pathlib import Path
 
 from ..errors import DLPLoRAError
-from .serve import PROMPTS, as_request, request_sets
 
 RETRY_STATUS = (500, 502, 503)
+PROMPTS = [
+    "Translate to English: Guten Morgen, wie geht es dir heute?",
+    "What is 12 plus 7? Explain step by step.",
+    "Write a short poem about the sea.",
+    "Summarise: The city council met on Monday to discuss the new park and agreed to fund it next year.",
+    "Is the following statement true or false? The sun rises in the west.",
+    "Name three primary colours and one thing of each colour.",
+    "Which is heavier, a kilogram of feathers or a kilogram of iron?",
+    "Give a one-sentence definition of photosynthesis.",
+]
 
 
 def add_arguments(p) -> None:
@@ -64,6 +73,23 @@ def add_arguments(p) -> None:
                    help="requests of the kill test (default 2 x --requests)")
     p.add_argument("--retries", type=int, default=2, help="client retries where safe, in the kill test (default 2)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+
+
+def request_sets(names: list[str]) -> list[dict]:
+    """The adapter choices of the requests: each adapter pinned, then weighted mixes."""
+    choices: list[dict] = [{"model": a} for a in names]
+    if len(names) >= 2:
+        choices.append({"adapters": {names[0]: 0.5, names[1]: 0.5}})
+    if len(names) >= 3:
+        choices.append({"adapters": {names[0]: 0.2, names[1]: 0.3, names[2]: 0.5}})
+    return choices
+
+
+def as_request(body: dict, prompt: str, completion: bool) -> tuple[str, dict]:
+    """(path, body) of one request: a completion of `prompt`, or a chat turn with it as the user message."""
+    if completion:
+        return "/v1/completions", body | {"prompt": prompt}
+    return "/v1/chat/completions", body | {"messages": [{"role": "user", "content": prompt}]}
 
 
 def workload(names: list[str], n: int, max_new: int) -> list[tuple[str, dict]]:

@@ -1,213 +1,451 @@
-"""Serving benchmark: throughput and p50/p95 latency of the HTTP server, continuous batching on vs off.
+"""Serving benchmark in the manner of `vllm bench serve`: our server over HTTP from a separate client process, against
+the offline engine on the same prompts, and (with ``--llama-server PATH``) llama.cpp's llama-server.
 
-Builds a temporary library of random adapters of real shapes (PEFT LoRA, rank 8 on q_proj/v_proj,
-random lora_B) for the backbone (default: the embedded SmolLM2-135M), starts the server in this
-process (uvicorn on 127.0.0.1, a random port) and drives it with `concurrency` closed-loop clients
-(httpx, async) at each concurrency level, once with batching (``--max-batch-size``) and once without
-(max batch size 1), on the same requests: a mix of pinned adapters and weighted mixes, chat and
-completions, greedy, ``--max-new-tokens`` each. Throughput = completion tokens / wall time; latency
-= request sent -> full response received.
+The server under test runs in its own process: ``dlp-lora serve`` started here as a subprocess with the given
+``--dtype / --quantize / --compile / --threads / --max-batch-size`` (stopped at the end, also on an error or
+Ctrl-C), or any OpenAI-compatible server at ``--base-url`` (ours, a Ray Serve deployment of it, or llama-server
+with ``--backend llama-server``). The client (:mod:`dlplora.bench.loadgen`, asyncio + httpx) runs in this process.
 
-    dlp-lora bench-serve --quick --json
+Workload: ``--num-prompts`` test prompts of the tasks in ``--data`` (a prepared data directory, at their real
+lengths; without it, short synthetic prompts, for tests), round robin over the tasks: 40% routed by the server's
+plugin (``"model": "dlp-lora"``), 30% pinned to the task's adapter, 30% a random weighted mix of 2-3 adapters; 3/4
+chat, 1/4 completions; half streamed; greedy, ``--max-tokens`` each. Adapters: ``--library LIB``, else a temporary
+library of random adapters of the trained adapters' shape (rank 8 on every linear layer of the top 10 layers, as
+``train-loras`` makes them), named after the tasks, with a plugin trained on the tasks' training prompts.
+
+At each ``--max-concurrency`` level (arrivals all at once, or ``--request-rate`` Poisson with ``--burstiness``):
+vLLM's metrics (TTFT, TPOT, ITL, E2EL: mean / p50 / p90 / p99 ms; TTFT, ITL and TPOT from the streamed requests),
+output tokens/s, requests/s, failed requests. Each level runs its contenders one after another, each alone on the
+machine (our server is started for the level and stopped after it): first the server, then the same requests offline
+through the engine (``DLPLoRA.generate``, batches of the level's concurrency holding prompts of similar lengths, the
+same sets, routed rows routed by the same plugin, the same precision): ``server_vs_offline`` = served output tok/s /
+offline output tok/s, and every served response is compared with its offline text (``mismatches``, with examples).
+Then llama-server gets the same requests, a set as per-request LoRA scales and a routed request the set our router
+chose (:mod:`dlplora.bench.llama_server`).
+
+The last line of ``--json``: ``{"server_vs_offline", "vs_llama_server", "ttft_p99_vs_llama_server",
+"tpot_1client_vs_llama_server", "requests", "failed", "mismatches", "dtype", "quantize", "cpu_flags", "levels":
+[...], ...}`` (ratios at the highest level; TPOT at concurrency 1; ours / theirs).
+
+    dlp-lora bench serve --data /work/data --max-concurrency 1,8,32 --threads 2 --json
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
-import statistics
+import math
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ..errors import DLPLoRAError
+from . import loadgen
 
-PROMPTS = [
-    "Translate to English: Guten Morgen, wie geht es dir heute?",
-    "What is 12 plus 7? Explain step by step.",
-    "Write a short poem about the sea.",
-    "Summarise: The city council met on Monday to discuss the new park and agreed to fund it next year.",
-    "Is the following statement true or false? The sun rises in the west.",
-    "Name three primary colours and one thing of each colour.",
-    "Which is heavier, a kilogram of feathers or a kilogram of iron?",
-    "Give a one-sentence definition of photosynthesis.",
-]
+PLUGIN_SEED = 0
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--adapters", type=int, default=3, metavar="N", help="random adapters in the library (default 3)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank of the random adapters (default 8)")
-    p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
-    p.add_argument("--requests", type=int, default=0, metavar="N",
-                   help="requests per level (default: the concurrency, at least 8; --quick: at least 4)")
-    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="tokens per request (default 32; --quick: 16)")
-    p.add_argument("--max-batch-size", type=int, default=32, metavar="N",
-                   help="max batch size with batching on (default 32; off is always 1)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="float32",
-                   help="the engine's precision (default float32, the figures recorded so far)")
-    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                   help="quantised base linears, adapters in float: int8 (fp32 activations) or int4 (bf16)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the server's decode step")
-    p.add_argument("--quick", action="store_true", help="fewer requests per level and 16 tokens per request")
+    """The options but --dtype / --device / --quantize / --compile, which are `dlp-lora serve`'s own
+    (``cli.common.add_precision_arguments``, added by ``cli.bench``), so both have the same defaults."""
+    p.add_argument("--base-url", metavar="URL", help="an OpenAI-compatible server already running (its root, e.g. "
+                                                     "http://127.0.0.1:8000); default: start `dlp-lora serve` here")
+    p.add_argument("--backend", choices=("dlp-lora", "llama-server"), default="dlp-lora",
+                   help="the API of --base-url: ours, or llama-server (its --lora files in the library's order; "
+                        "routed requests get no adapter there)")
+    p.add_argument("--api-key", metavar="KEY", help="the API key of --base-url")
+    p.add_argument("--library", metavar="LIB", help="the adapter library (with its plugin); default: a temporary "
+                                                    "library of random adapters named after the tasks")
+    p.add_argument("--data", metavar="DIR", help="prepared data (`dlp-lora data prepare`): the tasks' test prompts "
+                                                 "(and, for the temporary library, training prompts of its plugin)")
+    p.add_argument("--model", help="base model (default: the library's, else the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapters", type=int, default=26, metavar="N",
+                   help="adapters of the temporary library (default 26; the tasks of --data first)")
+    p.add_argument("--num-prompts", type=int, default=200, metavar="N", help="requests per level (default 200)")
+    p.add_argument("--max-concurrency", default="1,8,32", metavar="C[,C...]",
+                   help="requests in flight at most: one level or a comma-separated list (default 1,8,32)")
+    p.add_argument("--request-rate", type=float, default=math.inf, metavar="R",
+                   help="requests per second (Poisson arrivals); inf = all at once (default inf)")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the arrival intervals (1 = Poisson, < 1 burstier; default 1)")
+    p.add_argument("--seed", type=int, default=0, help="the workload's and the arrivals' seed (default 0)")
+    p.add_argument("--max-tokens", type=int, default=64, metavar="N", help="max_tokens of every request (default 64)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of our server and the offline engine, "
+                                                          "llama-server's -t (default 2)")
+    p.add_argument("--max-batch-size", type=int, default=0, metavar="N",
+                   help="our server's batch (default: the highest concurrency level)")
+    p.add_argument("--no-offline", action="store_true",
+                   help="skip the offline run (no server_vs_offline, no comparison of texts)")
+    p.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary: run it on the same "
+                                                          "workload after ours (converted adapters, Q4_1 GGUF)")
+    p.add_argument("--llama-src", metavar="DIR", help="llama.cpp's source directory, for convert_lora_to_gguf.py "
+                                                      "(default: the tree above PATH's build/bin)")
+    p.add_argument("--gguf", help="the GGUF llama-server serves (default: the embedded Q4_1 one)")
+    p.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="per-request timeout (default 3600)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
 
 
-def request_sets(names: list[str]) -> list[dict]:
-    """The adapter choices of the serving benchmarks' requests: each adapter pinned, then weighted mixes."""
-    choices: list[dict] = [{"model": a} for a in names]
-    if len(names) >= 2:
-        choices.append({"adapters": {names[0]: 0.5, names[1]: 0.5}})
-    if len(names) >= 3:
-        choices.append({"adapters": {names[0]: 0.2, names[1]: 0.3, names[2]: 0.5}})
-    return choices
+# ---------------------------------------------------------------- the library and the prompts
+
+def _prompt_tasks(data: str | None, n: int):
+    from .live import make_tasks
+
+    if data and not Path(data).is_dir():
+        raise DLPLoRAError(f"--data {data}: no such directory")
+    return make_tasks(data, n)
 
 
-def as_request(body: dict, prompt: str, completion: bool) -> tuple[str, dict]:
-    """(path, body) of one benchmark request: a completion of `prompt`, or a chat turn with it as the user message."""
-    if completion:
-        return "/v1/completions", body | {"prompt": prompt}
-    return "/v1/chat/completions", body | {"messages": [{"role": "user", "content": prompt}]}
+def _data_task_count(data: str | None) -> int:
+    if not data:
+        return 0
+    return sum((p / "train.jsonl").is_file() and (p / "test.jsonl").is_file() for p in Path(data).iterdir())
 
 
-def _workload(names: list[str], n: int, max_new: int) -> list[tuple[str, dict]]:
-    choices = request_sets(names)
-    return [as_request(dict(choices[i % len(choices)], max_tokens=max_new, temperature=0), PROMPTS[i % len(PROMPTS)],
-                       completion=i % 4 == 3) for i in range(n)]
-
-
-async def _drive(url: str, work: list[tuple[str, dict]], concurrency: int) -> dict:
-    import httpx
-
-    queue = list(reversed(work))
-    lat, tokens, errors = [], 0, 0
-
-    async def worker(client):
-        nonlocal tokens, errors
-        while queue:
-            path, body = queue.pop()
-            t0 = time.perf_counter()
-            r = await client.post(path, json=body)
-            lat.append(time.perf_counter() - t0)
-            if r.status_code != 200:
-                errors += 1
-                continue
-            tokens += r.json()["usage"]["completion_tokens"]
-
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    lat.sort()
-
-    def pct(q):
-        return lat[min(len(lat) - 1, int(round(q * (len(lat) - 1))))]
-
-    return {"requests": len(work), "errors": errors, "wall_s": round(wall, 3), "completion_tokens": tokens,
-            "tokens_per_s": round(tokens / wall, 2), "requests_per_s": round(len(work) / wall, 3),
-            "p50_latency_s": round(pct(0.5), 3), "p95_latency_s": round(pct(0.95), 3),
-            "mean_latency_s": round(statistics.fmean(lat), 3)}
-
-
-def bench(model=None, adapters: int = 3, rank: int = 8, levels=(1, 8, 32), requests: int = 0,
-          max_new_tokens: int = 32, max_batch_size: int = 32, quick: bool = False, threads: int = 0,
-          dtype: str = "float32", quantize: str = "none", compile: bool = False, log=print) -> dict:
-    import httpx
-    import torch
-
+def temporary_library(root: Path, model, data: str | None, n: int, log) -> tuple[Path, dict[str, list[str]]]:
+    """A library of `n` random adapters of the trained adapters' shape (TrainConfig's rank, alpha, targets, top
+    layers), named after the tasks of `data` (then synthetic ones), each with its task's training prompts, and a
+    plugin trained on them. Returns (its directory, the tasks' test prompts)."""
     from ..backbone import load_backbone
-    from ..engine import DLPLoRA
-    from ..fusion import LoRAFusion, load_peft_adapter
-    from ..library import Library
-    from ..quantize import apply_quantize, quantize_dtype
-    from ..serve import ServeConfig, ServerThread, create_app
-    from ..testing import random_peft_library
+    from ..fusion import random_adapter
+    from ..library import Library, add_adapter
+    from ..plugin import train_plugin_from_library
+    from ..testing import save_peft_adapter
+    from ..train.lora import TrainConfig
 
-    if threads:
-        torch.set_num_threads(threads)
     t0 = time.time()
-    net, tok, info = load_backbone(model, dtype=quantize_dtype(quantize) or dtype)
-    with tempfile.TemporaryDirectory(prefix="dlp-bench-serve-") as tmp:
-        root = Path(tmp)
-        # n PEFT LoRA adapters (q_proj, v_proj) with random lora_B
-        specs = {f"rand{i}": (rank, 2 * rank, ("q_proj", "v_proj")) for i in range(adapters)}
-        random_peft_library(root / "lib", info.path, specs, std=0.02, seed=100, model=net)
-        lib = Library.open(root / "lib")
-        names = lib.names
-        fusion = LoRAFusion(net, [load_peft_adapter(lib.adapter_dir(n), n) for n in names])
-        engine = DLPLoRA(net, tok, fusion, router=None, info=info, library=lib)
-        apply_quantize(net, quantize)
-        precision = str(next(net.parameters()).dtype).replace("torch.", "") + (f" + {quantize} weights"
-                                                                                 if fusion.quantized else "")
-        log(f"backbone {info.name} ({info.params / 1e6:.0f}M params, {precision}), {len(names)} random rank-{rank} adapters "
-            f"on q_proj/v_proj, {max_new_tokens} new tokens per request, torch threads {torch.get_num_threads()}; "
-            f"set up in {time.time() - t0:.1f}s")
-        results = []
-        for c in levels:
-            n = requests or max(c, 4 if quick else 8)
-            work = _workload(names, n, max_new_tokens)
-            row = {"concurrency": c, "requests": n}
-            for label, bs in (("on", max_batch_size), ("off", 1)):
-                cfg = ServeConfig(max_batch_size=bs, max_queue=max(256, n), max_tokens_limit=max_new_tokens,
-                                  request_timeout=3600, compile=compile)
-                with ServerThread(create_app(engine, cfg)) as srv:
-                    with httpx.Client(base_url=srv.url, timeout=600) as warm:  # warm-up: one request
-                        r = warm.post(work[0][0], json=work[0][1])
-                        if r.status_code != 200:
-                            raise DLPLoRAError(f"warm-up request failed: {r.status_code} {r.text}")
-                        before = warm.get("/metrics").text
-                    res = asyncio.run(_drive(srv.url, work, c))
-                    with httpx.Client(base_url=srv.url, timeout=60) as m:
-                        after = m.get("/metrics").text
-                # mean rows per decode step during the measured part
-                b_sum = b_n = 0.0
-                for text, sign in ((after, 1), (before, -1)):
-                    for line in text.splitlines():
-                        if line.startswith("dlp_lora_batch_size_sum "):
-                            b_sum += sign * float(line.split()[1])
-                        elif line.startswith("dlp_lora_batch_size_count "):
-                            b_n += sign * float(line.split()[1])
-                res["mean_batch_rows"] = round(b_sum / b_n, 2) if b_n else 0.0
-                res["max_batch_size"] = bs
-                row[label] = res
-                log(f"  concurrency {c:>3} batching {label:>3}: {res['tokens_per_s']:8.1f} tok/s  "
-                    f"{res['requests_per_s']:6.2f} req/s  p50 {res['p50_latency_s']:6.2f}s  "
-                    f"p95 {res['p95_latency_s']:6.2f}s  mean rows/step {res['mean_batch_rows']:5.2f}  "
-                    f"errors {res['errors']}")
-            on, off = row["on"], row["off"]
-            row["throughput_ratio_on_vs_off"] = round(on["tokens_per_s"] / max(off["tokens_per_s"], 1e-9), 2)
-            row["p95_ratio_on_vs_off"] = round(row["on"]["p95_latency_s"] / max(row["off"]["p95_latency_s"], 1e-9), 2)
-            results.append(row)
-    return {"model": info.name, "params": info.params, "precision": precision, "adapters": len(names), "rank": rank,
-            "max_new_tokens": max_new_tokens, "torch_threads": torch.get_num_threads(), "quick": quick,
-            "levels": results}
+    tasks = _prompt_tasks(data, n)
+    net, _, info = load_backbone(model, dtype="float32")
+    cfg = TrainConfig()
+    layers = net.config.num_hidden_layers
+    lowest = layers - cfg.top_layers if cfg.top_layers else 0
+    for i, t in enumerate(tasks):
+        ad = random_adapter(net, t.name, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets, seed=100 + i, std=0.02)
+        ad.layers = {k: v for k, v in ad.layers.items() if int(k.split(".layers.")[1].split(".")[0]) >= lowest}
+        src = save_peft_adapter(ad, root / "adapters" / t.name, info.path)
+        add_adapter(root / "lib", t.name, src, model=info.path, examples=t.rows)
+    del net
+    lib = Library.open(root / "lib")
+    plugin, report = train_plugin_from_library(lib, seed=PLUGIN_SEED)
+    plugin.save(lib.plugin_dir())
+    log(f"temporary library: {len(tasks)} random rank-{cfg.rank} adapters on {'/'.join(cfg.targets)} of the top "
+        f"{layers - lowest} layers of {info.name} ({sum(t.name.startswith('synth') for t in tasks)} synthetic tasks); "
+        f"plugin trained on {report['train_examples']} prompts; {time.time() - t0:.0f}s")
+    return lib.root, {t.name: t.tests for t in tasks}
 
 
-def run(args) -> None:
+def library_and_prompts(args, tmp: Path, log) -> tuple[Path, list[str], bool, dict[str, list[str]]]:
+    """(library directory, adapter names, whether it has a plugin, test prompts by task)."""
+    from ..library import Library
+
+    if not args.library:
+        lib_dir, prompts = temporary_library(tmp, args.model, args.data, args.adapters, log)
+        return lib_dir, Library.open(lib_dir).names, True, prompts
+    lib = Library.open(args.library)
+    if not lib.names:
+        raise DLPLoRAError(f"--library {args.library} holds no adapters")
+    pdir = lib.plugin_dir()
+    has_plugin = pdir.is_dir() and any(pdir.iterdir())
+    if not args.data:
+        log("no --data: short synthetic prompts instead of the tasks' test prompts")
+    tasks = _prompt_tasks(args.data, _data_task_count(args.data) or len(lib.names))
+    return lib.root, lib.names, has_plugin, {t.name: t.tests for t in tasks}
+
+
+# ---------------------------------------------------------------- the contenders
+
+def _our_server_command(args, lib: Path, port: int, max_queue: int) -> list[str]:
+    cmd = [sys.executable, "-m", "dlplora.cli", "serve", "--library", str(lib), "--port", str(port),
+           "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size), "--max-queue", str(max_queue),
+           "--max-tokens-limit", str(max(512, args.max_tokens)), "--request-timeout", str(args.timeout),
+           "--dtype", args.dtype, "--quantize", args.quantize, "--device", args.device, "--log-level", "warning"]
+    if args.model:
+        cmd += ["--model", args.model]
+    if args.compile:
+        cmd.append("--compile")
+    return cmd
+
+
+def _package_env() -> dict:
+    """This process's environment with the dlplora package importable (a source checkout run with PYTHONPATH)."""
+    root = str(Path(__file__).resolve().parents[2])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+
+def _levels_over(url: str, requests, levels, args, log, label: str, api_key=None, at_level=None) -> dict[int, tuple]:
+    """Drive `url` at every level (one unmeasured warm-up request first): {level: (summary, outcomes)}.
+    `at_level(c)`: a context manager entered around each level (llama-server: a server with c slots)."""
+    out = {}
+    for c in levels:
+        with (at_level(c) if at_level else contextlib.nullcontext(url)) as u:
+            warm, _ = loadgen.drive(u, requests[:1], 1, api_key=api_key, timeout=args.timeout)
+            if not warm[0].ok:
+                raise DLPLoRAError(f"{label}: the warm-up request failed: {warm[0].error}")
+            outcomes, dt = loadgen.drive(u, requests, c, args.request_rate, args.burstiness, args.seed,
+                                         api_key=api_key, timeout=args.timeout)
+        s = loadgen.summarize(outcomes, dt)
+        out[c] = (s, outcomes)
+        log(f"  {label:<12} concurrency {c:>3}: {s['output_tok_s']:8.1f} tok/s  {s['requests_per_s']:6.2f} req/s  "
+            f"TTFT p50/p99 {_ms(s['ttft_ms'], 'p50')}/{_ms(s['ttft_ms'], 'p99')}  TPOT p50 {_ms(s['tpot_ms'], 'p50')}"
+            f"  failed {s['failed']}")
+    return out
+
+
+def _ms(stats: dict | None, key: str) -> str:
+    return "-" if not stats else f"{stats[key]:.0f}ms"
+
+
+class Offline:
+    """The workload through the engine (loaded once) in batches of a level's concurrency. The batches hold requests
+    of similar prompt lengths (the items sorted by length: an offline run may order its work, and a static batch
+    computes every row at its longest prompt's width)."""
+
+    def __init__(self, args, lib: Path, items: list):
+        import torch
+
+        from ..engine import DLPLoRA
+
+        self.args, self.items = args, items
+        self.engine = DLPLoRA.from_library(lib, model=args.model, dtype=args.dtype, device=args.device,
+                                           quantize=args.quantize)
+        torch.set_num_threads(args.threads)
+        if args.compile:
+            self.engine.compile()
+        self.order = sorted(items, key=lambda it: len(self.engine.tokenizer(it.prompt)["input_ids"]))
+
+    def routes(self) -> list[dict[str, float]]:
+        """Each item's set: its own, or for a routed item the one the plugin chooses (as the server routes it)."""
+        eng = self.engine
+        routed = [it for it in self.items if it.adapters is None]
+        sets = [s for s, _ in eng.route_with_reasons([eng.routing_text(it.prompt) for it in routed])] if routed else []
+        chosen = {it.index: s for it, s in zip(routed, sets)}
+        return [it.adapters if it.adapters is not None else chosen[it.index] for it in self.items]
+
+    def level(self, c: int, log) -> tuple[dict, list[dict]]:
+        """(summary, the rows of DLPLoRA.generate in the items' order) at batch size `c`."""
+        prompts = [it.prompt for it in self.order]
+        sets = [None if it.adapters is None else dict(it.adapters) for it in self.order]
+        raws = [not it.chat for it in self.order]
+
+        def batch(k, n_new):
+            return self.engine.generate(prompts[k:k + c], max_new_tokens=n_new, adapters=sets[k:k + c],
+                                        raw=raws[k:k + c], on_error="return")
+
+        batch(0, 2)  # warm-up
+        t0 = time.perf_counter()
+        done = [r for k in range(0, len(self.order), c) for r in batch(k, self.args.max_tokens)]
+        dt = time.perf_counter() - t0
+        rows: list[dict] = [{}] * len(self.items)
+        for it, r in zip(self.order, done):
+            rows[it.index] = r
+        ok = [r for r in rows if "error" not in r]
+        tokens = sum(r["tokens"] for r in ok)
+        s = {"requests": len(rows), "failed": len(rows) - len(ok), "duration_s": round(dt, 3), "output_tokens": tokens,
+             "output_tok_s": round(tokens / dt, 2), "requests_per_s": round(len(ok) / dt, 3)}
+        log(f"  {'offline':<12} batch {c:>3}:       {s['output_tok_s']:8.1f} tok/s  failed {s['failed']}")
+        return s, rows
+
+
+def compare(items: list, outcomes: list, offline: list[dict]) -> dict:
+    """Every served greedy response against the offline text of the same prompt and set: mismatches (with up to 3
+    examples), and routed requests whose set differs from the offline routing."""
+    diffs, compared, routing_diffs = [], 0, 0
+    for it, o in zip(items, outcomes):
+        off = offline[it.index]
+        if not o.ok or "error" in off:
+            continue
+        compared += 1
+        if o.routing is not None:
+            served = {a["name"]: a["weight"] for a in o.routing.get("adapters", [])}
+            routing_diffs += served != {a["name"]: a["weight"] for a in off["routing"]["adapters"]}
+        if o.text != off["text"]:
+            at = next((i for i, (a, b) in enumerate(zip(o.text, off["text"])) if a != b),
+                      min(len(o.text), len(off["text"])))
+            diffs.append({"index": it.index, "task": it.task, "kind": it.kind, "chat": it.chat, "stream": it.stream,
+                          "adapters": it.adapters, "at_char": at, "served": o.text[max(0, at - 20):at + 40],
+                          "offline": off["text"][max(0, at - 20):at + 40]})
+    return {"compared": compared, "mismatches": len(diffs), "routing_mismatches": routing_diffs,
+            "mismatch_examples": diffs[:3]}
+
+
+def llama_server_levels(args, lib: Path, names: list[str], items: list, routes: list[dict], need: int, tmp: Path,
+                        log):
+    """(the requests for llama-server, a context manager factory: a llama-server with `c` slots on the converted
+    adapters, yielding its URL). `routes`: every item's set (a routed item: the set our router chose); `need`: the
+    tokens a slot must hold."""
+    from ..backbone import default_gguf_path, resolve_model
+    from ..library import Library
+    from .llama_server import convert_adapters, llama_source, server_command
+
+    lib_obj = Library.open(lib)
+    src = llama_source(args.llama_server, args.llama_src)
+    base = args.model or lib_obj.base_model.get("path") or None
+    ggufs = convert_adapters(src, resolve_model(base), {n: lib_obj.adapter_dir(n) for n in names}, tmp / "gguf", log)
+    ids = {n: i for i, n in enumerate(names)}
+    requests = [loadgen.llama_body(it, args.max_tokens, routes[it.index], ids) for it in items]
+    gguf = args.gguf or str(default_gguf_path())
+
+    @contextlib.contextmanager
+    def server(c):
+        port = loadgen.free_port()
+        ctx = -(-c * need // 256) * 256
+        cmd = server_command(args.llama_server, gguf, [ggufs[n] for n in names], args.threads, c, ctx, port)
+        with loadgen.ServerProcess(cmd, f"http://127.0.0.1:{port}", tmp / f"llama-server-{c}.log", "llama-server"):
+            yield f"http://127.0.0.1:{port}"
+
+    return requests, server
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def _ratio(a, b) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def _pick(summary: dict | None, metric: str, key: str):
+    stats = (summary or {}).get(metric)
+    return stats[key] if stats else None
+
+
+def bench(args, log=print) -> dict:
+    from ..device import auto_dtype_name, cpu_flags
+    from ..quantize import quantize_dtype
+
+    levels = args.levels
+    flags = cpu_flags()
+    dtype = quantize_dtype(args.quantize) or (auto_dtype_name(args.device if args.device != "auto" else "cpu", flags)
+                                              if args.dtype == "auto" else args.dtype)
+    t_start = time.time()
+    with tempfile.TemporaryDirectory(prefix="dlp-bench-serve-") as tmp_name:
+        tmp = Path(tmp_name)
+        lib, names, has_plugin, prompts = library_and_prompts(args, tmp, log)
+        items = loadgen.build_workload(prompts, names, args.num_prompts, args.seed, routed=has_plugin)
+        log(f"{len(items)} requests per level ({sum(it.kind == loadgen.ROUTED for it in items)} routed, "
+            f"{sum(it.kind == loadgen.MIX for it in items)} mixes, {sum(it.chat for it in items)} chat, "
+            f"{sum(it.stream for it in items)} streamed), max_tokens {args.max_tokens}, {len(names)} adapters, "
+            f"{dtype}{' + ' + args.quantize if args.quantize != 'none' else ''}, {args.threads} threads, CPU flags "
+            f"{' '.join(flags) or '-'}")
+        offline_run = None if args.no_offline else Offline(args, lib, items)  # loaded now, idle while others run
+        llama_requests = llama_at = None
+        if args.llama_server:
+            need = len(offline_run.engine.tokenizer(offline_run.order[-1].prompt)["input_ids"]) + args.max_tokens + 64
+            llama_requests, llama_at = llama_server_levels(args, lib, names, items, offline_run.routes(), need, tmp,
+                                                           log)
+        ready: list[float] = []
+        our_at, url = None, (args.base_url or "").rstrip("/")
+        if args.base_url and args.backend == "llama-server":
+            ids = {n: i for i, n in enumerate(names)}
+            requests = [loadgen.llama_body(it, args.max_tokens, it.adapters or {}, ids) for it in items]
+        else:
+            requests = [loadgen.request_body(it, args.max_tokens) for it in items]
+        if not args.base_url:
+            @contextlib.contextmanager
+            def our_at(c):
+                port = loadgen.free_port()
+                cmd = _our_server_command(args, lib, port, max(64, 2 * c))
+                with loadgen.ServerProcess(cmd, f"http://127.0.0.1:{port}", tmp / f"server-{c}.log", "dlp-lora serve",
+                                           env=_package_env()) as srv:
+                    ready.append(round(srv.ready_s, 1))
+                    log(f"dlp-lora serve ready in {srv.ready_s:.1f}s (pid {srv.proc.pid})")
+                    yield srv.url
+
+        ours, offline, llama = {}, {}, {}
+        for c in levels:  # a level's contenders one after another, each alone on the machine
+            ours.update(_levels_over(url, requests, [c], args, log, "server", args.api_key, at_level=our_at))
+            if offline_run is not None:
+                offline[c] = offline_run.level(c, log)
+            if llama_at is not None:
+                llama.update(_levels_over("", llama_requests, [c], args, log, "llama-server", at_level=llama_at))
+
+    rows = []
+    for c in levels:
+        s, outcomes = ours[c]
+        row = {"concurrency": c, "server": s}
+        if c in offline:
+            row["offline"] = offline[c][0]
+            row["server_vs_offline"] = _ratio(s["output_tok_s"], offline[c][0]["output_tok_s"])
+            row.update(compare(items, outcomes, offline[c][1]))
+        if c in llama:
+            t = llama[c][0]
+            row["llama_server"] = t
+            row["vs_llama_server"] = _ratio(s["output_tok_s"], t["output_tok_s"])
+            row["ttft_p99_vs_llama_server"] = _ratio(_pick(s, "ttft_ms", "p99"), _pick(t, "ttft_ms", "p99"))
+            row["tpot_vs_llama_server"] = _ratio(_pick(s, "tpot_ms", "mean"), _pick(t, "tpot_ms", "mean"))
+        rows.append(row)
+    top, one = rows[-1], next((r for r in rows if r["concurrency"] == 1), {})
+    return {"server_vs_offline": top.get("server_vs_offline"), "vs_llama_server": top.get("vs_llama_server"),
+            "ttft_p99_vs_llama_server": top.get("ttft_p99_vs_llama_server"),
+            "tpot_1client_vs_llama_server": one.get("tpot_vs_llama_server"), "at_concurrency": top["concurrency"],
+            "requests": sum(r["server"]["requests"] for r in rows), "failed": sum(r["server"]["failed"] for r in rows),
+            "mismatches": sum(r.get("mismatches", 0) for r in rows) if offline else None,
+            "compared": sum(r.get("compared", 0) for r in rows),
+            "llama_server_failed": sum(r["llama_server"]["failed"] for r in rows) if llama else None,
+            "dtype": dtype, "quantize": args.quantize, "compile": bool(args.compile), "threads": args.threads,
+            "cpu_flags": flags, "num_prompts": args.num_prompts, "max_tokens": args.max_tokens,
+            "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
+            "burstiness": args.burstiness, "seed": args.seed, "max_batch_size": args.max_batch_size,
+            "base_url": args.base_url, "backend": args.backend, "library": args.library or "temporary",
+            "data": args.data, "adapters": len(names), "server_ready_s": ready,
+            "llama_server": args.llama_server, "total_seconds": round(time.time() - t_start, 1), "levels": rows}
+
+
+def print_table(res: dict) -> None:
+    print(f"{'contender':<13}{'C':>4}{'tok/s':>9}{'req/s':>7}{'failed':>7}  {'TTFT p50/p99 ms':>16}  "
+          f"{'TPOT p50/p99 ms':>16}  {'ITL p50/p99 ms':>15}  {'E2EL p50/p99 ms':>16}")
+    for row in res["levels"]:
+        for label, key in (("server", "server"), ("llama-server", "llama_server"), ("offline", "offline")):
+            s = row.get(key)
+            if s is None:
+                continue
+            cols = "".join(f"  {_pair(s.get(m)):>{w}}" for m, w in (("ttft_ms", 16), ("tpot_ms", 16), ("itl_ms", 15),
+                                                                     ("e2el_ms", 16)))
+            print(f"{label:<13}{row['concurrency']:>4}{s['output_tok_s']:>9.1f}{s.get('requests_per_s', 0):>7.2f}"
+                  f"{s['failed']:>7}{cols}")
+        extra = [f"{k} {row[k]}" for k in ("server_vs_offline", "vs_llama_server", "ttft_p99_vs_llama_server",
+                                            "mismatches", "routing_mismatches") if row.get(k) is not None]
+        if extra:
+            print(f"{'':<17}" + ", ".join(extra))
+        for ex in row.get("mismatch_examples", []):
+            print(f"{'':<17}mismatch #{ex['index']} ({ex['task']}, {ex['kind']}, at char {ex['at_char']}): "
+                  f"served {ex['served']!r} / offline {ex['offline']!r}")
+
+
+def _pair(stats: dict | None) -> str:
+    return "-" if not stats else f"{stats['p50']:.0f} / {stats['p99']:.0f}"
+
+
+def run(args) -> dict:
     try:
-        levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
+        levels = [int(x) for x in str(args.max_concurrency).split(",") if x.strip()]
     except ValueError:
-        raise DLPLoRAError(f"--concurrency {args.concurrency!r}: expected comma-separated integers, "
-                           f"e.g. 1,8,32") from None
+        raise DLPLoRAError(f"--max-concurrency {args.max_concurrency!r}: expected an integer or comma-separated "
+                           f"integers, e.g. 1,8,32") from None
     if not levels or min(levels) < 1:
-        raise DLPLoRAError(f"--concurrency {args.concurrency!r}: every level must be >= 1")
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 16 if args.quick else 32
-    for name in ("adapters", "rank", "max_new_tokens", "max_batch_size"):
+        raise DLPLoRAError(f"--max-concurrency {args.max_concurrency!r}: every level must be >= 1")
+    args.levels = sorted(set(levels))
+    for name in ("num_prompts", "max_tokens", "threads", "adapters"):
         if getattr(args, name) < 1:
             raise DLPLoRAError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.requests < 0:
-        raise DLPLoRAError("--requests must be >= 0")
-    out = bench(args.model, adapters=args.adapters, rank=args.rank, levels=levels, requests=args.requests,
-                max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size, quick=args.quick,
-                threads=args.threads, dtype=args.dtype, quantize=args.quantize,
-                compile=getattr(args, "compile", False))
-    print("concurrency  throughput on/off  p95 on/off")
-    for row in out["levels"]:
-        print(f"{row['concurrency']:>11}  {row['throughput_ratio_on_vs_off']:>16.2f}x  "
-              f"{row['on']['p95_latency_s']:.2f}s / {row['off']['p95_latency_s']:.2f}s")
+    if not args.request_rate > 0:
+        raise DLPLoRAError(f"--request-rate must be > 0 (or inf), got {args.request_rate}")
+    if not (args.burstiness > 0 and math.isfinite(args.burstiness)):
+        raise DLPLoRAError(f"--burstiness must be a positive number, got {args.burstiness}")
+    if args.max_batch_size < 0:
+        raise DLPLoRAError("--max-batch-size must be >= 1 (or 0: the highest concurrency level)")
+    args.max_batch_size = args.max_batch_size or max(args.levels)
+    if args.base_url and not args.library:
+        raise DLPLoRAError("--base-url needs --library: the library the server serves (its adapters' names, and "
+                           "the offline run)")
+    if args.backend == "llama-server" and not (args.base_url and args.no_offline):
+        raise DLPLoRAError("--backend llama-server is for a llama-server at --base-url, with --no-offline (its texts "
+                           "are not ours); or give --llama-server PATH to run it beside ours")
+    if args.llama_server and args.no_offline:
+        raise DLPLoRAError("--llama-server needs the offline engine (the sets our router chooses); drop --no-offline")
+    if args.llama_server and not Path(args.llama_server).is_file():
+        raise DLPLoRAError(f"--llama-server {args.llama_server}: no such file (build_llama_cpp.sh prints its path)")
+    res = bench(args, log=lambda *a: print(*a, flush=True))
+    print_table(res)
     if args.json:
-        print(json.dumps(out))
+        print(json.dumps(res))
+    return res

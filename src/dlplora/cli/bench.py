@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_base_arguments
+from .common import add_base_arguments, add_precision_arguments
 
 
 def cmd_bench_train(args) -> None:
@@ -68,10 +68,12 @@ def register(sub, model_help: str) -> None:
     f = b.add_parser("fusion", help="fused multi-LoRA inference vs single PEFT LoRA, side by side")
     fusion.add_arguments(f)
     f.set_defaults(func=fusion.run)
-    description = serve.__doc__.strip().splitlines()[0]
-    s = b.add_parser("serve", help="server throughput and latency, batching on vs off (same as `bench-serve`)",
-                     description=description)
+    description = serve.__doc__.strip().split("\n\n")[0]
+    help_ = ("load generator (as `vllm bench serve`): our server in its own process against the offline engine "
+             "and llama-server, TTFT / TPOT / ITL / E2EL (same as `bench-serve`)")
+    s = b.add_parser("serve", help=help_, description=description)
     serve.add_arguments(s)
+    add_precision_arguments(s)  # the server's own precision options and defaults
     s.set_defaults(func=serve.run)
     lv = b.add_parser("live-library", help="runtime adapters: load-to-routable time, and a closed-loop load test "
                                            "during loads and unloads (failed and changed responses)",
@@ -84,7 +86,7 @@ def register(sub, model_help: str) -> None:
     replicas.add_arguments(rp)
     rp.set_defaults(func=replicas.run)
     # the same command under its first name, kept as an alias
-    alias = sub.add_parser("bench-serve", help="server throughput and latency, batching on vs off, side by side "
-                                               "(= `bench serve`)", description=description)
+    alias = sub.add_parser("bench-serve", help="= `bench serve`", description=description)
     serve.add_arguments(alias)
+    add_precision_arguments(alias)
     alias.set_defaults(func=serve.run)
