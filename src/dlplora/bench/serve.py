@@ -310,10 +310,11 @@ def _pick(summary: dict | None, metric: str, key: str):
 
 def bench(args, log=print) -> dict:
     from ..device import auto_dtype_name, cpu_flags
-    from ..quantize import quantize_dtype
+    from ..quantize import quantize_dtype, resolve_quantize
 
     levels = args.levels
     flags = cpu_flags()
+    args.quantize = resolve_quantize(args.quantize, args.device, args.dtype)  # auto: what this CPU gets (stated)
     dtype = quantize_dtype(args.quantize) or (auto_dtype_name(args.device if args.device != "auto" else "cpu", flags)
                                               if args.dtype == "auto" else args.dtype)
     t_start = time.time()
