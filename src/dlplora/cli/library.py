@@ -106,9 +106,10 @@ def cmd_library_list(args) -> None:
         return
     base = lib.base_model
     print(f"base model: {base.get('name')} ({base.get('fingerprint')})")
-    for name in lib.names:
+    for name in lib.all_names:
         e = lib.entry(name)
-        print(f"  {name:42} r={e.get('rank')} {','.join(e.get('targets', []))}")
+        kind = f" [{e['special']}: never routed to]" if e.get("special") else ""
+        print(f"  {name:42} r={e.get('rank')} {','.join(e.get('targets', []))}{kind}")
         for line in (train_line(e), score_line(e) if e.get("score") is not None else ""):
             if line:
                 print(f"  {'':42} {line}")

@@ -213,6 +213,13 @@ def train_step(peft_model, batch: list[tuple[list[int], int]], pad_id: int, cfg:
     return loss.item(), int(mask.sum()), len(tgt)
 
 
+def cosine_schedule(opt, steps: int):
+    """The library's schedule: linear warm-up over a tenth of the steps, then a cosine down to 5% of the peak."""
+    warmup = max(1, steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 0.5 * (1 + math.cos(math.pi * s / steps))))
+
+
 def train_adapter(peft_model, tokenizer, examples: list[dict], cfg: TrainConfig, desc: str = "train",
                   progress: bool = True) -> TrainResult:
     """Train the active LoRA of `peft_model` on `examples` for cfg.steps optimizer steps."""
@@ -227,9 +234,7 @@ def train_adapter(peft_model, tokenizer, examples: list[dict], cfg: TrainConfig,
     params = [p for p in peft_model.parameters() if p.requires_grad]
     prefix = bottom_cache(peft_model, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    warmup = max(1, cfg.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 0.5 * (1 + math.cos(math.pi * s / cfg.steps))))
+    sched = cosine_schedule(opt, cfg.steps)
     peft_model.train()
     batches: list[list[int]] = []
     tokens = target_tokens = 0
