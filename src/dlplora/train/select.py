@@ -167,6 +167,7 @@ def run_with_checkpoints(model, tokenizer, examples: list[dict], cfg, steps: lis
         sched.load_state_dict(st["sched"])
         step, batches, seen, stats = st["step"], st["batches"], set(st["seen"]), st["stats"]
         rng.setstate(st["rng"])
+        torch.set_rng_state(st["torch_rng"])  # LoRA dropout: a resumed run draws what the uninterrupted one draws
         log(f"{desc}: resuming at step {step} of {steps[-1]}")
     model.train()
     for target in [s for s in steps if s > step]:
@@ -189,7 +190,7 @@ def run_with_checkpoints(model, tokenizer, examples: list[dict], cfg, steps: lis
             tmp = state_path.with_suffix(".tmp")
             torch.save({"weights": weights_of(model), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "step": step, "batches": batches, "seen": sorted(seen), "stats": stats,
-                        "rng": rng.getstate()}, tmp)
+                        "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
             tmp.replace(state_path)
     model.eval()
 
