@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dlplora.errors import DLPLoRAError
+from dlplora.library import Library
 from dlplora.train import TrainConfig, train_library
 from dlplora.train import select as sel_mod
 from dlplora.train.select import Selection, validation_split
@@ -151,3 +152,37 @@ def test_train_full_chooses_on_validation_scores_on_test_and_reports(tiny_model,
     assert f"{rec['score']:.1f}" in row and "| 50.0 |" in row
     assert json.loads((tmp_path / "r" / "results.json").read_text())["full_finetune"]["quiz"]["score"] == rec["score"]
     assert main(["report", str(tmp_path / "r" / "results.json"), "--full-ft", str(tmp_path / "nope.json")]) == 2
+
+
+def test_reproduce_wires_select_multitask_and_full_ft_and_resumes(tiny_data, tiny_model, tmp_path):
+    import shutil
+
+    from dlplora.pipelines.reproduce import run_reproduce
+    from dlplora.train.full import train_full
+
+    work, out = tmp_path / "work", tmp_path / "docs"
+    shutil.copytree(tiny_data, work / "data")
+    train_full("quiz", work / "data", tmp_path / "ft", selection=Selection(lrs=(1e-4,), points=(4,), val_size=6),
+               cfg=TrainConfig(batch_size=4, max_len=64, top_layers=None, cache_bottom=False), model=str(tiny_model),
+               log=lambda *a: None)
+    kw = dict(out=out, work=work, tasks="quiz,sums", limit=2, model=str(tiny_model), settings="composite-26,single",
+              methods="base,lora,dlp,merge-all,multitask", weightings="softmax", progress=False, log=lambda *a: None,
+              recipe="select", select_points="8,16", val_size=6, top_layers=None, multitask_ranks="8,16",
+              multitask_examples=8, full_ft=str(tmp_path / "ft"))
+    r1 = run_reproduce(**kw)
+    lib = Library.open(work / "library")
+    assert lib.names == ["quiz", "sums"] and lib.special_names == ["multitask", "multitask-r16"]
+    assert all(lib.entry(t)["recipe"]["preset"] == "select" for t in lib.names)
+    c26 = r1["settings"]["composite-26"]
+    assert {"merge-all", "multitask", "multitask-r16"} <= set(c26["methods"])
+    assert set(c26["versus_multitask"]) == {"multitask", "multitask-r16"}
+    hours = r1["reproduce"]["hours"]
+    assert set(hours) == {"library", "multitask", "grid", "budget"} and set(hours["multitask"]) == {"multitask",
+                                                                                                   "multitask-r16"}
+    assert r1["reproduce"]["recorded_seconds"]["adapters_training_seconds"] > 0
+    assert r1["reproduce"]["recipe"]["preset"] == "select" and set(r1["full_finetune"]) == {"quiz"}
+    md = (out / "RESULTS.md").read_text()
+    assert "## Against the multi-task LoRA baseline" in md and "## The full fine-tune bound" in md
+    r2 = run_reproduce(**kw)  # resumed: nothing trained, nothing predicted again
+    assert r2["cache"]["new_predictions"] == 0
+    assert Library.open(work / "library").manifest == lib.manifest
