@@ -108,7 +108,8 @@ def validation_score(model, tokenizer, task: str, val: list[dict], encoded_val, 
     if val and val[0].get("choices"):
         was_training = model.training
         model.eval()
-        acc = score_task(model, tokenizer, task, val)["main"]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as training runs: 2.4x fp32's ranking
+            acc = score_task(model, tokenizer, task, val)["main"]
         model.train(was_training)
         out = {"metric": "accuracy", "score": round(acc, 2), "loss": round(loss, 4)}
     else:
