@@ -5,7 +5,6 @@ base."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import DLPLoRAError
@@ -43,15 +42,14 @@ def multitask_lines(results: dict) -> list[str]:
 
 def load_full_ft(paths) -> dict[str, dict]:
     """`dlp-lora train-full` records ({task: record}) from their JSON files."""
+    from ..paths import read_json
+
     out = {}
     for p in paths:
         path = Path(p)
-        try:
-            rec = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DLPLoRAError(f"--full-ft {path}: no such file") from None
-        except json.JSONDecodeError as exc:
-            raise DLPLoRAError(f"--full-ft {path}: not valid JSON ({exc})") from None
+        if not path.is_file():
+            raise DLPLoRAError(f"--full-ft {path}: no such file")
+        rec = read_json(path, "give the JSON files `dlp-lora train-full` writes")
         if not isinstance(rec, dict) or rec.get("method") != "full fine-tune" or "task" not in rec:
             raise DLPLoRAError(f"--full-ft {path}: not a record written by `dlp-lora train-full`")
         out[rec["task"]] = rec

@@ -123,11 +123,6 @@ def better(rec: dict, best: dict | None) -> bool:
     return best is None or (rec["val"], -rec["val_loss"]) > (best["val"], -best["val_loss"])
 
 
-def trainable(model) -> tuple[list[str], list[torch.nn.Parameter]]:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [n for n, _ in named], [p for _, p in named]
-
-
 def weights_of(model) -> dict[str, torch.Tensor]:
     """A copy of the trainable parameters (a LoRA's factors; every weight of a fully fine-tuned model)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -149,17 +144,9 @@ def run_with_checkpoints(model, tokenizer, examples: list[dict], cfg, steps: lis
     batch size, the cosine schedule over ``steps[-1]`` steps) and call ``on_point(step, stats)`` after each step in
     `steps` (stats: seen (distinct examples), tokens, losses, train_seconds). With `state_path`, the weights, optimizer,
     schedule, sampler and stats are saved there after each point, and a rerun resumes from the last one."""
-    from .lora import bucketed_batches, cosine_schedule, encode_example, train_step
+    from .lora import bucketed_batches, train_step, training_setup
 
-    if not examples:
-        raise DLPLoRAError(f"{desc}: no training examples")
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    encoded = [encode_example(tokenizer, ex, cfg.max_len, cfg.max_answer_tokens) for ex in examples]
-    lengths = [len(ids) for ids, _ in encoded]
-    names, params = trainable(model)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = cosine_schedule(opt, steps[-1])
+    rng, encoded, lengths, params, opt, sched = training_setup(model, tokenizer, examples, cfg, steps[-1], desc)
     step, batches, seen, stats = 0, [], set(), {"tokens": 0, "losses": [], "train_seconds": 0.0}
     if state_path is not None and state_path.is_file():
         st = torch.load(state_path, weights_only=False)
