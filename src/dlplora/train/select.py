@@ -100,19 +100,24 @@ def answer_loss(model, encoded: list[tuple[list[int], int]], pad_id: int, bf16: 
 
 
 def validation_score(model, tokenizer, task: str, val: list[dict], encoded_val, bf16: bool) -> dict:
-    """{"metric", "score" (higher is better), "loss"} of `model` on the validation slice."""
-    from ..eval.scoring import score_task
+    """{"metric", "score" (higher is better), "loss"} of `model` on the validation slice. Multiple choice: accuracy by
+    log-likelihood ranking, and as "loss" minus the mean log-likelihood of the right choice (from the same ranking
+    pass: no second forward); generative tasks: the mean answer-token loss."""
+    from ..eval.metrics import accuracy_result
+    from ..eval.scoring import choice_logprobs
 
     t0 = time.time()
-    loss = answer_loss(model, encoded_val, tokenizer.pad_token_id, bf16)
     if val and val[0].get("choices"):
         was_training = model.training
         model.eval()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as training runs: 2.4x fp32's ranking
-            acc = score_task(model, tokenizer, task, val)["main"]
+            lps = choice_logprobs(model, tokenizer, val)
         model.train(was_training)
+        acc = accuracy_result(val, lps)["main"]
+        loss = -sum(lp[ex["answer_index"]] for lp, ex in zip(lps, val)) / len(val)
         out = {"metric": "accuracy", "score": round(acc, 2), "loss": round(loss, 4)}
     else:
+        loss = answer_loss(model, encoded_val, tokenizer.pad_token_id, bf16)
         out = {"metric": "answer_loss", "score": round(-loss, 4), "loss": round(loss, 4)}
     out["seconds"] = round(time.time() - t0, 1)
     return out
