@@ -156,7 +156,7 @@ def register(sub, model_help: str) -> None:
                    help="the adapters' recipe, as `train-loras --recipe` (see its --help for the candidates and their "
                         "cost); an adapter of the other recipe is retrained")
     r.add_argument("--select-lrs", default="1e-3", help="--recipe select: learning rates (default 1e-3)")
-    r.add_argument("--select-points", default="150,300,450", help="--recipe select: checkpoints, examples seen")
+    r.add_argument("--select-points", default="225,450", help="--recipe select: checkpoints, examples seen")
     r.add_argument("--val-size", type=int, default=100, help="validation examples held out per task (default 100)")
     r.add_argument("--multitask-ranks", default="",
                    help="train the multi-task LoRA baseline at these ranks after the adapters ('8,32': multitask and "

@@ -74,11 +74,11 @@ RECIPE_HELP = (
     "--select-lrs on the rest, adapters on every layer (unless --top-layers), score the validation slice at each of "
     "--select-points examples seen (checkpoints of that one run: early stopping), keep the best (accuracy for "
     "multiple choice, answer-token loss for generative tasks) and record every candidate's validation score and "
-    "seconds in library.json (recipe). Cost: an all-layer step costs about twice a top-10-layer one, so the default "
-    "(one lr, 150/300/450) costs about what the single recipe's 900 top-10 examples cost, plus validation scoring "
-    "(seconds per checkpoint); each extra learning rate adds one more run (about +100%%), and a last point of 900 "
-    "doubles every run. docs/plans/issue28-runs.md has the measured per-step costs. Resumable per task and per "
-    "candidate (LIB/.select/TASK).")
+    "seconds in library.json (recipe). Cost: an all-layer example costs about twice a top-10-layer one, so the "
+    "default (one lr, checkpoints at 225 and 450) trains about as long as the single recipe's 900 top-10 examples "
+    "(~2.7 h for 26 tasks), plus the validation passes (~25 s per checkpoint and task: ~0.35 h); a third checkpoint "
+    "(150,300,450) adds ~0.2 h, each extra learning rate one more run (~+2.9 h), a last point of 900 doubles every "
+    "run. docs/plans/issue28-runs.md derives these. Resumable per task and per candidate (LIB/.select/TASK).")
 
 
 def cmd_learning_curve(args) -> None:
@@ -177,9 +177,9 @@ def register(sub, model_help: str) -> None:
     t.add_argument("--recipe", choices=("single", "select"), default="single", help=RECIPE_HELP)
     t.add_argument("--select-lrs", default="1e-3", help="--recipe select: peak learning rates, one run each "
                                                         "(default 1e-3)")
-    t.add_argument("--select-points", default="150,300,450",
+    t.add_argument("--select-points", default="225,450",
                    help="--recipe select: examples seen at which each run is scored on the validation slice; the run "
-                        "ends at the last (cosine schedule to it; default 150,300,450)")
+                        "ends at the last (cosine schedule to it; default 225,450)")
     t.add_argument("--val-size", type=int, default=100, help="--recipe select: training examples held out per task "
                                                              "for validation (default 100 of 900)")
     t.add_argument("--seed", type=int, default=0)

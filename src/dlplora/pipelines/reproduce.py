@@ -51,7 +51,7 @@ class ReproduceConfig:
     recipe: str = field(default="single", metadata={"help": "single (one run per task) or select (validation-chosen; "
                                                            "train-loras --recipe)"})
     select_lrs: str = field(default="1e-3", metadata={"help": "--recipe select: learning rates, one run each"})
-    select_points: str = field(default="150,300,450", metadata={"help": "--recipe select: checkpoints (examples)"})
+    select_points: str = field(default="225,450", metadata={"help": "--recipe select: checkpoints (examples)"})
     val_size: int = field(default=100, metadata={"help": "--recipe select: validation examples held out per task"})
     multitask_ranks: str = field(default="", metadata={
         "help": "ranks of the multi-task LoRA baselines to train ('8,32': multitask, multitask-r32); '' for none"})

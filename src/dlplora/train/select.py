@@ -33,7 +33,7 @@ class Selection:
     ``points`` examples seen (its checkpoints); the best (learning rate, checkpoint) is kept."""
 
     lrs: tuple[float, ...] = (1e-3,)
-    points: tuple[int, ...] = (150, 300, 450)
+    points: tuple[int, ...] = (225, 450)
     val_size: int = VAL_SIZE
 
     def validate(self) -> None:
