@@ -188,7 +188,7 @@ def test_harness_end_to_end_all_settings_and_methods(tiny_library, tiny_data, ti
     assert saved["settings"]["composite-26"]["methods"]["dlp"]["mean"] == pytest.approx(c26["dlp"]["mean"])
     md = (out / "RESULTS.md").read_text()
     assert "Table 1 style" in md and "Table 2 style" in md and "Teacher-forced" in md and "Arrow (PEFT)" in md
-    assert "| `composite-26` | DLP-LoRA − multitask |" in md
+    assert "| `composite-26` | DLP-LoRA − multitask |" in md and "minus multitask (one LoRA on every task) mean" in md
     # per-example scores and intervals in every task result and mean; the single setting's paired LoRA vs base tests
     single = res["settings"]["single"]
     for m, e in single["methods"].items():
