@@ -15,6 +15,10 @@ Layout of a library directory::
      "base_model": {"name": ..., "path": ..., "fingerprint": ...},
      "adapters": {"<name>": {"task": ..., "path": "adapters/<name>", "rank": 8, "alpha": 16,
                              "targets": ["q_proj", "v_proj"], ...training and score fields...}}}
+
+An entry with ``"special": "multitask"`` (``dlp-lora train-multitask``) is not a task adapter: it is served when a
+request names it, never routed to, and left out of :attr:`Library.names` (the router's labels, the oracle, merge-all,
+TIES, Arrow and the evaluation cache's library signature); :attr:`Library.all_names` has every adapter.
 """
 
 from __future__ import annotations
