@@ -108,6 +108,10 @@ def tiny_library(tiny_model, tiny_data, tmp_path_factory):
                   cfg=TrainConfig(steps=2, batch_size=4, max_len=64), eval_limit=0, log=lambda *a: None)
     plugin, _ = train_plugin_from_data(tiny_data, ["quiz", "sums"], robustness=False)
     plugin.save(Library.open(lib).plugin_dir())
+    from dlplora.train.multitask import train_multitask  # the multi-task baseline: a special adapter (issue 28)
+
+    train_multitask(lib, tiny_data, cfg=TrainConfig(batch_size=4, max_len=64), examples=8, val_size=6,
+                    model=str(tiny_model), log=lambda *a: None)
     return lib
 
 
@@ -133,10 +137,15 @@ def test_harness_end_to_end_all_settings_and_methods(tiny_library, tiny_data, ti
                             teacher_forced=True, mcq_exact_match=True, model=str(tiny_model), progress=False,
                             engine=engine, arrow=arrow, log=logs.append)
     assert res["skipped"] == {}
-    all_methods = {"base", "lora", "dlp", "dlp-renorm", "arrow", "merge-all", "ties"}
-    assert set(res["settings"]["single"]["methods"]) == {"base", "lora"}
+    all_methods = {"base", "lora", "dlp", "dlp-renorm", "arrow", "merge-all", "ties", "multitask"}
+    assert set(res["settings"]["single"]["methods"]) == {"base", "lora", "multitask"}
     for s in ("composite-26", "multiturn"):
         assert set(res["settings"][s]["methods"]) == all_methods
+    for s in settings.SETTINGS:  # DLP-LoRA and the oracle against the multi-task adapter, paired, in every setting
+        vs = res["settings"][s]["versus_multitask"]["multitask"]
+        assert set(vs) == ({"lora"} if s == "single" else {"dlp", "lora"})
+        for v in vs.values():
+            assert v["ci"][0] <= v["diff"] + 1e-6 and v["diff"] - 1e-6 <= v["ci"][1]
     assert res["settings"]["composite-17"]["tasks"] == ["quiz"]
     assert res["settings"]["composite-9"]["tasks"] == ["sums"]
     c26 = res["settings"]["composite-26"]["methods"]
@@ -180,6 +189,7 @@ def test_harness_end_to_end_all_settings_and_methods(tiny_library, tiny_data, ti
     assert saved["settings"]["composite-26"]["methods"]["dlp"]["mean"] == pytest.approx(c26["dlp"]["mean"])
     md = (out / "RESULTS.md").read_text()
     assert "Table 1 style" in md and "Table 2 style" in md and "Teacher-forced" in md and "Arrow (PEFT)" in md
+    assert "| `composite-26` | DLP-LoRA − multitask |" in md and "minus multitask (one LoRA on every task) mean" in md
     # per-example scores and intervals in every task result and mean; the single setting's paired LoRA vs base tests
     single = res["settings"]["single"]
     for m, e in single["methods"].items():

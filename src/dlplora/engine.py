@@ -194,7 +194,7 @@ class DLPLoRA:
         from .library import Library
 
         lib = Library.open(lib_dir)
-        names = list(adapters) if adapters else lib.names
+        names = list(adapters) if adapters else lib.all_names  # special adapters too: served when named, never routed
         if not names:
             raise DLPLoRAError(f"the library {lib.root} holds no adapters; add some with `dlp-lora train-loras`")
         for n in names:

@@ -15,6 +15,10 @@ Layout of a library directory::
      "base_model": {"name": ..., "path": ..., "fingerprint": ...},
      "adapters": {"<name>": {"task": ..., "path": "adapters/<name>", "rank": 8, "alpha": 16,
                              "targets": ["q_proj", "v_proj"], ...training and score fields...}}}
+
+An entry with ``"special": "multitask"`` (``dlp-lora train-multitask``) is not a task adapter: it is served when a
+request names it, never routed to, and left out of :attr:`Library.names` (the router's labels, the oracle, merge-all,
+TIES, Arrow and the evaluation cache's library signature); :attr:`Library.all_names` has every adapter.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from .adapters import ADAPTER_META, validate_adapter
 from .errors import DLPLoRAError
 from .paths import atomic_write_text, read_json
 
-__all__ = ["ADAPTER_META", "FORMAT", "MANIFEST", "ROUTING_DIR", "Library", "add_adapter", "base_record",
+__all__ = ["ADAPTER_META", "FORMAT", "MANIFEST", "MULTITASK", "ROUTING_DIR", "SPECIAL", "Library", "add_adapter", "base_record",
            "check_adapter_name", "example_rows", "read_examples", "remove_adapter", "score_record", "stage_adapter",
            "validate_adapter"]
 
@@ -37,6 +41,8 @@ FORMAT = 1
 ROUTING_DIR = "routing"
 ROUTING_FIELDS = ("input", "task_prefix", "input_prefix", "output_prefix", "choices")  # what the router's views use
 MAX_EXAMPLE_CHARS = 20_000
+SPECIAL = "special"  # an entry's kind when it is not a task adapter (never routed to): MULTITASK
+MULTITASK = "multitask"
 
 
 @dataclass
@@ -70,7 +76,21 @@ class Library:
     # ------------------------------------------------------------ reading
     @property
     def names(self) -> list[str]:
+        """The task adapters: what the router learns, the oracle uses and the merges combine (not the special ones)."""
+        return [n for n, e in self.manifest["adapters"].items() if not e.get(SPECIAL)]
+
+    @property
+    def special_names(self) -> list[str]:
+        """The special adapters (e.g. the multi-task LoRA baseline, ``"special": "multitask"``): served when a request
+        names them, never routed to, never part of merge-all / TIES / Arrow."""
+        return [n for n, e in self.manifest["adapters"].items() if e.get(SPECIAL)]
+
+    @property
+    def all_names(self) -> list[str]:
         return list(self.manifest["adapters"])
+
+    def multitask_names(self) -> list[str]:
+        return [n for n in self.special_names if self.manifest["adapters"][n].get(SPECIAL) == MULTITASK]
 
     @property
     def base_model(self) -> dict:
@@ -80,7 +100,8 @@ class Library:
         try:
             return self.manifest["adapters"][name]
         except KeyError:
-            raise DLPLoRAError(f"unknown adapter {name!r}; the library {self.root} holds: {', '.join(self.names) or '(none)'}") from None
+            raise DLPLoRAError(f"unknown adapter {name!r}; the library {self.root} holds: "
+                               f"{', '.join(self.all_names) or '(none)'}") from None
 
     def adapter_dir(self, name: str) -> Path:
         return self.root / self.entry(name)["path"]
@@ -263,12 +284,16 @@ def training_seconds(entries: dict) -> float:
 def library_totals(manifest: dict) -> list[str]:
     """The library's totals, as lines: the training time of its adapters (the sum of their wall times, each
     recorded when it was trained) and, where scores are recorded, how many adapters beat the base model."""
-    adapters = manifest.get("adapters") or {}
+    everything = manifest.get("adapters") or {}
+    adapters = {n: e for n, e in everything.items() if not e.get(SPECIAL)}
     out = []
     timed = {n: e for n, e in adapters.items() if e.get("wall_seconds") is not None}
     if timed:
         out.append(f"training: {len(timed)} of {len(adapters)} adapters trained here, "
                    f"{training_seconds(timed) / 3600:.2f} h in total (the sum of their wall times)")
+    for n, e in everything.items():
+        if e.get(SPECIAL) and e.get("wall_seconds") is not None:
+            out.append(f"special adapter {n} ({e[SPECIAL]}, never routed to): {float(e['wall_seconds']) / 3600:.2f} h")
     scored = [e for e in adapters.values() if "beats_base" in e]  # written by score_record
     if scored:
         beats = sum(bool(e["beats_base"]) for e in scored)

@@ -178,3 +178,15 @@ def paired_mean_interval(a: Sequence[dict], b: Sequence[dict]) -> list[float] | 
         samples.append(mean_sample(np.asarray(x, dtype=float) - np.asarray(y, dtype=float)))
     ci = bootstrap_ci(samples) if samples else None
     return [round(ci[0], 3), round(ci[1], 3)] if ci else None
+
+
+def versus(a: dict, b: dict) -> dict:
+    """Method `a` against method `b` on one setting's tasks (two method entries of a results.json, same examples): the
+    difference of their means over tasks with its paired 95% interval, and per task the paired sign test of a
+    against b (tasks where a is significantly better / worse)."""
+    tasks = [t for t in a["tasks"] if t in b["tasks"]]
+    tests = paired_tests({t: a["tasks"][t] for t in tasks}, {t: b["tasks"][t] for t in tasks})
+    return {"diff": round(a["mean"] - b["mean"], 4),
+            "ci": paired_mean_interval([a["tasks"][t] for t in tasks], [b["tasks"][t] for t in tasks]),
+            "better_tasks": sorted(t for t, r in tests.items() if r["better"]),
+            "worse_tasks": sorted(t for t, r in tests.items() if r.get("worse"))}

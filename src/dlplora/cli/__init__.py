@@ -17,13 +17,13 @@ __all__ = ["add_routing_arguments", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, data, demo, evaluate, generate, library, model, plugin, serve
+    from . import baselines, bench, data, demo, evaluate, generate, library, model, plugin, serve
 
     p = argparse.ArgumentParser(prog="dlp-lora", description=(
         "Serve a base model with a library of LoRA adapters; a small plugin routes each prompt to a "
         "weighted mix of adapters (DLP-LoRA)."))
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (model, data, demo, library, plugin, generate, bench, evaluate, serve):
+    for group in (model, data, demo, library, baselines, plugin, generate, bench, evaluate, serve):
         group.register(sub, MODEL_HELP)
     return p
 

@@ -41,9 +41,12 @@ def cmd_reproduce(args) -> None:
         out=args.out, work=args.work, extra_data=args.extra_data, tasks=args.tasks, limit=args.limit, steps=args.steps,
         examples=args.examples, rank=args.rank, targets=args.targets, lr=args.lr,
         model=args.model, settings=args.setting, methods=args.methods, p=args.p, weightings=args.weightings,
-        teacher_forced=not args.no_teacher_forced, top_layers=parse_top_layers(args.top_layers),
+        teacher_forced=not args.no_teacher_forced,
+        top_layers=parse_top_layers(args.top_layers or ("all" if args.recipe == "select" else "10")),
         batch_size=args.batch_size, progress=not args.no_progress, command=command_line(), p_sweep=args.p_sweep,
-        conversations=args.conversations, mcq_exact_match=args.mcq_exact_match, mt_mcq_reply=args.mt_mcq_reply))
+        conversations=args.conversations, mcq_exact_match=args.mcq_exact_match, mt_mcq_reply=args.mt_mcq_reply,
+        recipe=args.recipe, select_lrs=args.select_lrs, select_points=args.select_points, val_size=args.val_size,
+        multitask_ranks=args.multitask_ranks, multitask_examples=args.multitask_examples, full_ft=args.full_ft))
 
 
 def cmd_arrow_check(args) -> None:
@@ -70,13 +73,14 @@ def cmd_arrow_check(args) -> None:
 def cmd_report(args) -> None:
     from ..eval.report import rewrite_report
 
-    print(f"wrote {rewrite_report(args.results)} and figures/")
+    print(f"wrote {rewrite_report(args.results, full_ft=args.full_ft or ())} and figures/")
 
 
 def _common(p, model_help: str) -> None:
-    p.add_argument("--methods", default="base,lora,dlp,arrow,merge-all,ties",
+    p.add_argument("--methods", default="base,lora,dlp,arrow,merge-all,ties,multitask",
                    help="comma-separated: base, lora (oracle adapter), dlp (plugin), arrow (PEFT Arrow), merge-all "
-                        "(uniform), ties (PEFT's TIES merge) (default: all)")
+                        "(uniform, merged into the weights once), ties (PEFT's TIES merge), multitask (each multi-task "
+                        "adapter of the library, `dlp-lora train-multitask`; skipped when it has none) (default: all)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="test examples per task (default: all)")
     p.add_argument("--p", type=float, default=DEFAULT_P, help=f"DLP top-p threshold (default {DEFAULT_P})")
     p.add_argument("--p-sweep", default="", metavar="P1,P2,...",
@@ -149,8 +153,21 @@ def register(sub, model_help: str) -> None:
     r.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank; default 8)")
     r.add_argument("--targets", default="all-linear", help="LoRA target modules, or all-linear (default)")
     r.add_argument("--lr", type=float, default=None, help="peak learning rate (default: train-loras' 1e-3)")
-    r.add_argument("--top-layers", default="10",
-                   help="LoRA only in the last N decoder layers, or 'all' (default 10, as train-loras)")
+    r.add_argument("--top-layers", default=None,
+                   help="LoRA only in the last N decoder layers, or 'all' (default 10, as train-loras; 'all' under "
+                        "--recipe select)")
+    r.add_argument("--recipe", choices=("single", "select"), default="single",
+                   help="the adapters' recipe, as `train-loras --recipe` (see its --help for the candidates and their "
+                        "cost); an adapter of the other recipe is retrained")
+    r.add_argument("--select-lrs", default="1e-3", help="--recipe select: learning rates (default 1e-3)")
+    r.add_argument("--select-points", default="225,450", help="--recipe select: checkpoints, examples seen")
+    r.add_argument("--val-size", type=int, default=100, help="validation examples held out per task (default 100)")
+    r.add_argument("--multitask-ranks", default="",
+                   help="train the multi-task LoRA baseline at these ranks after the adapters ('8,32': multitask and "
+                        "multitask-r32; default none) and evaluate it (method multitask)")
+    r.add_argument("--multitask-examples", type=int, default=None,
+                   help="training examples of each multi-task adapter in all (default 450 per task)")
+    r.add_argument("--full-ft", metavar="DIR", help="a directory of `dlp-lora train-full` records to report")
     r.add_argument("--setting", default="all", help="settings to evaluate (default all)")
     r.add_argument("--no-teacher-forced", action="store_true", help="skip the teacher-forced QA variant")
     _common(r, model_help)
@@ -172,4 +189,7 @@ def register(sub, model_help: str) -> None:
                         description="Rewrite RESULTS.md and figures/ next to RESULTS_JSON from its numbers, without "
                                     "running anything; a hand-written discussion.md in the same folder is appended.")
     rp.add_argument("results", help="a results.json written by `dlp-lora eval` or `dlp-lora reproduce`")
+    rp.add_argument("--full-ft", nargs="+", metavar="JSON",
+                    help="records of `dlp-lora train-full` (OUT/<task>.json) to add to results.json and RESULTS.md "
+                         "(the full fine-tune bound beside base and LoRA)")
     rp.set_defaults(func=cmd_report)

@@ -26,8 +26,10 @@ def cmd_train_loras(args) -> None:
         data = os.path.join(args.out, "data")
         print(f"no --data given: preparing the tasks into {data}")
         prepare(names, data, extra_data=args.extra_data)
+    selection = selection_from_args(args)
+    top = args.top_layers or ("all" if selection is not None else "10")
     cfg = TrainConfig(rank=args.rank, alpha=args.alpha, targets=parse_targets(args.targets), lr=args.lr,
-                      batch_size=args.batch_size, max_len=args.max_len, seed=args.seed, top_layers=parse_top_layers(args.top_layers),
+                      batch_size=args.batch_size, max_len=args.max_len, seed=args.seed, top_layers=parse_top_layers(top),
                       cache_bottom=args.cache_bottom)
     if args.epochs is not None:
         if args.epochs <= 0:
@@ -40,8 +42,10 @@ def cmd_train_loras(args) -> None:
         cfg.steps = max(1, math.ceil(args.examples / cfg.batch_size))
     if args.steps is not None:
         cfg.steps = args.steps
+    if selection is not None and any(x is not None for x in (args.steps, args.epochs, args.examples)):
+        raise DLPLoRAError("--recipe select trains to the last of --select-points; drop --steps / --epochs / --examples")
     lib = train_library(names, data, args.out, model=args.model, cfg=cfg, force=args.force,
-                        eval_limit=args.eval_limit, ray_address=args.ray_address)
+                        eval_limit=args.eval_limit, ray_address=args.ray_address, selection=selection)
     flagged = [n for n in names if lib.manifest["adapters"].get(n, {}).get("beats_base") is False]
     print(f"library: {os.path.abspath(args.out)} ({len(lib.names)} adapters)")
     if flagged:
@@ -49,6 +53,32 @@ def cmd_train_loras(args) -> None:
     if args.json:
         print(json.dumps({"library": os.path.abspath(args.out), "adapters": {n: lib.manifest["adapters"][n] for n in names},
                           "flagged": flagged}))
+
+
+def selection_from_args(args):
+    """The candidate set of ``--recipe select`` (None for the single recipe)."""
+    from ..train.select import Selection, parse_floats, parse_ints
+
+    if args.recipe == "single":
+        return None
+    sel = Selection(lrs=parse_floats(args.select_lrs, "--select-lrs"),
+                    points=parse_ints(args.select_points, "--select-points"), val_size=args.val_size)
+    sel.validate()
+    return sel
+
+
+RECIPE_HELP = (
+    "single (default): one run per task of the flags below (rank 8 on every linear layer of the top 10 layers, 900 "
+    "examples, lr 1e-3; 2.78 h for the 26-task library on the 2-core VM). select: per task, hold out --val-size "
+    "training examples (a seeded slice; the test split is never used), train one run per learning rate of "
+    "--select-lrs on the rest, adapters on every layer (unless --top-layers), score the validation slice at each of "
+    "--select-points examples seen (checkpoints of that one run: early stopping), keep the best (accuracy for "
+    "multiple choice, answer-token loss for generative tasks) and record every candidate's validation score and "
+    "seconds in library.json (recipe). Cost: an all-layer example costs about twice a top-10-layer one, so the "
+    "default (one lr, checkpoints at 225 and 450) trains about as long as the single recipe's 900 top-10 examples "
+    "(~2.7 h for 26 tasks), plus the validation passes (~25 s per checkpoint and task: ~0.35 h); a third checkpoint "
+    "(150,300,450) adds ~0.2 h, each extra learning rate one more run (~+2.9 h), a last point of 900 doubles every "
+    "run. docs/plans/issue28-runs.md derives these. Resumable per task and per candidate (LIB/.select/TASK).")
 
 
 def cmd_learning_curve(args) -> None:
@@ -109,9 +139,10 @@ def cmd_library_list(args) -> None:
         return
     base = lib.base_model
     print(f"base model: {base.get('name')} ({base.get('fingerprint')})")
-    for name in lib.names:
+    for name in lib.all_names:
         e = lib.entry(name)
-        print(f"  {name:42} r={e.get('rank')} {','.join(e.get('targets', []))}")
+        kind = f" [{e['special']}: never routed to]" if e.get("special") else ""
+        print(f"  {name:42} r={e.get('rank')} {','.join(e.get('targets', []))}{kind}")
         for line in (train_line(e), score_line(e) if e.get("score") is not None else ""):
             if line:
                 print(f"  {'':42} {line}")
@@ -142,9 +173,18 @@ def register(sub, model_help: str) -> None:
     t.add_argument("--max-len", type=int, default=512,
                    help="max tokens per training example; a longer prompt loses its middle (default 512: 192 cut the "
                         "middle of most TrackObj, GSM8K and QuesSel examples)")
-    t.add_argument("--top-layers", default="10", help="LoRA only in the last N decoder layers: the backward pass "
-                                                      "stops there, so CPU training is ~2x faster (default 10; "
-                                                      "'all' for every layer, as in the paper)")
+    t.add_argument("--top-layers", default=None, help="LoRA only in the last N decoder layers: the backward pass "
+                                                       "stops there, so CPU training is ~2x faster (default 10, and "
+                                                       "'all' under --recipe select; 'all' for every layer, as in the "
+                                                       "paper)")
+    t.add_argument("--recipe", choices=("single", "select"), default="single", help=RECIPE_HELP)
+    t.add_argument("--select-lrs", default="1e-3", help="--recipe select: peak learning rates, one run each "
+                                                        "(default 1e-3)")
+    t.add_argument("--select-points", default="225,450",
+                   help="--recipe select: examples seen at which each run is scored on the validation slice; the run "
+                        "ends at the last (cosine schedule to it; default 225,450)")
+    t.add_argument("--val-size", type=int, default=100, help="--recipe select: training examples held out per task "
+                                                             "for validation (default 100 of 900)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--cache-bottom", action=argparse.BooleanOptionalAction, default=True, help=CACHE_BOTTOM_HELP)
     t.add_argument("--eval-limit", type=int, default=100, help="test examples to score each adapter vs base on (0: skip)")

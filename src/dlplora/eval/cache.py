@@ -79,12 +79,18 @@ def library_signature(library) -> str:
     routing method computes for a prompt is fixed by the adapter set it chose, which is in the key (`set_tag`), and
     by the chat history (`content_tag`); so a retrained plugin recomputes only the prompts it routes differently,
     and no other method's predictions."""
+    return adapters_signature(library, library.names)
+
+
+def adapters_signature(library, names) -> str:
+    """:func:`library_signature` of the adapters `names` only (the task adapters: adding a special adapter such as
+    the multi-task baseline keeps every other method's predictions; the multi-task method's key has its own)."""
     from ..library import SCORE_FIELDS as scored  # written back by evaluations: not what the adapters compute
 
     h = hashlib.sha1()
-    adapters = {n: {k: v for k, v in e.items() if k not in scored} for n, e in library.manifest.get("adapters", {}).items()}
+    adapters = {n: {k: v for k, v in library.manifest["adapters"][n].items() if k not in scored} for n in names}
     h.update(json.dumps(adapters, sort_keys=True).encode())
-    for n in library.names:
+    for n in names:
         f = library.adapter_dir(n) / "adapter_model.safetensors"
         if f.is_file():
             st = f.stat()

@@ -23,14 +23,14 @@ from pathlib import Path
 from ..config import check_p
 from ..errors import DLPLoRAError
 from ..tasks import candidates, user_message
-from .cache import PredictionCache, cache_namespace, content_tag, library_signature, set_tag
+from .cache import PredictionCache, adapters_signature, cache_namespace, content_tag, library_signature, set_tag
 from .metrics import scoring_kind, summarise
 from .report import write_outputs
-from .runners import ARROW_IMPL, FusedRunner, PeftRunner, build_arrow_model, build_ties_model
+from .runners import ARROW_IMPL, FusedRunner, PeftRunner, build_arrow_model, build_static_merge, build_ties_model
 from .scoring import choice_predictions, gen_budget, teacher_forced_predictions
 from .settings import (MT_MCQ_REPLIES, RESULTS_FORMAT, SINGLE_METHODS, TEACHER_FORCED_METHODS, EvalConfig, build_conversations,
                        build_stream, dlp_variant, fixed_sets, setting_tasks, top_names)
-from ..stats import paired_tests
+from ..stats import paired_tests, versus
 
 
 def assistant_reply(item: dict, pred: dict, mcq_reply: str = "choice") -> str:
@@ -184,7 +184,7 @@ class _Run:
         self.engine = engine if engine is not None else DLPLoRA.from_library(self.lib.root, model=c.model, p=self.p,
                                                                              base_threshold=c.base_threshold,
                                                                              dtype=c.dtype, device=c.device,
-                                                                             quantize=c.quantize)
+                                                                             quantize=c.quantize, adapters=self.names)
         self.fused = FusedRunner(self.engine)
         self.sig = library_signature(self.lib)
         dtype = str(self.engine.model.dtype).replace("torch.", "")
@@ -212,9 +212,19 @@ class _Run:
                                                                 device=self.engine.model.device))
             except (DLPLoRAError, ValueError, RuntimeError, KeyError) as exc:
                 self.skipped["ties"] = f"could not build PEFT's TIES merge: {exc}"
+        # merge-all and the multi-task adapters: one static merge each, so they cost what the base model costs
+        merges = {"merge-all": {n: 1.0 / len(self.names) for n in self.names}} if "merge-all" in self.methods else {}
+        self.multitask = self.lib.multitask_names() if "multitask" in self.methods else []
+        if "multitask" in self.methods and not self.multitask:
+            self.skipped["multitask"] = ("the library has no multi-task adapter (train one with `dlp-lora "
+                                         "train-multitask`)")
+        merges.update({n: {n: 1.0} for n in self.multitask})
+        self.static = {m: PeftRunner(*build_static_merge(self.lib, w, model=c.model, dtype=self.engine.model.dtype,
+                                                         device=self.engine.model.device)) for m, w in merges.items()}
         for m, why in self.skipped.items():
             log(f"skipping {m}: {why}")
-        _warm_up(self.fused, [r for r in (self.arrow_runner, self.ties_runner) if r is not None], self.names)
+        _warm_up(self.fused, [r for r in (self.arrow_runner, self.ties_runner, *self.static.values()) if r is not None],
+                 self.names)
 
     def _check(self, c: EvalConfig) -> list[str]:
         """The tasks to evaluate, after checking the data, the library and the limit."""
@@ -253,7 +263,10 @@ class _Run:
                           "implementation": "peft ArrowConfig / arrow_router LoRA variant; experts mixed by "
                                             "runners._arrow_mix (equal to PEFT's forward, without its "
                                             "tokens x experts x out intermediate)"},
-                "merge_all": f"every row uses all {len(names)} adapters with weight 1/{len(names)}",
+                "merge_all": f"all {len(names)} adapters at weight 1/{len(names)}, merged into the weights once",
+                "multitask": {n: {k: self.lib.entry(n).get(k) for k in ("rank", "top_layers", "steps", "examples_seen",
+                                                                         "n_train", "train_seconds")}
+                              for n in getattr(self, "multitask", [])},
                 "ties": {"density": c.ties_density, "weights": 1.0,
                          "implementation": "peft add_weighted_adapter(combination_type='ties'), merged"},
                 "command": c.command, "library_signature": self.sig, "p_sweep": self.p_sweep,
@@ -267,6 +280,8 @@ class _Run:
                 continue
             if m == "dlp":
                 out += [(dlp_variant(w), "dlp", w) for w in self.weightings]
+            elif m == "multitask":
+                out += [(n, "multitask", None) for n in self.multitask]
             else:
                 out.append((m, m, None))
         return out
@@ -275,7 +290,11 @@ class _Run:
         """The router's sets for `texts` at top-p `p` with `weighting` (top-p selection: no top-k)."""
         return self.engine.route(texts, routing=self.engine.routing.replace(p=p, weighting=weighting, top_k=None))
 
-    def _runner_and_sig(self, method: str):
+    def _runner_and_sig(self, method: str, name: str):
+        if method == "multitask":
+            return self.static[name], f"{adapters_signature(self.lib, [name])}-static"
+        if method == "merge-all":
+            return self.static[method], f"{self.sig}-static"
         if method == "arrow":
             return self.arrow_runner, (f"{self.sig}-k{min(self.config.arrow_top_k, len(self.names))}s{self.config.seed}"
                                        f"-{ARROW_IMPL}")
@@ -320,12 +339,16 @@ class _Run:
             better = sum(r["better"] for r in s_res["paired"].values())
             self.log(f"  LoRA significantly better than base (paired test, 95%) on {better} of "
                      f"{len(s_res['paired'])} tasks")
+        for mt in (n for n in self.multitask if n in ms):  # DLP-LoRA and the oracle against each multi-task adapter
+            s_res.setdefault("versus_multitask", {})[mt] = {m: versus(ms[m], ms[mt]) for m in ("dlp", "lora") if m in ms}
+            for m, v in s_res["versus_multitask"][mt].items():
+                self.log(f"  {m} - {mt}: {v['diff']:+.2f} (paired 95% interval {v['ci']})")
         return s_res
 
     def stream(self, name, method, weighting, stream, tasks, desc) -> dict:
         """One method over a stream of single-turn items."""
         c = self.config
-        runner, sig = self._runner_and_sig(method)
+        runner, sig = self._runner_and_sig(method, name)
         t0 = time.perf_counter()
         route_log = None
         if method == "dlp":
@@ -347,7 +370,7 @@ class _Run:
         """Turn by turn over all conversations: each turn's history is the earlier turns with this method's own
         answers; the router reads engine.routing_text(turn, history, route_window)."""
         c, engine = self.config, self.engine
-        runner, sig = self._runner_and_sig(method)
+        runner, sig = self._runner_and_sig(method, name)
         all_items, all_preds, all_sets, route_log = [], [], [], []
         histories = [[] for _ in convs]
         route_s = 0.0
@@ -366,7 +389,7 @@ class _Run:
                 sets = self._dlp_sets(texts, self.p, weighting)
                 route_log += top_names(sets)
             else:
-                sets = fixed_sets(method, items, engine.names)
+                sets = fixed_sets(method, items, self.names)
             route_s += time.perf_counter() - t0
             # the last turn's reply goes into no history: a multiple-choice turn then needs no generation
             choice_gen = c.mcq_exact_match or (c.mt_mcq_reply == "generated" and t < turns - 1)
@@ -418,7 +441,7 @@ class _Run:
         stream = build_stream(self.examples, s_tasks, seed=c.seed)
         texts = [user_message(it["ex"]) for it in stream]
         log(f"== p sweep on {setting}: p in {', '.join(f'{x:g}' for x in self.p_sweep)}")
-        lora_sets = fixed_sets("lora", stream, self.engine.names)
+        lora_sets = fixed_sets("lora", stream, self.names)
         preds = run_method_items(self.fused, "lora", stream, lora_sets, self.cache, self.sig, batch_size=c.batch_size,
                                  progress=c.progress, desc="p sweep lora", choice_gen=c.mcq_exact_match)
         lora = summarise(s_tasks, stream, preds, lora_sets, 0.0)

@@ -18,6 +18,7 @@ from .. import stats
 from . import paper
 from .settings import METHOD_LABELS
 from .tables import ci_text, fmt, fmt_ci, method_order, p_sweep_lines, setting_lines, short
+from .versus import full_ft_lines, load_full_ft, multitask_lines
 
 # The paper's headline claims, as the project brief and the paper's abstract (arXiv 2410.01497v2) state them. Its
 # per-task numbers (Qwen-2 1.5B) are in :mod:`.paper`; the per-task tables set them beside ours.
@@ -63,6 +64,12 @@ def _claims_lines(results: dict) -> list[str]:
             gain = d["mean"] - b["mean"]
             rows.append((f"DLP-LoRA mean minus base mean, `{setting}` (points)", "> 0 (gains over base)",
                          f"{gain:+.2f}{ci_text(_gap_ci(d, b), signed=True)}", gain > 0))
+        for mt, vs in ((st.get(setting) or {}).get("versus_multitask") or {}).items():
+            if "dlp" in vs:  # issue 28's stretch goal: routing ahead of one adapter trained on every task
+                ci = vs["dlp"].get("ci")
+                rows.append((f"DLP-LoRA mean minus {mt} (one LoRA on every task) mean, `{setting}` (points)",
+                             "> 0, interval above 0 (not a paper claim: issue 28)",
+                             f"{vs['dlp']['diff']:+.2f}{ci_text(ci, signed=True)}", bool(ci and ci[0] > 0)))
     d17 = m("composite-17", "dlp")
     if d17:
         rows.append(("mean accuracy, multiple-choice tasks, `composite-17` (%)",
@@ -145,7 +152,7 @@ def format_results_md(results: dict, preamble: str = "") -> str:
     """RESULTS.md: the run's configuration, the paper's claims beside ours, the summary, one section per setting,
     the effect of p, and where the predictions are cached."""
     lines = (_header_lines(results, preamble) + _claims_lines(results) + _paper_composite_lines(results)
-             + _summary_lines(results))
+             + _summary_lines(results) + multitask_lines(results) + full_ft_lines(results))
     for sname, s, ms, order in _evaluated_settings(results):
         lines += setting_lines(sname, s, ms, order, (results.get("figures") or {}).get(sname))
     lines += p_sweep_lines(results.get("p_sweep"))
@@ -333,8 +340,9 @@ def write_outputs(results: dict, out: str | os.PathLike, preamble: str = "") -> 
     atomic_write_text(out / "RESULTS.md", md)
 
 
-def rewrite_report(results_json: str | os.PathLike) -> Path:
-    """Rewrite RESULTS.md and the figures next to a results.json (e.g. after editing discussion.md)."""
+def rewrite_report(results_json: str | os.PathLike, full_ft=()) -> Path:
+    """Rewrite RESULTS.md and the figures next to a results.json (e.g. after editing discussion.md); `full_ft`:
+    `dlp-lora train-full` records (JSON files) to add to its ``full_finetune`` (and to RESULTS.md)."""
     path = Path(results_json)
     try:
         results = json.loads(path.read_text())
@@ -344,5 +352,7 @@ def rewrite_report(results_json: str | os.PathLike) -> Path:
         raise DLPLoRAError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(results, dict) or "settings" not in results:
         raise DLPLoRAError(f"{path} is not a results.json written by `dlp-lora eval`")
+    if full_ft:
+        results["full_finetune"] = {**(results.get("full_finetune") or {}), **load_full_ft(full_ft)}
     write_outputs(results, path.parent, preamble=results.get("preamble", ""))
     return path.parent / "RESULTS.md"

@@ -160,3 +160,32 @@ def build_ties_model(library, model=None, density: float = 0.2, combination: str
     merged = pm.merge_and_unload(adapter_names=["static_merge"])
     merged.eval()
     return merged, tok
+
+
+@torch.no_grad()
+def build_static_merge(library, weights: dict[str, float], model=None, dtype=None, device=None):
+    """One static merge: a fresh copy of the library's backbone whose linear weights hold ``W + sum_k w_k s_k B_k A_k``
+    for the adapters of `weights` ({name: w}). What merge-all computes (every task adapter at 1/N) and what one
+    adapter computes (the multi-task baseline at 1), merged once, so a forward pass costs what the base model's does.
+    Summed in float32, then cast to the model's dtype. Returns (model, tokenizer)."""
+    from ..adapters import load_peft_adapter
+    from ..backbone import load_backbone
+
+    where = model
+    if where is None:
+        base_path = library.base_model.get("path")
+        where = base_path if base_path and Path(base_path).is_dir() else None
+    net, tok, _ = load_backbone(where, dtype=dtype, device=device)
+    deltas: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        for module, (a, b, scale) in load_peft_adapter(library.adapter_dir(name), name).layers.items():
+            d = (b @ a) * (w * scale)
+            deltas[module] = deltas[module] + d if module in deltas else d
+    for module, d in deltas.items():
+        try:
+            lin = net.get_submodule(module)
+        except AttributeError:
+            raise DLPLoRAError(f"an adapter targets {module}, which the backbone does not have") from None
+        lin.weight.copy_((lin.weight.float() + d.to(lin.weight.device)).to(lin.weight.dtype))
+    net.eval()
+    return net, tok

@@ -7,8 +7,10 @@ tasks; routing methods re-decide at every turn with the history as context).
 
 Methods: base (no adapter), lora (oracle: the true task's adapter), dlp (the plugin, top-p, with the
 paper's softmax weighting = "dlp" and the renormalised one = "dlp-renorm"), arrow (PEFT's training-free
-Arrow routing over the same adapters), merge-all (one static uniform merge of every adapter), ties (PEFT's
-``add_weighted_adapter(combination_type="ties", density=0.2)`` over every adapter, merged into the weights).
+Arrow routing over the same adapters), merge-all (one static uniform merge of every adapter, merged into the weights
+once), ties (PEFT's ``add_weighted_adapter(combination_type="ties", density=0.2)`` over every adapter, merged into the
+weights), multitask (each multi-task adapter of the library, ``dlp-lora train-multitask``, merged into the weights;
+reported under the adapter's name, e.g. "multitask" and "multitask-r32").
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ from ..errors import DLPLoRAError
 from ..tasks import TASKS
 
 SETTINGS = ("single", "composite-17", "composite-9", "composite-26", "multiturn")
-METHODS = ("base", "lora", "dlp", "arrow", "merge-all", "ties")
-SINGLE_METHODS = ("base", "lora")
+METHODS = ("base", "lora", "dlp", "arrow", "merge-all", "ties", "multitask")
+SINGLE_METHODS = ("base", "lora", "multitask")  # the methods that need no routing; multitask: issue 28
 MT_MCQ_REPLIES = ("choice", "generated")  # EvalConfig.mt_mcq_reply
 # The teacher-forced variant (EvalConfig.teacher_forced) scores the paper's code's way, for the paper's own methods
 # only: it is a secondary figure, and it costs about a fifth of a method's compute (262 of the base model's
 # 1,424 s on the full composite-26 stream), which the three baselines would pay again for a figure nobody compares.
 TEACHER_FORCED_METHODS = ("base", "lora", "dlp")
 METHOD_LABELS = {"base": "Base", "lora": "LoRA (oracle)", "dlp": "DLP-LoRA", "dlp-renorm": "DLP-LoRA (renorm)",
-                 "arrow": "Arrow (PEFT)", "merge-all": "Merge-all", "ties": "TIES merge (PEFT)"}
+                 "arrow": "Arrow (PEFT)", "merge-all": "Merge-all", "ties": "TIES merge (PEFT)",
+                 "multitask": "Multi-task LoRA"}
 RESULTS_FORMAT = 2  # 2: per-example scores, bootstrap intervals ("ci", "mean_ci") and paired tests ("paired")
 
 
@@ -146,7 +149,8 @@ def build_conversations(examples_by_task: dict[str, list[dict]], tasks: list[str
 
 def fixed_sets(method: str, items: list[dict], names: list[str]) -> list[dict]:
     """The adapter sets of the methods that do not route: lora (the item's own task), merge-all (every adapter,
-    uniform), base, arrow and ties (none: Arrow routes inside its model, TIES is merged into its weights)."""
+    uniform: merged into its model's weights, the set is what it holds), base, arrow, ties and multitask (none: Arrow
+    routes inside its model, TIES and the multi-task adapter are merged into their weights)."""
     if method == "lora":
         return [{it["task"]: 1.0} for it in items]
     if method == "merge-all":

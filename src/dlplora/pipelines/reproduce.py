@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DEFAULT_P
+from ..errors import DLPLoRAError
 from . import ensure_plugin
 
 
@@ -49,6 +50,22 @@ class ReproduceConfig:
     mcq_exact_match: bool = field(default=False, metadata={"help": "also the generated answers' exact match (MCQ)"})
     mt_mcq_reply: str = field(default="choice", metadata={
         "help": "multiturn: a multiple-choice turn's reply in the history, 'choice' or 'generated' (EvalConfig)"})
+    recipe: str = field(default="single", metadata={"help": "single (one run per task) or select (validation-chosen; "
+                                                           "train-loras --recipe)"})
+    select_lrs: str = field(default="1e-3", metadata={"help": "--recipe select: learning rates, one run each"})
+    select_points: str = field(default="225,450", metadata={"help": "--recipe select: checkpoints (examples)"})
+    val_size: int = field(default=100, metadata={"help": "--recipe select: validation examples held out per task"})
+    multitask_ranks: str = field(default="", metadata={
+        "help": "ranks of the multi-task LoRA baselines to train ('8,32': multitask, multitask-r32); '' for none"})
+    multitask_examples: int | None = field(default=None, metadata={
+        "help": "training examples of each multi-task adapter in all (None: 450 per task)"})
+    full_ft: str | None = field(default=None, metadata={
+        "help": "a directory of `dlp-lora train-full` records (TASK.json) to report beside base and LoRA"})
+
+
+def multitask_name(rank: int, task_rank: int) -> str:
+    """The multi-task adapter of `rank`: "multitask" at the task adapters' rank, else "multitask-r<rank>"."""
+    return "multitask" if rank == task_rank else f"multitask-r{rank}"
 
 
 def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields) -> dict:
@@ -59,6 +76,8 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
     from ..library import Library, training_seconds
     from ..tasks import TASKS, format_summary, is_prepared, parse_tasks, prepare
     from ..train import TrainConfig, train_library
+    from ..train.multitask import train_multitask
+    from ..train.select import Selection, parse_floats, parse_ints
 
     c = config if config is not None else ReproduceConfig(**fields)
     out, work, extra_data, tasks, limit, steps, model = c.out, c.work, c.extra_data, c.tasks, c.limit, c.steps, c.model
@@ -89,9 +108,20 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
     if steps is not None:
         cfg.steps = steps
     steps = cfg.steps
-    log(f"== 2/4 adapters: {steps} steps each -> {lib_dir}")
+    selection = None
+    if c.recipe == "select":
+        selection = Selection(lrs=parse_floats(c.select_lrs, "--select-lrs"),
+                              points=parse_ints(c.select_points, "--select-points"), val_size=c.val_size)
+        steps = max(1, -(-max(selection.points) // cfg.batch_size))
+    elif c.recipe != "single":
+        raise DLPLoRAError(f"--recipe must be single or select, got {c.recipe!r}")
+    log(f"== 2/4 adapters ({c.recipe} recipe): {steps} steps each -> {lib_dir}")
     t = time.time()
-    train_library(names, data_dir, lib_dir, model=model, cfg=cfg, eval_limit=0, log=log)
+    train_library(names, data_dir, lib_dir, model=model, cfg=cfg, eval_limit=0, log=log, selection=selection)
+    for rank in parse_ints(c.multitask_ranks or "", "--multitask-ranks"):
+        mt = TrainConfig(top_layers=top_layers, rank=rank, alpha=2.0 * rank, targets=cfg.targets, lr=cfg.lr)
+        train_multitask(lib_dir, data_dir, cfg=mt, name=multitask_name(rank, c.rank), tasks=names,
+                        examples=c.multitask_examples, val_size=c.val_size, model=model, log=log)
     lib = Library.open(lib_dir)
     stages["adapters"] = round(time.time() - t, 1)
 
@@ -113,7 +143,8 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
                             "train_config": cfg.to_dict(),
                             "work": str(work.resolve()), "tasks": names,
                             "missing_from_26": [n for n in TASKS if n not in names]}
-    recorded = {"adapters_training_seconds": round(training_seconds(lib.manifest["adapters"]), 1)}
+    recorded = {"adapters_training_seconds": round(training_seconds({n: lib.entry(n) for n in lib.names}), 1),
+                "multitask_training_seconds": {n: lib.entry(n).get("wall_seconds") for n in lib.special_names}}
     plug_report = (results.get("config", {}).get("plugin") or {}).get("report") or {}
     if plug_report.get("train_seconds") is not None:
         recorded["plugin_training_seconds"] = plug_report["train_seconds"]
@@ -123,9 +154,24 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
     results["reproduce"]["adapters"] = {n: {k: e[k] for k in keep if k in e} for n, e in lib.manifest["adapters"].items()
                                         if n in names}
     results["reproduce"]["recorded_seconds"] = recorded
-    pre = (f"Produced by `dlp-lora reproduce` ({len(names)} tasks, {steps} training steps of {cfg.batch_size} examples "
-           f"per adapter (rank {cfg.rank} on {', '.join(cfg.targets)} of the top {cfg.top_layers or 'all'} layers, "
-           f"peak learning rate {cfg.lr:g}), "
+    results["reproduce"]["hours"] = {"library": round(recorded["adapters_training_seconds"] / 3600, 3),
+                                     "multitask": {n: round(float(s or 0) / 3600, 3)
+                                                   for n, s in recorded["multitask_training_seconds"].items()},
+                                     "grid": round(recorded["evaluation_compute_seconds"] / 3600, 3),
+                                     "budget": {"library": 3.0, "grid": 3.0}}
+    results["reproduce"]["recipe"] = {"preset": c.recipe, **(selection.to_dict() if selection else {})}
+    if c.full_ft:
+        from ..eval.versus import load_full_ft
+
+        results["full_finetune"] = load_full_ft(sorted(Path(c.full_ft).glob("*.json")))
+    recipe = (f"{steps} training steps of {cfg.batch_size} examples per adapter (rank {cfg.rank} on "
+              f"{', '.join(cfg.targets)} of the top {cfg.top_layers or 'all'} layers, peak learning rate {cfg.lr:g})"
+              if selection is None else
+              f"adapters chosen per task on {selection.val_size} held-out training examples among learning rates "
+              f"{', '.join(f'{x:g}' for x in selection.lrs)} and checkpoints at "
+              f"{', '.join(str(x) for x in selection.points)} examples (rank {cfg.rank} on {', '.join(cfg.targets)} of "
+              f"the top {cfg.top_layers or 'all'} layers; library.json records each choice)")
+    pre = (f"Produced by `dlp-lora reproduce` ({len(names)} tasks, {recipe}, "
            f"{'all' if not limit else limit} test examples per task). This invocation's stages took "
            + ", ".join(f"{k} {v:.0f}s" for k, v in stages.items())
            + f" (finished stages are reused); the library records {recorded['adapters_training_seconds'] / 60:.1f} min "

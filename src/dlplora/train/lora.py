@@ -216,23 +216,33 @@ def train_step(peft_model, batch: list[tuple[list[int], int]], pad_id: int, cfg:
     return loss.item(), int(mask.sum()), len(tgt)
 
 
-def train_adapter(peft_model, tokenizer, examples: list[dict], cfg: TrainConfig, desc: str = "train",
-                  progress: bool = True) -> TrainResult:
-    """Train the active LoRA of `peft_model` on `examples` for cfg.steps optimizer steps."""
-    from tqdm.auto import tqdm
+def cosine_schedule(opt, steps: int):
+    """The library's schedule: linear warm-up over a tenth of the steps, then a cosine down to 5% of the peak."""
+    warmup = max(1, steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 0.5 * (1 + math.cos(math.pi * s / steps))))
 
+
+def training_setup(model, tokenizer, examples: list[dict], cfg: TrainConfig, steps: int, desc: str):
+    """What a training run starts from: seeded RNGs, the encoded examples and their lengths, the trainable
+    parameters, AdamW and the cosine schedule over `steps`. Returns (rng, encoded, lengths, params, opt, sched)."""
     if not examples:
         raise DLPLoRAError(f"{desc}: no training examples")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     encoded = [encode_example(tokenizer, ex, cfg.max_len, cfg.max_answer_tokens) for ex in examples]
-    lengths = [len(ids) for ids, _ in encoded]
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    prefix = bottom_cache(peft_model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    warmup = max(1, cfg.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 0.5 * (1 + math.cos(math.pi * s / cfg.steps))))
+    return rng, encoded, [len(ids) for ids, _ in encoded], params, opt, cosine_schedule(opt, steps)
+
+
+def train_adapter(peft_model, tokenizer, examples: list[dict], cfg: TrainConfig, desc: str = "train",
+                  progress: bool = True) -> TrainResult:
+    """Train the active LoRA of `peft_model` on `examples` for cfg.steps optimizer steps."""
+    from tqdm.auto import tqdm
+
+    rng, encoded, lengths, params, opt, sched = training_setup(peft_model, tokenizer, examples, cfg, cfg.steps, desc)
+    prefix = bottom_cache(peft_model, cfg)
     peft_model.train()
     batches: list[list[int]] = []
     tokens = target_tokens = 0
