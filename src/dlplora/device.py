@@ -6,9 +6,9 @@ that computes it natively (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo); fp
 on an AVX2-only CPU bf16 matrix products are emulated and several times slower than fp32.
 
 ``auto`` quantisation (:func:`auto_quantize_name`, the default of ``generate``, ``chat`` and ``serve``): int8 weights
-with fp32 activations (fbgemm) on any x86 CPU with AVX2, bf16-native or not: fp32 activations run at full speed on
-every such CPU, and on the measured machines int8 was the fastest or within 10% of the fastest configuration at batch
-1, for 32 distinct mixes, and in prefill (BENCHMARKS.md, "Defaults"). No quantisation on CUDA, on other CPUs
+with fp32 activations (fbgemm) on any x86 CPU with AVX2, bf16-native or not: fp32 activations avoid the bf16 that
+AVX2-only CPUs emulate, and on the measured `avx2 avx512_bf16` machine int8 was the fastest configuration without
+compile for 32 distinct mixes and in prefill, and within 10% of int4 at batch 1 (BENCHMARKS.md, decode table). No quantisation on CUDA, on other CPUs
 (fbgemm is x86's), or when ``--dtype`` names a precision.
 """
 
