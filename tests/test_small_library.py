@@ -24,7 +24,7 @@ def test_readme_two_adapter_flow_train_loras_then_train_plugin(tiny_model, tiny_
     out = capsys.readouterr().out
     report = json.loads(out.strip().splitlines()[-1])
     assert report["tasks"] == 2 and "leave_out" not in report
-    assert "leave-tasks-out skipped: with 2 adapters" in out
+    assert "leave-tasks-out skipped: with 2 prepared tasks" in out
     assert (lib / "plugin" / "plugin.json").is_file()
     assert cli.main(["route", "--library", str(lib), "--json", "Which option is right?"]) == 0
 
