@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-import torch
-
 from .errors import DLPLoRAError
 
 log = logging.getLogger("dlplora.library")
@@ -175,6 +173,7 @@ def lora_pairs(items: Mapping[str, object], where: str) -> dict[str, dict[str, o
 
 
 def _read_weights(cfg: AdapterConfig, shapes_only: bool) -> dict:
+    import torch
     from safetensors import safe_open
 
     out = {}
@@ -257,6 +256,7 @@ def validate_adapter(path: str | os.PathLike, model=None, base: dict | None = No
     """Check that a PEFT LoRA fits the base model `model` (a path or hub id; None = the embedded one): same base
     (when recorded), targets present, A [r, in] and B [out, r] shapes that match the model's layers and the
     configured rank. Returns the manifest fields {rank, alpha, targets, use_rslora}."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from .backbone import load_config

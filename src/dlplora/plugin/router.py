@@ -20,8 +20,9 @@ import numpy as np
 from ..config import DEFAULT_P, check_base_threshold, check_selection_args
 from ..errors import DLPLoRAError
 from ..paths import read_json
-from .encoders import encoder_from_config
+from .encoders import HashedEncoder, encoder_from_config
 from .model import FORMAT, FORMATS, build_net, check_texts, foreign_score
+from .numpy_net import NumpyRouterNet, WeightsError, softmax
 
 CONFIG_FILE = "plugin.json"
 # "mahalanobis": the score is the squared Mahalanobis distance to the nearest adapter's prompts; "mahalanobis+logistic":
@@ -137,11 +138,41 @@ class Plugin:
     trained on prompts of other tasks) the network has one output more than there are adapters;
     :meth:`probs` gives the adapters' probabilities renormalised without it."""
 
-    def __init__(self, net, labels: list[str], encoder, config: dict):
-        self.net = net
+    def __init__(self, net, labels: list[str], encoder, config: dict, fast=None):
+        """`net`: the torch ``RouterNet`` (None: built from `fast`'s arrays on first use of :attr:`net`); `fast`:
+        a :class:`.numpy_net.NumpyRouterNet` that routes without torch while the torch network is not built."""
+        self._net = net
+        self._fast = fast
         self.labels = list(labels)
         self.encoder = encoder
         self.config = config
+
+    @property
+    def net(self):
+        """The torch network (training, the detector's statistics, the non-hashed encoders). A plugin loaded with
+        the hashed encoder routes in NumPy (:mod:`.numpy_net`) and builds this only when asked; from then on it
+        routes with this network, so changes made to it are what routing sees."""
+        if self._net is None:
+            import torch
+
+            state = {k: torch.from_numpy(v.copy()) for k, v in self._fast.state.items()}
+            self._net = self._build_torch(self.encoder, self.config, self.labels, state)
+        return self._net
+
+    @net.setter
+    def net(self, value):
+        self._net = value
+
+    @staticmethod
+    def _build_torch(encoder, cfg: dict, labels, state):
+        m = cfg["model"]
+        n_out = len(labels) + (1 if cfg.get("none_class") else 0)
+        detector = len(labels) if cfg.get("base_detector") in DETECTORS else 0
+        net = build_net(encoder, m["hidden"], n_out, float(m.get("dropout", 0.0)), emb_weight=state.get("emb.weight"),
+                        detector_classes=detector)
+        net.load_state_dict(state, assign=True)
+        net.eval()
+        return net
 
     # ------------------------------------------------------------ facts
     @property
@@ -150,7 +181,9 @@ class Plugin:
 
     @property
     def params(self) -> int:
-        return sum(p.numel() for p in self.net.parameters())
+        if self._net is None:
+            return self._fast.n_params
+        return sum(p.numel() for p in self._net.parameters())
 
     @property
     def default_p(self) -> float:
@@ -199,8 +232,6 @@ class Plugin:
         refuse a plugin trained for other adapters; with `partial`, only one that knows none of them, and warn once
         (:func:`stale_note`) when it knows others: the adapters it does not know are served pinned only, and its
         labels the library lost are never chosen (:func:`without`)."""
-        from safetensors.torch import load_file
-
         d = Path(directory)
         cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
         if not cfg_path.is_file() or not w_path.is_file():
@@ -225,20 +256,25 @@ class Plugin:
                                                 f"adapters no longer in the library: {', '.join(gone)}" if gone else "") if x)
                 raise DLPLoRAError(f"the plugin at {d} was trained for {len(labels)} other adapters than the library's "
                                    f"{len(expected)} ({why}); {RETRAIN_HINT}")
-        m = cfg["model"]
         try:
             encoder = encoder_from_config(cfg)
-            state = load_file(str(w_path))
-            n_out = len(labels) + (1 if cfg.get("none_class") else 0)
-            detector = len(labels) if cfg.get("base_detector") in DETECTORS else 0
-            net = build_net(encoder, m["hidden"], n_out, float(m.get("dropout", 0.0)), emb_weight=state.get("emb.weight"),
-                            detector_classes=detector)
-            net.load_state_dict(state, assign=True)
-        except DLPLoRAError:
-            raise
+            if isinstance(encoder, HashedEncoder):  # routes in NumPy: no torch import (numpy_net.py)
+                from safetensors.numpy import load_file as load_arrays
+
+                n_out = len(labels) + (1 if cfg.get("none_class") else 0)
+                detector = len(labels) if cfg.get("base_detector") in DETECTORS else 0
+                fast = NumpyRouterNet(load_arrays(str(w_path)), cfg["model"]["hidden"], n_out,
+                                      len(encoder.tokenizer.slots), detector)
+                return cls(None, labels, encoder, cfg, fast=fast)
+            from safetensors.torch import load_file
+
+            net = cls._build_torch(encoder, cfg, labels, load_file(str(w_path)))
+        except DLPLoRAError as exc:
+            if not isinstance(exc, WeightsError):
+                raise
+            raise DLPLoRAError(f"{w_path} does not hold this plugin's weights ({exc}); {RETRAIN_HINT}") from exc
         except Exception as exc:  # a truncated file, a foreign state dict
             raise DLPLoRAError(f"{w_path} does not hold this plugin's weights ({exc}); {RETRAIN_HINT}") from exc
-        net.eval()
         return cls(net, labels, encoder, cfg)
 
     # ------------------------------------------------------------ inference
@@ -250,17 +286,24 @@ class Plugin:
                raw: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(:meth:`full_probs`, the base detector's score per text -- with `raw`, the Mahalanobis distance it
         reads -- or None without a detector or with `distances` false)."""
-        import torch
-
         texts = check_texts(texts)
         n_out = len(self.labels) + (1 if self.none_class else 0)
         probs, dists = [np.zeros((0, n_out), dtype=np.float32)], [np.zeros(0, dtype=np.float32)]
-        with torch.inference_mode():
+        if self._net is None:  # NumPy (a loaded hashed plugin whose torch network was never asked for)
             for b in range(0, len(texts), batch):
-                logits, h = self.net.features(self.encoder.encode(texts[b: b + batch]))
-                probs.append(torch.softmax(logits.float(), dim=-1).numpy())
+                logits, h = self._fast.features(self.encoder.encode(texts[b: b + batch]))
+                probs.append(softmax(logits))
                 if distances and self.has_detector:
-                    dists.append(self.net.distance(h.float()).numpy())
+                    dists.append(self._fast.distance(h))
+        else:
+            import torch
+
+            with torch.inference_mode():
+                for b in range(0, len(texts), batch):
+                    logits, h = self._net.features(self.encoder.encode(texts[b: b + batch]))
+                    probs.append(torch.softmax(logits.float(), dim=-1).numpy())
+                    if distances and self.has_detector:
+                        dists.append(self._net.distance(h.float()).numpy())
         if not (distances and self.has_detector):
             return np.concatenate(probs), None
         full, dist = np.concatenate(probs), np.concatenate(dists)
