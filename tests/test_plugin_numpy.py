@@ -40,6 +40,7 @@ def test_erf_matches_math_erf():
 def test_numpy_forward_equals_torch_forward(saved):
     d, texts = saved
     fast, slow = Plugin.load(d), Plugin.load(d)
+    fast.backend = "numpy"  # this process holds torch, where "auto" routes with the torch network
     assert fast._net is None and slow.net is not None and slow._net is not None  # `.net` builds the torch network
     assert fast.params == slow.params > 0
     assert fast.has_detector and fast.config["base_detector"] == "mahalanobis+logistic"
@@ -51,11 +52,14 @@ def test_numpy_forward_equals_torch_forward(saved):
         assert (a.names, a.indices, bool(a.base_reason)) == (b.names, b.indices, bool(b.base_reason))
         assert np.allclose(a.weights, b.weights, atol=1e-5) and np.allclose(a.probs, b.probs, atol=2e-6)
     assert fast._net is None  # routing never built it
+    auto = Plugin.load(d)
+    assert not auto._use_numpy() and auto.route(texts[:2])[0].names == slow.route(texts[:2])[0].names  # torch here
 
 
 def test_materialised_net_is_what_routing_reads_from_then_on(saved):
     d, texts = saved
     p = Plugin.load(d)
+    p.backend = "numpy"
     before = p.full_probs(texts[:3])
     import torch
 

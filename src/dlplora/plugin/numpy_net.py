@@ -112,9 +112,9 @@ class NumpyRouterNet:
 
     def distance(self, h: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each feature row to the nearest adapter's mean."""
-        d = h[:, None, :].astype(np.float64) - self.state["ood_means"][None].astype(np.float64)
-        q = np.einsum("nkd,de,nke->nk", d, self.state["ood_precision"].astype(np.float64), d)
-        return q.min(axis=1).astype(np.float32)
+        d = h[:, None, :] - self.state["ood_means"][None]  # [n, k, d]
+        q = np.einsum("nkd,nkd->nk", d @ self.state["ood_precision"], d)  # the product through BLAS
+        return q.min(axis=1)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -143,9 +144,19 @@ class Plugin:
         a :class:`.numpy_net.NumpyRouterNet` that routes without torch while the torch network is not built."""
         self._net = net
         self._fast = fast
+        self.backend = "auto"  # "auto" | "numpy" | "torch": see _use_numpy
         self.labels = list(labels)
         self.encoder = encoder
         self.config = config
+
+    def _use_numpy(self) -> bool:
+        """Route in NumPy: a loaded hashed plugin whose torch network was never built, while torch is not imported
+        (`backend` "auto"; "numpy" forces it where it can). Once a process holds torch anyway (the engine, the
+        server), its network is as cheap to build and runs on torch's thread settings, which OpenBLAS's threads
+        on a busy machine are not."""
+        if self._fast is None or self._net is not None or self.backend == "torch":
+            return False
+        return self.backend == "numpy" or "torch" not in sys.modules
 
     @property
     def net(self):
@@ -289,7 +300,7 @@ class Plugin:
         texts = check_texts(texts)
         n_out = len(self.labels) + (1 if self.none_class else 0)
         probs, dists = [np.zeros((0, n_out), dtype=np.float32)], [np.zeros(0, dtype=np.float32)]
-        if self._net is None:  # NumPy (a loaded hashed plugin whose torch network was never asked for)
+        if self._use_numpy():
             for b in range(0, len(texts), batch):
                 logits, h = self._fast.features(self.encoder.encode(texts[b: b + batch]))
                 probs.append(softmax(logits))
@@ -298,12 +309,13 @@ class Plugin:
         else:
             import torch
 
+            net = self.net  # built from the arrays on first use
             with torch.inference_mode():
                 for b in range(0, len(texts), batch):
-                    logits, h = self._net.features(self.encoder.encode(texts[b: b + batch]))
+                    logits, h = net.features(self.encoder.encode(texts[b: b + batch]))
                     probs.append(torch.softmax(logits.float(), dim=-1).numpy())
                     if distances and self.has_detector:
-                        dists.append(self._net.distance(h.float()).numpy())
+                        dists.append(net.distance(h.float()).numpy())
         if not (distances and self.has_detector):
             return np.concatenate(probs), None
         full, dist = np.concatenate(probs), np.concatenate(dists)
