@@ -156,16 +156,19 @@ def test_bench_serve_against_a_subprocess_server_on_a_tiny_model(tiny_model, cap
     levels = {row["concurrency"]: row for row in res["levels"]}
     assert set(levels) == {1, 3}
     for c, row in levels.items():
-        s, off = row["server"], row["offline"]
+        s, off, cont = row["server"], row["offline"], row["offline_continuous"]
         assert s["completed"] == 10 and 0 < s["streamed"] < 10 and row["routing_mismatches"] == 0
-        assert 0 < s["output_tokens"] <= 10 * 4 and s["output_tokens"] == off["output_tokens"]
+        assert 0 < s["output_tokens"] <= 10 * 4 and s["output_tokens"] == off["output_tokens"] == cont["output_tokens"]
+        assert row["continuous_mismatches"] == 0 and cont["failed"] == 0  # the scheduler offline: the same texts
         assert s["output_tok_s"] == pytest.approx(s["output_tokens"] / s["duration_s"], rel=0.01)
         for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
             st = s[m]
             assert 0 <= st["p50"] <= st["p90"] <= st["p99"] and st["mean"] > 0, (m, st)
         assert s["e2el_ms"]["p99"] >= s["ttft_ms"]["p50"]
-        assert row["server_vs_offline"] == pytest.approx(s["output_tok_s"] / off["output_tok_s"], abs=0.002)
+        assert row["server_vs_offline"] == pytest.approx(s["output_tok_s"] / cont["output_tok_s"], abs=0.002)
+        assert row["server_vs_offline_static"] == pytest.approx(s["output_tok_s"] / off["output_tok_s"], abs=0.002)
     assert res["server_vs_offline"] == levels[3]["server_vs_offline"]
+    assert res["server_vs_offline_static"] == levels[3]["server_vs_offline_static"]
 
 
 FAKE_CONVERTER = ("import argparse, sys\n"

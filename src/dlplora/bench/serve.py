@@ -17,13 +17,14 @@ At each ``--max-concurrency`` level (arrivals all at once, or ``--request-rate``
 vLLM's metrics (TTFT, TPOT, ITL, E2EL: mean / p50 / p90 / p99 ms; TTFT, ITL and TPOT from the streamed requests),
 output tokens/s, requests/s, failed requests. Each level runs its contenders one after another, each alone on the
 machine (our server is started for the level and stopped after it): first the server, then the same requests offline
-through the engine (``DLPLoRA.generate``, batches of the level's concurrency holding prompts of similar lengths, the
-same sets, routed rows routed by the same plugin, the same precision): ``server_vs_offline`` = served output tok/s /
-offline output tok/s, and every served response is compared with its offline text (``mismatches``, with examples).
+in this process (:mod:`dlplora.bench.offline`), statically (``DLPLoRA.generate`` in batches of the level's
+concurrency; its texts are the reference: ``mismatches``, with examples) and continuously (the server's scheduler with
+the level's concurrency in slots, driven directly, no HTTP): ``server_vs_offline`` = served output tok/s / continuous
+offline output tok/s (``server_vs_offline_static``: over the static batches).
 Then llama-server gets the same requests, a set as per-request LoRA scales and a routed request the set our router
 chose (:mod:`dlplora.bench.llama_server`).
 
-The last line of ``--json``: ``{"server_vs_offline", "vs_llama_server", "ttft_p99_vs_llama_server",
+The last line of ``--json``: ``{"server_vs_offline", "server_vs_offline_static", "vs_llama_server", "ttft_p99_vs_llama_server",
 "tpot_1client_vs_llama_server", "requests", "failed", "mismatches", "dtype", "quantize", "cpu_flags", "levels":
 [...], ...}`` (ratios at the highest level; TPOT at concurrency 1; ours / theirs).
 
@@ -43,6 +44,7 @@ from pathlib import Path
 
 from ..errors import DLPLoRAError
 from . import loadgen
+from .offline import Offline
 
 PLUGIN_SEED = 0
 
@@ -196,57 +198,6 @@ def _ms(stats: dict | None, key: str) -> str:
     return "-" if not stats else f"{stats[key]:.0f}ms"
 
 
-class Offline:
-    """The workload through the engine (loaded once) in batches of a level's concurrency. The batches hold requests
-    of similar prompt lengths (the items sorted by length: an offline run may order its work, and a static batch
-    computes every row at its longest prompt's width)."""
-
-    def __init__(self, args, lib: Path, items: list):
-        import torch
-
-        from ..engine import DLPLoRA
-
-        self.args, self.items = args, items
-        self.engine = DLPLoRA.from_library(lib, model=args.model, dtype=args.dtype, device=args.device,
-                                           quantize=args.quantize)
-        torch.set_num_threads(args.threads)
-        if args.compile:
-            self.engine.compile()
-        self.order = sorted(items, key=lambda it: len(self.engine.tokenizer(it.prompt)["input_ids"]))
-
-    def routes(self) -> list[dict[str, float]]:
-        """Each item's set: its own, or for a routed item the one the plugin chooses (as the server routes it)."""
-        eng = self.engine
-        routed = [it for it in self.items if it.adapters is None]
-        sets = [s for s, _ in eng.route_with_reasons([eng.routing_text(it.prompt) for it in routed])] if routed else []
-        chosen = {it.index: s for it, s in zip(routed, sets)}
-        return [it.adapters if it.adapters is not None else chosen[it.index] for it in self.items]
-
-    def level(self, c: int, log) -> tuple[dict, list[dict]]:
-        """(summary, the rows of DLPLoRA.generate in the items' order) at batch size `c`."""
-        prompts = [it.prompt for it in self.order]
-        sets = [None if it.adapters is None else dict(it.adapters) for it in self.order]
-        raws = [not it.chat for it in self.order]
-
-        def batch(k, n_new):
-            return self.engine.generate(prompts[k:k + c], max_new_tokens=n_new, adapters=sets[k:k + c],
-                                        raw=raws[k:k + c], on_error="return")
-
-        batch(0, 2)  # warm-up
-        t0 = time.perf_counter()
-        done = [r for k in range(0, len(self.order), c) for r in batch(k, self.args.max_tokens)]
-        dt = time.perf_counter() - t0
-        rows: list[dict] = [{}] * len(self.items)
-        for it, r in zip(self.order, done):
-            rows[it.index] = r
-        ok = [r for r in rows if "error" not in r]
-        tokens = sum(r["tokens"] for r in ok)
-        s = {"requests": len(rows), "failed": len(rows) - len(ok), "duration_s": round(dt, 3), "output_tokens": tokens,
-             "output_tok_s": round(tokens / dt, 2), "requests_per_s": round(len(ok) / dt, 3)}
-        log(f"  {'offline':<12} batch {c:>3}:       {s['output_tok_s']:8.1f} tok/s  failed {s['failed']}")
-        return s, rows
-
-
 def compare(items: list, outcomes: list, offline: list[dict]) -> dict:
     """Every served greedy response against the offline text of the same prompt and set: mismatches (with up to 3
     examples), and routed requests whose set differs from the offline routing."""
@@ -351,11 +302,12 @@ def bench(args, log=print) -> dict:
                     log(f"dlp-lora serve ready in {srv.ready_s:.1f}s (pid {srv.proc.pid})")
                     yield srv.url
 
-        ours, offline, llama = {}, {}, {}
+        ours, offline, continuous, llama = {}, {}, {}, {}
         for c in levels:  # a level's contenders one after another, each alone on the machine
             ours.update(_levels_over(url, requests, [c], args, log, "server", args.api_key, at_level=our_at))
             if offline_run is not None:
                 offline[c] = offline_run.level(c, log)
+                continuous[c] = offline_run.continuous(c, log)
             if llama_at is not None:
                 llama.update(_levels_over("", llama_requests, [c], args, log, "llama-server", at_level=llama_at))
 
@@ -363,10 +315,13 @@ def bench(args, log=print) -> dict:
     for c in levels:
         s, outcomes = ours[c]
         row = {"concurrency": c, "server": s}
-        if c in offline:
+        if c in offline:  # the ratio against the server's scheduler driven offline; texts against DLPLoRA.generate
             row["offline"] = offline[c][0]
-            row["server_vs_offline"] = _ratio(s["output_tok_s"], offline[c][0]["output_tok_s"])
+            row["offline_continuous"] = continuous[c][0]
+            row["server_vs_offline"] = _ratio(s["output_tok_s"], continuous[c][0]["output_tok_s"])
+            row["server_vs_offline_static"] = _ratio(s["output_tok_s"], offline[c][0]["output_tok_s"])
             row.update(compare(items, outcomes, offline[c][1]))
+            row["continuous_mismatches"] = compare(items, outcomes, continuous[c][1])["mismatches"]
         if c in llama:
             t = llama[c][0]
             row["llama_server"] = t
@@ -375,7 +330,8 @@ def bench(args, log=print) -> dict:
             row["tpot_vs_llama_server"] = _ratio(_pick(s, "tpot_ms", "mean"), _pick(t, "tpot_ms", "mean"))
         rows.append(row)
     top, one = rows[-1], next((r for r in rows if r["concurrency"] == 1), {})
-    return {"server_vs_offline": top.get("server_vs_offline"), "vs_llama_server": top.get("vs_llama_server"),
+    return {"server_vs_offline": top.get("server_vs_offline"),
+            "server_vs_offline_static": top.get("server_vs_offline_static"), "vs_llama_server": top.get("vs_llama_server"),
             "ttft_p99_vs_llama_server": top.get("ttft_p99_vs_llama_server"),
             "tpot_1client_vs_llama_server": one.get("tpot_vs_llama_server"), "at_concurrency": top["concurrency"],
             "requests": sum(r["server"]["requests"] for r in rows), "failed": sum(r["server"]["failed"] for r in rows),
@@ -395,7 +351,8 @@ def print_table(res: dict) -> None:
     print(f"{'contender':<13}{'C':>4}{'tok/s':>9}{'req/s':>7}{'failed':>7}  {'TTFT p50/p99 ms':>16}  "
           f"{'TPOT p50/p99 ms':>16}  {'ITL p50/p99 ms':>15}  {'E2EL p50/p99 ms':>16}")
     for row in res["levels"]:
-        for label, key in (("server", "server"), ("llama-server", "llama_server"), ("offline", "offline")):
+        for label, key in (("server", "server"), ("llama-server", "llama_server"), ("offline", "offline"),
+                           ("offline-cont", "offline_continuous")):
             s = row.get(key)
             if s is None:
                 continue
@@ -403,8 +360,9 @@ def print_table(res: dict) -> None:
                                                                      ("e2el_ms", 16)))
             print(f"{label:<13}{row['concurrency']:>4}{s['output_tok_s']:>9.1f}{s.get('requests_per_s', 0):>7.2f}"
                   f"{s['failed']:>7}{cols}")
-        extra = [f"{k} {row[k]}" for k in ("server_vs_offline", "vs_llama_server", "ttft_p99_vs_llama_server",
-                                            "mismatches", "routing_mismatches") if row.get(k) is not None]
+        extra = [f"{k} {row[k]}" for k in ("server_vs_offline", "server_vs_offline_static", "vs_llama_server",
+                                            "ttft_p99_vs_llama_server", "mismatches", "continuous_mismatches",
+                                            "routing_mismatches") if row.get(k) is not None]
         if extra:
             print(f"{'':<17}" + ", ".join(extra))
         for ex in row.get("mismatch_examples", []):
