@@ -70,7 +70,8 @@ def test_cli_dtype_and_device_flags(tiny_model, tmp_path, capsys, one_thread):
         assert main(["generate", "--library", str(lib), "--adapters", "alpha=1", "--device", "cuda", "hi"]) == 2
         assert "sees no CUDA GPU" in capsys.readouterr().err
 
-# int8 weights (per-tensor scale) on the tiny random model: log-probabilities stay within this of fp32
+# int8 weights (per-channel scales, per-token activations) on the tiny random model: log-probabilities stay within this
+# of fp32
 INT8_LOGPROB_TOLERANCE = 0.3
 
 
@@ -101,6 +102,26 @@ def test_int8_base_with_float_adapters_agrees_with_fp32(tiny_model, tmp_path, on
         DLPLoRA.from_library(lib, dtype="bfloat16", quantize="int8")
     out = e8.generate(["hello there", "a second row"], adapters=[mix, {"beta": 1.0}], max_new_tokens=3)
     assert all(o["tokens"] >= 1 for o in out) and out[0]["mode"] == "slots"
+
+
+def test_int8_rows_do_not_depend_on_their_batch():
+    """Per-token activation scales: a row's int8 product is the same alone and beside a row with a large outlier (the
+    dynamic per-tensor quantisation it replaced coarsened every row of the batch to the outlier's scale)."""
+    from dlplora.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    q = Int8Linear(lin)
+    x = torch.randn(5, 64)
+    x[0, 3] = 500.0
+    alone = torch.cat([q(x[i:i + 1]) for i in range(5)])
+    assert torch.equal(q(x), alone)  # exactly: the int32 product does not depend on the batch
+    ref = lin(x)
+    rel = (q(x) - ref).norm(dim=1) / ref.norm(dim=1)
+    assert rel[1:].max() < 0.03, rel  # the outlier row does not spoil the others
+    assert torch.allclose(q.weight(), lin.weight, atol=lin.weight.abs().max().item() / 127)
+    with torch.inference_mode():
+        assert torch.equal(q(x.reshape(5, 1, 64)).reshape(5, -1), alone)
 
 
 # int4 weights (groups of 32 with scale and offset) and bf16 activations: log-probabilities within this of fp32

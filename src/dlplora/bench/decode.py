@@ -46,8 +46,8 @@ def add_arguments(p) -> None:
                    help="weights and activations of our engine and HF generate (auto: bf16 where the CPU has "
                         "avx512_bf16 or amx_bf16, else fp32)")
     p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                   help="our engine with quantised base linears, adapters in float: int8 (dynamic, fp32 "
-                        "activations) or int4 (weight-only, groups of 32, bf16 activations)")
+                   help="our engine with quantised base linears, adapters in float: int8 (per-channel weights, "
+                        "per-token fp32 activations) or int4 (weight-only, groups of 32, bf16 activations)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile our decode step; the compile time is reported (compile_seconds)")
     p.add_argument("--threads", type=int, default=2, help="threads for every contender (default 2)")

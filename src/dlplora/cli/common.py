@@ -55,7 +55,7 @@ def add_precision_arguments(parser, dtype_default: str = "auto", quantize: bool 
     if quantize:
         parser.add_argument("--quantize", choices=QUANTIZE, default=quantize_default,
                             help="quantised weights for the base model's linear layers, adapters in float (CPU): "
-                                 "int8 (dynamic, fp32 activations), int4 (weight-only, groups of 32, bf16 "
+                                 "int8 (per-channel weights, per-token activations, fp32), int4 (weight-only, groups of 32, bf16 "
                                  "activations), none, or auto = int8 on an x86 CPU with AVX2 (the fastest or within "
                                  "10%% of it at batch 1, for batches of distinct mixes and in prefill, on AVX2-only "
                                  "and bf16-native CPUs alike; BENCHMARKS.md), none on CUDA or when --dtype names a "
