@@ -183,6 +183,13 @@ class ServerState:
                 except DLPLoRAError as exc:
                     raise APIError(400, str(exc), param="model") from None
             gone = [n for n in aset if n not in self.live.routing]
+            if gone and source == "plugin":  # routed at a Ray Serve ingress that has not seen an unload yet: route here
+                try:
+                    with self.router_lock:
+                        aset, why = self.engine.route_with_reasons([route_text])[0]
+                except DLPLoRAError as exc:
+                    raise APIError(400, str(exc), param="model") from None
+                gone = [n for n in aset if n not in self.live.routing]
             if gone:
                 raise APIError(404, f"the adapter {gone[0]!r} was unloaded; serve one of: "
                                     f"{', '.join([self.base_name] + self.live.names)}", param="model",
