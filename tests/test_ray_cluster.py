@@ -1,6 +1,7 @@
 """Issue 31 on a real local multi-node Ray cluster (a head and a worker node on 127.0.0.1, 1 CPU each), started and
-stopped here: runtime loads and unloads on 2 Ray Serve replicas under concurrent requests, a replica restarted after a
-load, and `dlp-lora eval --ray-address` against the one-machine `eval`."""
+stopped here: runtime loads and unloads on 2 Ray Serve replicas under concurrent requests (behind Serve's proxy, and
+behind the by-set ingress), a replica restarted after a load, and `dlp-lora eval --ray-address` against the
+one-machine `eval`. The no-cluster message of `eval` / `reproduce --ray-address`: tests/test_ray_address.py."""
 
 from __future__ import annotations
 
@@ -27,35 +28,6 @@ KEY = "sk-ray-live-0123"
 WORDS = {"alpha": ("add", "sum", "plus", "number", "total", "seven"),
          "beta": ("bonjour", "maison", "voiture", "chat", "pomme", "rouge")}
 GAMMA = ("planet", "orbit", "comet", "galaxy", "star", "moon")
-
-
-def test_eval_without_ray_address_does_not_import_ray(tmp_path):
-    """`dlp-lora eval` / `reproduce` without --ray-address (the parser, the config, the harness) never import Ray."""
-    code = ("import sys\nfrom dlplora.cli import build_parser\nimport dlplora.eval.harness, dlplora.pipelines.reproduce\n"
-            "for argv in (['eval', '--library', 'lib'], ['reproduce']):\n"
-            "    args = build_parser().parse_args(argv)\n"
-            "    assert args.ray_address is None and args.ray_workers is None\n"
-            "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
-            "assert not bad, bad\nprint('ok')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
-
-
-def test_eval_ray_address_without_a_cluster(tiny_data, tmp_path, capsys):
-    from dlplora import cli
-
-    lib = random_peft_library(tmp_path / "lib", _tiny(tmp_path), {"quiz": (4, 8, ["q_proj"])}, seed=1)
-    address = f"127.0.0.1:{free_port()}"
-    rc = cli.main(["eval", "--library", str(lib), "--data", str(tiny_data), "--ray-address", address])
-    err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(f"error: --ray-address {address}: no Ray cluster at that address")
-
-
-def _tiny(tmp_path):
-    from dlplora.testing import tiny_model_dir
-
-    return tiny_model_dir(tmp_path / "m")
 
 
 # ---------------------------------------------------------------- on the cluster
@@ -253,29 +225,32 @@ def test_load_and_unload_behind_the_ingress(cluster, proxy, tmp_path_factory, ti
 
 
 def test_eval_on_the_cluster_equals_one_machine(cluster, tiny_data, tiny_model, tmp_path):
-    import torch
-
+    """The one-machine eval runs in a fresh process (where it must not import Ray), the other on the cluster's 2
+    workers: the same predictions, key by key, and the same scores; then a resume on one machine from the cluster's
+    cache computes nothing."""
     from dlplora.eval.harness import run_evaluation
     from dlplora.eval.settings import EvalConfig
 
     lib = random_peft_library(tmp_path / "lib", tiny_model, {"quiz": (4, 8, ["q_proj", "v_proj"]),
                                                              "sums": (4, 8, ["q_proj", "v_proj"])}, std=0.5, seed=3)
     train_word_plugin(lib, {"quiz": ("which", "option", "choose", "answer"), "sums": ("add", "sum", "plus", "total")})
-    kw = dict(data=tiny_data, settings=["composite-26", "multiturn"], methods=["base", "lora", "dlp", "merge-all"],
+    kw = dict(data=str(tiny_data), settings=["composite-26", "multiturn"], methods=["base", "lora", "dlp", "merge-all"],
               model=str(tiny_model), progress=False, batch_size=4, mcq_exact_match=True)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers (1 CPU each)
-    try:
-        t0 = time.perf_counter()
-        here = run_evaluation(EvalConfig(lib, out=tmp_path / "here", **kw), log=lambda *a: None)
-        t_here = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(n)
+    code = ("import sys, json, torch\nfrom dlplora.eval.harness import run_evaluation\n"
+            "from dlplora.eval.settings import EvalConfig\ntorch.set_num_threads(1)  # as each worker (1 CPU)\n"
+            f"run_evaluation(EvalConfig({str(lib)!r}, out={str(tmp_path / 'here')!r}, **json.loads(sys.argv[1])), "
+            "log=lambda *a: None)\n"
+            "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\nassert not bad, bad\n")
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(kw)], capture_output=True, text=True, timeout=600)
+    t_here = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    here = json.loads((tmp_path / "here" / "results.json").read_text())
     logs = []
     t0 = time.perf_counter()
     there = run_evaluation(EvalConfig(lib, out=tmp_path / "there", ray_address=cluster, **kw), log=logs.append)
     t_there = time.perf_counter() - t0
-    print(f"eval here {t_here:.1f} s, on the 2-node cluster {t_there:.1f} s")
+    print(f"eval in one process {t_here:.1f} s (its start included), on the 2-node cluster {t_there:.1f} s")
     assert any("2 workers of 1 CPU" in line for line in logs), logs
     assert there["cache"]["new_predictions"] == here["cache"]["new_predictions"] > 0
 

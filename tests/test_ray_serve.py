@@ -26,12 +26,16 @@ ALPHA_PROMPT = [{"role": "user", "content": "add the sum plus seven number total
 
 
 def test_serving_without_ray_address_does_not_import_ray():
-    """`dlp-lora serve` without --ray-address (the app, the CLI's parser and its checks) never imports Ray."""
+    """`dlp-lora serve` without --ray-address (the app, the CLI's parser and its checks) never imports Ray; nor do
+    `eval` and `reproduce` (the harness, the pipeline, their flags; tests/test_ray_cluster.py runs a whole eval)."""
     code = ("import sys\nimport dlplora.serve.app, dlplora.serve\nfrom dlplora.cli import build_parser\n"
             "from dlplora.cli.serve import config_from_args\n"
+            "import dlplora.eval.harness, dlplora.pipelines.reproduce, dlplora.serve.live\n"
             "args = build_parser().parse_args(['serve', '--library', 'lib', '--threads', '1'])\n"
             "config_from_args(args)\n"
             "assert args.ray_address is None and args.replicas is None\n"
+            "for argv in (['eval', '--library', 'lib'], ['reproduce']):\n"
+            "    assert build_parser().parse_args(argv).ray_address is None\n"
             "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
             "assert not bad, bad\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -169,15 +169,15 @@ class _Run:
 
         self.config = c = config
         self.log = log
+        self.workers = None
+        if c.ray_address:  # no cluster there: one clear line before anything is read or loaded
+            from ..cluster import join_ray
+
+            join_ray(c.ray_address)
         self.lib = Library.open(c.library)
         self.data = c.data or self.lib.manifest.get("data_dir")
         self.names = self.lib.names
         self.tasks = self._check(c)
-        self.workers = None
-        if c.ray_address:  # no cluster there: one clear line before anything loads
-            from ..cluster import join_ray
-
-            join_ray(c.ray_address)
         self.p = check_p(c.p, "--p")
         self.p_sweep = sorted({check_p(x, "--p-sweep values") for x in c.p_sweep or ()} | ({self.p} if c.p_sweep else set()))
         self.settings, self.methods, self.weightings = list(c.settings), list(c.methods), list(c.weightings)

@@ -83,6 +83,10 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
     from ..train.select import Selection, parse_floats, parse_ints
 
     c = config if config is not None else ReproduceConfig(**fields)
+    if c.ray_address:  # no cluster there: one clear line before any stage runs
+        from ..cluster import join_ray
+
+        join_ray(c.ray_address)
     out, work, extra_data, tasks, limit, steps, model = c.out, c.work, c.extra_data, c.tasks, c.limit, c.steps, c.model
     top_layers = c.top_layers
     t0 = time.time()

@@ -29,6 +29,9 @@ deleted. Waiting is bounded (every request has a deadline, ``--request-timeout``
 409 would push retry loops onto the operator and could starve under a steady load of the adapter's own prompts.
 A request is checked against the served set and queued under the same lock as these changes
 (:meth:`dlplora.serve.app.ServerState.submit`), so no request slips between the check and the removal.
+
+On Ray Serve replicas, :class:`dlplora.serve.live_replicas.ReplicaLibrary` runs the same steps, its commits (and the
+retrained router) going through the library's actor to every replica.
 """
 
 from __future__ import annotations
