@@ -30,6 +30,7 @@ from .live import PINNED, ROUTABLE, TRAINING, swap_in
 POLL_S = 5.0  # a long poll returns after this long without a change (a replica's sign of life)
 DEAD_S = 20.0  # a replica not heard from for this long (and not applying a change) is not waited for
 LEASE_S = 300.0  # a replica that took the lease and went silent loses it after this long
+KEEP = 64  # changes kept for the replicas' polls; a replica further behind gets a snapshot
 
 
 def write_files(files: dict, directory: Path) -> None:
@@ -60,7 +61,7 @@ class LibraryHub:
         self.notes: dict[str, str] = {}
         self.plugin: dict | None = None  # the files of the router retrained since this actor started
         self.router_seq = -1  # the library version the adopted router was trained at
-        self.log: list[dict] = []  # every change, in order
+        self.log: list[dict] = []  # the last KEEP changes, in order
         self.changed = asyncio.Condition()
         self.holder: str | None = None  # the change holding the lease
         self.token: str | None = None
@@ -82,9 +83,10 @@ class LibraryHub:
 
     async def poll(self, replica: str, version: int | None, incarnation: str | None, timeout: float = POLL_S) -> dict:
         """The changes after `version` ({"changes": [...]}), waiting up to `timeout` seconds for one; a snapshot
-        ({"snapshot": ...}) for a replica that starts or followed an earlier incarnation of this actor."""
+        ({"snapshot": ...}) for a replica that starts, followed an earlier incarnation of this actor, or is further
+        behind than the changes kept."""
         self.seen[replica] = time.monotonic()
-        if version is None or incarnation != self.incarnation:
+        if version is None or incarnation != self.incarnation or (self.log and version < self.log[0]["v"] - 1):
             self.sent[replica] = self.version
             return {"snapshot": self.snapshot()}
         async with self.changed:
@@ -169,6 +171,7 @@ class LibraryHub:
         async with self.changed:
             self.version += 1
             self.log.append({**change, "v": self.version, "routing": dict(self.routing), "notes": dict(self.notes)})
+            del self.log[:-KEEP]
             self.changed.notify_all()
         return self.version
 

@@ -36,7 +36,9 @@ owns the served names, their routing states, ``library.json`` and the router, an
 (:mod:`dlplora.serve.live_replicas`): the call returns when every replica applied the change between two decode steps,
 the router is retrained once (by the replica that took the call) and handed to every replica, and a replica that
 starts later takes the current library before it serves. The library directory (and ``--adapter-root``) must be
-readable at the same path on every node.
+readable at the same path on every node. Without ``--allow-runtime-adapters``, change the library on disk
+(``dlp-lora library add`` / ``remove``) and deploy again: the library's stamp is part of the replicas' arguments, so
+Serve replaces them one by one.
 """
 
 from __future__ import annotations
