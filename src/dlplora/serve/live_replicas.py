@@ -62,12 +62,18 @@ class ReplicaLibrary(LiveLibrary):
         self.incarnation: str | None = None
         self.caught_up = threading.Condition()
         self.token: str | None = None
+        self._preloaded: tuple | None = None  # (name, weights) of the load this replica staged: not read twice
         self._follower: asyncio.Task | None = None
 
-    def _call(self, method: str, *args, timeout: float | None = None):
+    def _call(self, method: str, *args):
+        """A call of the hub, from a worker thread; 503 while the hub is unreachable (Serve recreates it)."""
         import ray
 
-        return ray.get(getattr(self.hub(), method).remote(*args), timeout=timeout)
+        try:
+            return ray.get(getattr(self.hub(), method).remote(*args))
+        except (ray.exceptions.RayError, ValueError) as exc:
+            raise APIError(503, f"the library's actor is unreachable ({type(exc).__name__}); retry", "server_error",
+                           code="library_unreachable", headers={"Retry-After": "1"}) from None
 
     # -------------------------------------------------- a change that this replica took
     @contextlib.contextmanager
@@ -88,8 +94,8 @@ class ReplicaLibrary(LiveLibrary):
                 yield
             finally:
                 if self.token is not None:
-                    self._call("end", self.token)
-                    self.token = None
+                    token, self.token = self.token, None
+                    self._call("end", token)
 
     def _commit(self, change: dict, wait_s: float) -> None:
         token, self.token = self.token, None
@@ -119,7 +125,10 @@ class ReplicaLibrary(LiveLibrary):
         return True
 
     def router_failed(self, waiting, why) -> None:
-        self._call("router_failed", list(waiting), why)
+        try:
+            self._call("router_failed", list(waiting), why)
+        except APIError as exc:  # the hub is gone: its successor starts from the library on disk
+            log.warning("could not report the failed retraining: %s", exc.message)
 
     # -------------------------------------------------- following the hub
     def apply(self, change: dict) -> None:
@@ -129,7 +138,7 @@ class ReplicaLibrary(LiveLibrary):
         op, name, lib = change["op"], change.get("name"), self.library
         if op == "load" and name not in self.names:
             files = lib.root / str(change["entry"].get("path") or f"adapters/{name}")
-            pre = getattr(self, "_preloaded", None)
+            pre = self._preloaded
             weights = pre[1] if pre and pre[0] == name else load_peft_adapter(files, name)
             self._preloaded = None
             if not self.state.scheduler.has_adapter(name):
