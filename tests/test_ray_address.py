@@ -22,7 +22,11 @@ def _commands(tiny_data, tmp_path, address):
     return {"train-loras": ["train-loras", "--tasks", "quiz", "--data", str(tiny_data), "--out", str(tmp_path / "out"),
                             "--ray-address", address],
             "serve": ["serve", "--library", str(lib), "--ray-address", address],
-            "bench replicas": ["bench", "replicas", "--ray-address", address, "--no-kill"]}
+            "bench replicas": ["bench", "replicas", "--ray-address", address, "--no-kill"],
+            "eval": ["eval", "--library", str(lib), "--data", str(tiny_data), "--out", str(tmp_path / "out"),
+                     "--ray-address", address],
+            "reproduce": ["reproduce", "--work", str(tmp_path / "out"), "--out", str(tmp_path / "out"),
+                          "--ray-address", address]}
 
 
 def _check(rc, err, address):

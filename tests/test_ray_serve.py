@@ -26,12 +26,16 @@ ALPHA_PROMPT = [{"role": "user", "content": "add the sum plus seven number total
 
 
 def test_serving_without_ray_address_does_not_import_ray():
-    """`dlp-lora serve` without --ray-address (the app, the CLI's parser and its checks) never imports Ray."""
+    """`dlp-lora serve` without --ray-address (the app, the CLI's parser and its checks) never imports Ray; nor do
+    `eval` and `reproduce` (the harness, the pipeline, their flags; tests/test_ray_cluster.py runs a whole eval)."""
     code = ("import sys\nimport dlplora.serve.app, dlplora.serve\nfrom dlplora.cli import build_parser\n"
             "from dlplora.cli.serve import config_from_args\n"
+            "import dlplora.eval.harness, dlplora.pipelines.reproduce, dlplora.serve.live\n"
             "args = build_parser().parse_args(['serve', '--library', 'lib', '--threads', '1'])\n"
             "config_from_args(args)\n"
             "assert args.ray_address is None and args.replicas is None\n"
+            "for argv in (['eval', '--library', 'lib'], ['reproduce']):\n"
+            "    assert build_parser().parse_args(argv).ray_address is None\n"
             "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
             "assert not bad, bad\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -45,8 +49,7 @@ def test_ray_flags_are_checked_before_anything_loads(tmp_path):
     for argv, msg in ((["--replicas", "2"], "need --ray-address"),
                       (["--ray-address", "auto", "--replicas", "2", "--max-replicas", "3"], "not both"),
                       (["--ray-address", "auto", "--min-replicas", "3", "--max-replicas", "2"], "over --max"),
-                      (["--ray-address", "auto", "--max-replicas", "2"], "needs both"),
-                      (["--ray-address", "auto", "--allow-runtime-adapters"], "one replica only")):
+                      (["--ray-address", "auto", "--max-replicas", "2"], "needs both")):
         args = build_parser().parse_args(["serve", "--library", str(tmp_path), *argv])
         with pytest.raises(DLPLoRAError) as exc:
             args.func(args)
@@ -102,6 +105,11 @@ def test_a_routed_set_from_the_ingress_is_used_only_where_trusted(tiny_model, tm
                 assert r.status_code == 400 and ROUTED_HEADER in r.json()["error"]["message"]
                 r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)  # no header: it routes
                 assert r.json()["routing"]["adapters"][0]["name"] == "alpha"
+                # routed at an ingress that has not seen an unload yet: the replica routes it itself
+                gone = {ROUTED_HEADER: json.dumps({"adapters": {"gamma": 1.0}, "why": None})}
+                r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=gone, timeout=60)
+                assert r.status_code == 200 and r.json()["routing"]["adapters"][0]["name"] == "alpha", r.text
+    # a replica that does not follow the library's actor (serve/live_replicas.py) refuses runtime changes
     with ServerThread(create_app(engine, ServeConfig(replicated=True, allow_runtime_adapters=True))) as srv:
         r = httpx.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": "alpha"}, timeout=60)
         assert r.status_code == 501 and r.json()["error"]["code"] == "not_implemented"
@@ -244,9 +252,9 @@ def _common_checks(proxy, reference):
     assert exc.value.param == "max_tokens"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=proxy + "/v1", api_key="sk-wrong", max_retries=0).models.list()
-    # runtime adapters: refused, and why
+    # runtime adapters: off unless deployed with --allow-runtime-adapters (tests/test_ray_cluster.py), as one process
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"})
-    assert r.status_code == 501 and "one replica only" in r.json()["error"]["message"]
+    assert r.status_code == 404 and "--allow-runtime-adapters" in r.json()["error"]["message"]
     assert http.get("/health").json()["status"] == "ok"
     return client, http
 

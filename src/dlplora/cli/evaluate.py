@@ -25,7 +25,8 @@ def cmd_eval(args) -> None:
                         ties_density=args.ties_density,
                         progress=not args.no_progress, command=command_line(), cache_dir=args.cache, note=args.note,
                         p_sweep=parse_p_values(args.p_sweep), mcq_exact_match=args.mcq_exact_match,
-                        mt_mcq_reply=args.mt_mcq_reply, base_threshold=base_threshold_from_args(args))
+                        mt_mcq_reply=args.mt_mcq_reply, base_threshold=base_threshold_from_args(args),
+                        ray_address=args.ray_address, ray_workers=args.ray_workers)
     results = run_evaluation(config, log=log)
     if not args.json:
         print(f"wrote {os.path.join(args.out, 'results.json')}, RESULTS.md and figures/ "
@@ -46,7 +47,8 @@ def cmd_reproduce(args) -> None:
         batch_size=args.batch_size, progress=not args.no_progress, command=command_line(), p_sweep=args.p_sweep,
         conversations=args.conversations, mcq_exact_match=args.mcq_exact_match, mt_mcq_reply=args.mt_mcq_reply,
         recipe=args.recipe, select_lrs=args.select_lrs, select_points=args.select_points, val_size=args.val_size,
-        multitask_ranks=args.multitask_ranks, multitask_examples=args.multitask_examples, full_ft=args.full_ft))
+        multitask_ranks=args.multitask_ranks, multitask_examples=args.multitask_examples, full_ft=args.full_ft,
+        ray_address=args.ray_address, ray_workers=args.ray_workers))
 
 
 def cmd_arrow_check(args) -> None:
@@ -101,6 +103,12 @@ def _common(p, model_help: str) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
     p.add_argument("--model", help=model_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="compute the predictions on the Ray cluster at ADDR ('auto' or HOST:PORT): the same batches, "
+                        "the same predictions, on workers that each hold the models; the library, the data and the "
+                        "cache must be at the same path on every node (the cache: else the driver writes it)")
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="with --ray-address: N workers of 1 CPU each (default: one per free CPU of the cluster)")
 
 
 def register(sub, model_help: str) -> None:

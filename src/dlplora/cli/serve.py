@@ -33,9 +33,6 @@ def serve_on_ray(args, config) -> None:
 
     autoscale = args.min_replicas is not None or args.max_replicas is not None
     check_scaling(args.replicas, args.min_replicas, args.max_replicas, args.placement)
-    if config.allow_runtime_adapters:
-        raise DLPLoRAError("--allow-runtime-adapters is not available with --ray-address: a load would reach one "
-                           "replica only; change the library (dlp-lora library add / remove) and deploy again")
     cpus = args.replica_cpus if args.replica_cpus is not None else float(args.threads or 1)
     if cpus <= 0:
         raise DLPLoRAError(f"--replica-cpus must be > 0, got {cpus}")
@@ -49,6 +46,10 @@ def serve_on_ray(args, config) -> None:
              else f"{args.replicas or 1} replicas")
           + f", each {cpus:g} CPUs and {threads} torch threads, placement {args.placement}; API key: "
           + ("required" if config.api_key else "none (open to anyone who can reach the port)"), flush=True)
+    if config.allow_runtime_adapters:
+        print("runtime adapters: a load or unload reaches every replica (through the library's actor); the library"
+              + (f" and --adapter-root {config.adapter_root}" if config.adapter_root else "")
+              + " must be at the same path on every node", flush=True)
     serve_on_ray(spec, args.ray_address, host=args.host, port=args.port, name=args.app_name, detach=args.detach,
                  placement=args.placement, cpus=cpus, gpus=args.replica_gpus, **scaling)
 

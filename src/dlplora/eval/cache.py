@@ -38,19 +38,31 @@ class PredictionCache:
         return rec
 
     def put_many(self, method: str, records: list[dict]) -> None:
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in method)
-        with open(self.dir / f"{safe}.jsonl", "a", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                self.data[rec["k"]] = rec
-                self.used.add(rec["k"])
-            fh.flush()
+        """Append `records` to OUT/cache/<method>.jsonl and remember them."""
+        append_records(self.dir, method, records)
+        self.remember(records)
+
+    def remember(self, records: list[dict]) -> None:
+        """Records another process appended to this directory: used by this run, counted as new."""
+        for rec in records:
+            self.data[rec["k"]] = rec
+            self.used.add(rec["k"])
         self.new += len(records)
 
     def used_seconds(self) -> float:
         """The recorded compute time of every prediction this run used, whichever run (or sitting) computed it:
         the cost of the whole grid even when it was spread over several resumed runs."""
         return sum(float(self.data[k].get("s", 0.0)) for k in self.used)
+
+
+def append_records(directory: Path, method: str, records: list[dict], writer: str = "") -> None:
+    """Append `records` to `directory`/<method>.jsonl, or <method>.<writer>.jsonl: one file per process that writes
+    into the same directory (the workers of a Ray cluster, eval/ray_grid.py), all read back on the next run."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in method + (f".{writer}" if writer else ""))
+    with open(Path(directory) / f"{safe}.jsonl", "a", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        fh.flush()
 
 
 def set_tag(s: dict) -> str:

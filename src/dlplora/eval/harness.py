@@ -22,24 +22,17 @@ from pathlib import Path
 
 from ..config import check_p
 from ..errors import DLPLoRAError
-from ..tasks import candidates, user_message
+from ..tasks import user_message
 from .cache import PredictionCache, adapters_signature, cache_namespace, content_tag, library_signature, set_tag
 from .metrics import scoring_kind, summarise
 from .report import write_outputs
-from .runners import ARROW_IMPL, FusedRunner, PeftRunner, build_arrow_model, build_static_merge, build_ties_model
-from .scoring import choice_predictions, gen_budget, teacher_forced_predictions
-from .settings import (MT_MCQ_REPLIES, RESULTS_FORMAT, SINGLE_METHODS, TEACHER_FORCED_METHODS, EvalConfig, build_conversations,
+from .runners import (ARROW_IMPL, FusedRunner, PeftRunner, build_arrow_model, build_static_merge, build_ties_model,
+                      warm_up)
+from .scoring import gen_budget, predict_batch
+from .settings import (MT_MCQ_REPLIES, RESULTS_FORMAT, SINGLE_METHODS, TEACHER_FORCED_METHODS, EvalConfig, assistant_reply,
+                       build_conversations,
                        build_stream, dlp_variant, fixed_sets, setting_tasks, top_names)
 from ..stats import paired_tests, versus
-
-
-def assistant_reply(item: dict, pred: dict, mcq_reply: str = "choice") -> str:
-    """What a multiturn turn leaves in the conversation as the assistant's reply: the generated answer, or for a
-    multiple-choice turn under ``mcq_reply="choice"`` the text of the choice it ranked first."""
-    choices = candidates(item["ex"])
-    if choices and mcq_reply == "choice" and "choice" in pred:
-        return choices[int(pred["choice"])]
-    return pred.get("gen", "")
 
 
 def _chunks(seq, n):
@@ -49,12 +42,13 @@ def _chunks(seq, n):
 
 def run_method_items(runner, method: str, items: list[dict], sets: list[dict], cache: PredictionCache, sig: str,
                      teacher_forced: bool = False, batch_size: int = 8, progress: bool = True, desc: str = "",
-                     choice_gen: bool = True) -> list[dict]:
+                     choice_gen: bool = True, workers=None) -> list[dict]:
     """Predictions for `items` (in their order, batched as they come): per item {"choice", "gen", "tf"}
     (as applicable), "seconds" (the compute time of answering: choice ranking and generation, from the cache for
     cached predictions) and "tf_seconds" (that of the teacher-forced scoring, kept apart so that a method's time is
     the same with or without it). `choice_gen`: also generate an answer for multiple-choice items (their exact
-    match; a conversation's next turn needs it)."""
+    match; a conversation's next turn needs it). `workers` (:class:`dlplora.eval.ray_grid.GridWorkers`, bound to
+    this method's runner): compute the batches on a Ray cluster."""
     from tqdm.auto import tqdm
 
     tok = runner.tokenizer
@@ -90,27 +84,27 @@ def run_method_items(runner, method: str, items: list[dict], sets: list[dict], c
     n_todo = sum(len(v) for v in todo.values())
     bar = tqdm(total=len(jobs), initial=len(jobs) - n_todo, desc=desc or method, unit="pred", disable=not progress,
                leave=False, dynamic_ncols=True)
+    batches = [(what, idx) for what in ("choice", "gen", "tf") for idx in _chunks(todo[what], batch_size)]
+    work = [{"what": what, "exs": [items[i]["ex"] for i in idx], "sets": [sets[i] for i in idx],
+             "hists": [items[i].get("history") or [] for i in idx],
+             "budgets": [budget[i] for i in idx] if what == "gen" else None, "batch_size": batch_size,
+             "keys": [f"{keys[i]}|{what}|{set_tag(sets[i])}" for i in idx], "ns": ns} for what, idx in batches]
+    # one machine: each batch here, in order; a cluster (`workers`, eval/ray_grid.py): the same batches on its workers
+    done = workers.run(work) if workers is not None else ((k, predict_batch(runner, job), False)
+                                                          for k, job in enumerate(work))
     try:
-        for what in ("choice", "gen", "tf"):
-            for idx in _chunks(todo[what], batch_size):
-                t0 = time.perf_counter()
-                exs = [items[i]["ex"] for i in idx]
-                row_sets = [sets[i] for i in idx]
-                hists = [items[i].get("history") or [] for i in idx]
-                if what == "choice":
-                    vals = choice_predictions(runner, exs, row_sets, hists, batch_size=2 * batch_size)
-                elif what == "gen":
-                    vals = runner.generate([user_message(ex) for ex in exs], hists, row_sets, [budget[i] for i in idx])
-                else:
-                    vals = teacher_forced_predictions(runner, exs, row_sets, batch_size=batch_size)
-                dt = (time.perf_counter() - t0) / len(idx)
-                recs = []
-                for i, v in zip(idx, vals):
-                    preds[i][what] = v
-                    preds[i]["tf_seconds" if what == "tf" else "seconds"] += dt
-                    recs.append({"k": f"{keys[i]}|{what}|{set_tag(sets[i])}", "v": v, "s": round(dt, 5)})
+        for k, (vals, dt), recorded in done:
+            (what, idx), job = batches[k], work[k]
+            recs = []
+            for i, key, v in zip(idx, job["keys"], vals):
+                preds[i][what] = v
+                preds[i]["tf_seconds" if what == "tf" else "seconds"] += dt
+                recs.append({"k": key, "v": v, "s": round(dt, 5)})
+            if recorded:  # a worker appended them to the cache directory (shared storage) itself
+                cache.remember(recs)
+            else:
                 cache.put_many(ns, recs)
-                bar.update(len(idx))
+            bar.update(len(idx))
     finally:
         bar.close()
     return preds
@@ -137,27 +131,31 @@ def run_evaluation(config: EvalConfig | None = None, *, engine=None, arrow=None,
         raise TypeError(f"run_evaluation takes an EvalConfig, got {type(config).__name__}")
     t_start = time.perf_counter()
     run = _Run(config if config is not None else EvalConfig(**fields), engine, arrow, log)
-    c = run.config
-    results = {"format": RESULTS_FORMAT, "config": run.config_record(), "settings": {}, "skipped": run.skipped}
-    # The widest composite runs first: the narrower settings then reuse its predictions, so every method of every
-    # setting is timed on the same shuffled, mixed-task batches (single would otherwise batch base / LoRA by task).
-    for setting in sorted(run.settings, key=lambda x: x != "composite-26"):
-        results["settings"][setting] = run.setting(setting)
-    results["settings"] = {x: results["settings"][x] for x in run.settings}  # report in the order asked
-    flagged = run.record_single_scores(results["settings"].get("single"))
-    if flagged is not None:
-        results["flagged_adapters"] = flagged
-    grid = {"predictions": len(run.cache.used), "compute_seconds": round(run.cache.used_seconds(), 1)}
-    if run.p_sweep and "dlp" in run.methods and "dlp" not in run.skipped:
-        results["p_sweep"] = run.sweep_p()
-    results["cache"] = {"dir": str(run.cache.dir), "hits": run.cache.hits, "new_predictions": run.cache.new,
-                        "grid": grid}
-    results["run_seconds"] = round(time.perf_counter() - t_start, 1)
-    if c.note:
-        results["note"] = c.note
-    if c.write:
-        write_outputs(results, c.out, preamble=c.note)
-    return results
+    try:
+        c = run.config
+        results = {"format": RESULTS_FORMAT, "config": run.config_record(), "settings": {}, "skipped": run.skipped}
+        # The widest composite runs first: the narrower settings then reuse its predictions, so every method of every
+        # setting is timed on the same shuffled, mixed-task batches (single would otherwise batch base / LoRA by task).
+        for setting in sorted(run.settings, key=lambda x: x != "composite-26"):
+            results["settings"][setting] = run.setting(setting)
+        results["settings"] = {x: results["settings"][x] for x in run.settings}  # report in the order asked
+        flagged = run.record_single_scores(results["settings"].get("single"))
+        if flagged is not None:
+            results["flagged_adapters"] = flagged
+        grid = {"predictions": len(run.cache.used), "compute_seconds": round(run.cache.used_seconds(), 1)}
+        if run.p_sweep and "dlp" in run.methods and "dlp" not in run.skipped:
+            results["p_sweep"] = run.sweep_p()
+        results["cache"] = {"dir": str(run.cache.dir), "hits": run.cache.hits, "new_predictions": run.cache.new,
+                            "grid": grid}
+        results["run_seconds"] = round(time.perf_counter() - t_start, 1)
+        if c.note:
+            results["note"] = c.note
+        if c.write:
+            write_outputs(results, c.out, preamble=c.note)
+        return results
+    finally:
+        if run.workers is not None:
+            run.workers.close()
 
 
 class _Run:
@@ -171,6 +169,11 @@ class _Run:
 
         self.config = c = config
         self.log = log
+        self.workers = None
+        if c.ray_address:  # no cluster there: one clear line before anything is read or loaded
+            from ..cluster import join_ray
+
+            join_ray(c.ray_address)
         self.lib = Library.open(c.library)
         self.data = c.data or self.lib.manifest.get("data_dir")
         self.names = self.lib.names
@@ -221,9 +224,13 @@ class _Run:
         merges.update({n: {n: 1.0} for n in self.multitask})
         self.static = {m: PeftRunner(*build_static_merge(self.lib, w, model=c.model, dtype=self.engine.model.dtype,
                                                          device=self.engine.model.device)) for m, w in merges.items()}
+        if c.ray_address:  # the batches on the cluster's workers, which load these models themselves
+            from .ray_grid import GridWorkers
+
+            self.workers = GridWorkers(c.ray_address, self.worker_recipe(merges), self.cache.dir, c.ray_workers, log)
         for m, why in self.skipped.items():
             log(f"skipping {m}: {why}")
-        _warm_up(self.fused, [r for r in (self.arrow_runner, self.ties_runner, *self.static.values()) if r is not None],
+        warm_up(self.fused, [r for r in (self.arrow_runner, self.ties_runner, *self.static.values()) if r is not None],
                  self.names)
 
     def _check(self, c: EvalConfig) -> list[str]:
@@ -250,6 +257,21 @@ class _Run:
         if c.limit is not None and c.limit < 1:
             raise DLPLoRAError(f"--limit must be at least 1, got {c.limit}")
         return tasks
+
+    def worker_recipe(self, merges: dict) -> dict:
+        """What a worker on the cluster loads (eval/ray_grid.py): this run's models, at the precision resolved here."""
+        c, model = self.config, self.engine.model
+        return {"library": str(self.lib.root.resolve()), "model": c.model, "names": self.names, "quantize":
+                self.engine.quantize, "dtype": str(model.dtype).replace("torch.", ""), "torch_dtype": model.dtype,
+                "device": model.device.type, "arrow_top_k": c.arrow_top_k, "seed": c.seed,
+                "ties_density": c.ties_density, "static": merges}
+
+    def _workers(self, method: str, name: str):
+        """The cluster's workers, for the runner of `method` (None: compute here)."""
+        if self.workers is None:
+            return None
+        static = {"multitask": f"static:{name}", "merge-all": "static:merge-all"}
+        return self.workers.bind(static.get(method) or (method if method in ("arrow", "ties") else "fused"))
 
     def config_record(self) -> dict:
         c, names, engine = self.config, self.names, self.engine
@@ -360,7 +382,7 @@ class _Run:
         teacher_forced = c.teacher_forced and method in TEACHER_FORCED_METHODS
         preds = run_method_items(runner, name, stream, sets, self.cache, sig, teacher_forced=teacher_forced,
                                  batch_size=c.batch_size, progress=c.progress, desc=desc,
-                                 choice_gen=c.mcq_exact_match)
+                                 choice_gen=c.mcq_exact_match, workers=self._workers(method, name))
         entry = summarise(tasks, stream, preds, sets, route_s, route_log)
         if method == "dlp":
             entry.update({"weighting": weighting, "p": self.p, "routing_seconds": round(route_s, 4)})
@@ -395,7 +417,7 @@ class _Run:
             choice_gen = c.mcq_exact_match or (c.mt_mcq_reply == "generated" and t < turns - 1)
             preds = run_method_items(runner, name, items, sets, self.cache, sig, teacher_forced=False,
                                      batch_size=c.batch_size, progress=c.progress, desc=f"{desc} turn {t + 1}",
-                                     choice_gen=choice_gen)
+                                     choice_gen=choice_gen, workers=self._workers(method, name))
             for k, (it, pr) in enumerate(zip(items, preds)):
                 histories[k] = histories[k] + [{"role": "user", "content": user_message(it["ex"])},
                                                {"role": "assistant", "content": assistant_reply(it, pr, c.mt_mcq_reply)}]
@@ -443,7 +465,8 @@ class _Run:
         log(f"== p sweep on {setting}: p in {', '.join(f'{x:g}' for x in self.p_sweep)}")
         lora_sets = fixed_sets("lora", stream, self.names)
         preds = run_method_items(self.fused, "lora", stream, lora_sets, self.cache, self.sig, batch_size=c.batch_size,
-                                 progress=c.progress, desc="p sweep lora", choice_gen=c.mcq_exact_match)
+                                 progress=c.progress, desc="p sweep lora", choice_gen=c.mcq_exact_match,
+                                 workers=self._workers("lora", "lora"))
         lora = summarise(s_tasks, stream, preds, lora_sets, 0.0)
         rows = []
         for weighting in self.weightings:
@@ -454,7 +477,7 @@ class _Run:
                 route_s = time.perf_counter() - t0
                 preds = run_method_items(self.fused, name, stream, sets, self.cache, self.sig, batch_size=c.batch_size,
                                          progress=c.progress, desc=f"p sweep {name} p={pv:g}",
-                                         choice_gen=c.mcq_exact_match)
+                                         choice_gen=c.mcq_exact_match, workers=self._workers("dlp", name))
                 e = summarise(s_tasks, stream, preds, sets, route_s, top_names(sets))
                 top_w = [max(s.values()) for s in sets if s]
                 row = {"p": pv, "weighting": weighting, "method": name, "mean": e["mean"], "mean_ci": e.get("mean_ci"),
@@ -470,13 +493,3 @@ class _Run:
                     f"{e['mean_adapters']:.2f} adapters, top weight {row['mean_top_weight']:.2f}")
         return {"setting": setting, "tasks": s_tasks, "lora_mean": lora["mean"], "lora_mean_ci": lora.get("mean_ci"),
                 "lora_seconds": lora["seconds"], "rows": rows}
-
-
-def _warm_up(fused, others, names) -> None:
-    """One short generation per code path (base, one adapter, mixed rows, Arrow, TIES) before anything is timed:
-    first calls pay one-off kernel and allocation costs that would otherwise land on whichever method runs first."""
-    mixed = [{names[0]: 1.0}, {n: 1.0 / len(names) for n in names}]
-    for sets in ([{}], [{names[0]: 1.0}], mixed):
-        fused.generate(["warm up"] * len(sets), [[] for _ in sets], sets, [2] * len(sets))
-    for runner in others:
-        runner.generate(["warm up"], [[]], [{}], [2])

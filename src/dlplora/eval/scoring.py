@@ -192,3 +192,20 @@ def teacher_forced_predictions(runner, examples, sets, batch_size: int = 8, max_
                 pred = head(hidden[b, start - 1: len(seq) - 1]).argmax(-1).tolist()
                 out[i] = tok.decode(pred, skip_special_tokens=True).strip()
     return out
+
+
+def predict_batch(runner, job: dict) -> tuple[list, float]:
+    """One batch of the harness (:func:`dlplora.eval.harness.run_method_items`): `job` = {"what": choice | gen | tf,
+    "exs", "sets", "hists", "budgets" (gen), "batch_size"}; returns (a value per example, compute seconds per
+    example)."""
+    import time
+
+    t0 = time.perf_counter()
+    what, exs, sets, bs = job["what"], job["exs"], job["sets"], job["batch_size"]
+    if what == "choice":
+        vals = choice_predictions(runner, exs, sets, job["hists"], batch_size=2 * bs)
+    elif what == "gen":
+        vals = runner.generate([user_message(ex) for ex in exs], job["hists"], sets, job["budgets"])
+    else:
+        vals = teacher_forced_predictions(runner, exs, sets, batch_size=bs)
+    return vals, (time.perf_counter() - t0) / len(exs)

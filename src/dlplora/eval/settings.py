@@ -22,7 +22,7 @@ from typing import Sequence
 
 from ..config import DEFAULT_P, WEIGHTINGS, check_p
 from ..errors import DLPLoRAError
-from ..tasks import TASKS
+from ..tasks import TASKS, candidates
 
 SETTINGS = ("single", "composite-17", "composite-9", "composite-26", "multiturn")
 METHODS = ("base", "lora", "dlp", "arrow", "merge-all", "ties", "multitask")
@@ -206,3 +206,16 @@ class EvalConfig:
     command: str | None = field(default=None, metadata={"help": "the command line, recorded in the report"})
     note: str = field(default="", metadata={"help": "a paragraph put at the top of RESULTS.md"})
     p_sweep: Sequence[float] = field(default=(), metadata={"help": "extra top-p values for dlp (a table of p)"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "compute the predictions on the Ray cluster at this address (eval/ray_grid.py); None: here"})
+    ray_workers: int | None = field(default=None, metadata={
+        "help": "evaluation workers on the cluster, 1 CPU each (None: one per free CPU)"})
+
+
+def assistant_reply(item: dict, pred: dict, mcq_reply: str = "choice") -> str:
+    """What a multiturn turn leaves in the conversation as the assistant's reply: the generated answer, or for a
+    multiple-choice turn under ``mcq_reply="choice"`` the text of the choice it ranked first."""
+    choices = candidates(item["ex"])
+    if choices and mcq_reply == "choice" and "choice" in pred:
+        return choices[int(pred["choice"])]
+    return pred.get("gen", "")

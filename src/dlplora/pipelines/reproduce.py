@@ -61,6 +61,9 @@ class ReproduceConfig:
         "help": "training examples of each multi-task adapter in all (None: 450 per task)"})
     full_ft: str | None = field(default=None, metadata={
         "help": "a directory of `dlp-lora train-full` records (TASK.json) to report beside base and LoRA"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "train the adapters and compute the grid's predictions on the Ray cluster at this address"})
+    ray_workers: int | None = field(default=None, metadata={"help": "evaluation workers on the cluster (EvalConfig)"})
 
 
 def multitask_name(rank: int, task_rank: int) -> str:
@@ -80,6 +83,10 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
     from ..train.select import Selection, parse_floats, parse_ints
 
     c = config if config is not None else ReproduceConfig(**fields)
+    if c.ray_address:  # no cluster there: one clear line before any stage runs
+        from ..cluster import join_ray
+
+        join_ray(c.ray_address)
     out, work, extra_data, tasks, limit, steps, model = c.out, c.work, c.extra_data, c.tasks, c.limit, c.steps, c.model
     top_layers = c.top_layers
     t0 = time.time()
@@ -117,7 +124,8 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
         raise DLPLoRAError(f"--recipe must be single or select, got {c.recipe!r}")
     log(f"== 2/4 adapters ({c.recipe} recipe): {steps} steps each -> {lib_dir}")
     t = time.time()
-    train_library(names, data_dir, lib_dir, model=model, cfg=cfg, eval_limit=0, log=log, selection=selection)
+    train_library(names, data_dir, lib_dir, model=model, cfg=cfg, eval_limit=0, log=log, selection=selection,
+                  ray_address=c.ray_address)
     for rank in parse_ints(c.multitask_ranks or "", "--multitask-ranks"):
         mt = TrainConfig(top_layers=top_layers, rank=rank, alpha=2.0 * rank, targets=cfg.targets, lr=cfg.lr)
         train_multitask(lib_dir, data_dir, cfg=mt, name=multitask_name(rank, c.rank), tasks=names,
@@ -137,7 +145,7 @@ def run_reproduce(config: ReproduceConfig | None = None, *, log=print, **fields)
         tasks=names, limit=limit, p=c.p, weightings=parse_weightings(c.weightings), teacher_forced=c.teacher_forced,
         model=model, batch_size=c.batch_size, cache_dir=work / "cache", progress=c.progress, write=False,
         command=c.command, conversations=c.conversations, mcq_exact_match=c.mcq_exact_match, p_sweep=parse_p_values(c.p_sweep),
-        mt_mcq_reply=c.mt_mcq_reply), log=log)
+        mt_mcq_reply=c.mt_mcq_reply, ray_address=c.ray_address, ray_workers=c.ray_workers), log=log)
     stages["evaluation"] = round(time.time() - t, 1)
     results["reproduce"] = {"stages_seconds": stages, "total_seconds": round(time.time() - t0, 1), "steps": steps,
                             "train_config": cfg.to_dict(),

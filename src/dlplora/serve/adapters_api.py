@@ -19,8 +19,9 @@ Answers: 200 with ``{"object": "lora_adapter", "id", "loaded", "routing", "messa
 vLLM's success text); 400 for a bad body, a name already served, or an adapter that fails validation (the message
 names the problem: base model, targets, shapes, rank, corrupt or missing files, modules_to_save); 404 for a path
 that does not exist or an unload of an adapter not served; 403 outside the adapter root; 409 for the name of an
-adapter still being unloaded; 501 on Ray Serve replicas (a load would reach one replica: :mod:`dlplora.serve.ray_serve`). What happens to requests in flight, routing states and the unload policy:
-:mod:`dlplora.serve.live`.
+adapter still being unloaded. On Ray Serve replicas a load or unload reaches every replica
+(:mod:`dlplora.serve.live_replicas`); 501 on a replicated app that does not follow the library's actor. What happens
+to requests in flight, routing states and the unload policy: :mod:`dlplora.serve.live`.
 """
 
 from __future__ import annotations
@@ -113,14 +114,14 @@ def adapters_router(state):
 
     async def body_of(request: Request) -> dict:
         cfg = state.config
-        if cfg.replicated:
-            raise APIError(501, f"{request.url.path} is not available on Ray Serve replicas: a load or unload would "
-                                f"change one replica only. Change the library (dlp-lora library add / remove) and "
-                                f"deploy again (dlp-lora serve --ray-address ...): Serve replaces the replicas one by "
-                                f"one", "not_implemented_error", code="not_implemented")
         if not cfg.allow_runtime_adapters:
             raise APIError(404, f"{request.url.path} is off: start the server with --allow-runtime-adapters to load "
                                 f"and unload LoRA adapters at runtime", code="not_found")
+        if cfg.replicated and not state.live.shared:
+            raise APIError(501, f"{request.url.path} is not available on this replica: it does not follow the library's "
+                                f"actor, so a load or unload would change one replica only. Deploy with dlp-lora serve "
+                                f"--ray-address ... --allow-runtime-adapters", "not_implemented_error",
+                           code="not_implemented")
         body = await read_json(request, cfg.max_body_bytes)
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")

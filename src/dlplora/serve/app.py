@@ -169,6 +169,14 @@ class ServerState:
             max_tokens = max(1, min(default_max, room))
         return ids, req.route_text, max_tokens
 
+    def route(self, route_text: str) -> tuple[dict, str | None]:
+        """The router's set for the request's routing text, and its reason for the base model."""
+        try:
+            with self.router_lock:
+                return self.engine.route_with_reasons([route_text])[0]
+        except DLPLoRAError as exc:
+            raise APIError(400, str(exc), param="model") from None
+
     def submit(self, reqs: list[GenRequest], aset: dict | None, source: str, route_text: str,
                why: str | None = None) -> dict:
         """Route the request when `aset` is None, give its rows the set, queue them; returns its ``routing`` (`why`:
@@ -177,12 +185,11 @@ class ServerState:
         404) or sees the rows queued and waits for them. Runs in a worker thread."""
         with self.live.lock:
             if aset is None:
-                try:
-                    with self.router_lock:
-                        aset, why = self.engine.route_with_reasons([route_text])[0]
-                except DLPLoRAError as exc:
-                    raise APIError(400, str(exc), param="model") from None
+                aset, why = self.route(route_text)
             gone = [n for n in aset if n not in self.live.routing]
+            if gone and source == "plugin":  # routed at a Ray Serve ingress that has not seen an unload yet: route here
+                aset, why = self.route(route_text)
+                gone = [n for n in aset if n not in self.live.routing]
             if gone:
                 raise APIError(404, f"the adapter {gone[0]!r} was unloaded; serve one of: "
                                     f"{', '.join([self.base_name] + self.live.names)}", param="model",

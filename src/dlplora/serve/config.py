@@ -37,8 +37,9 @@ class ServeConfig:
     adapter_root: str | None = None  # lora_path of a runtime load must lie under this directory (else 403)
     retrain_max_prompts: int = 300  # routing prompts per adapter when the router retrains after a runtime load
     playground: bool = True  # the static playground page at / (serve/playground.py); --no-playground: off
-    # one of several Ray Serve replicas (dlplora.serve.ray_serve): the runtime adapter routes answer 501, since a load
-    # would reach one replica only
+    # one of several Ray Serve replicas (dlplora.serve.ray_serve): the runtime adapter routes answer 501 unless the
+    # replica's live library follows the library's actor (dlplora.serve.live_replicas), since a load would reach one
+    # replica only
     replicated: bool = False
     # take the adapter set routed by the Ray Serve ingress from the header protocol.ROUTED_HEADER (only on replicas
     # that no client reaches directly: behind the ingress of --placement by-set / ingress)

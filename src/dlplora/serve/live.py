@@ -29,10 +29,14 @@ deleted. Waiting is bounded (every request has a deadline, ``--request-timeout``
 409 would push retry loops onto the operator and could starve under a steady load of the adapter's own prompts.
 A request is checked against the served set and queued under the same lock as these changes
 (:meth:`dlplora.serve.app.ServerState.submit`), so no request slips between the check and the removal.
+
+On Ray Serve replicas, :class:`dlplora.serve.live_replicas.ReplicaLibrary` runs the same steps, its commits (and the
+retrained router) going through the library's actor to every replica.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -50,11 +54,16 @@ ROUTABLE, TRAINING, PINNED = "routable", "training", "pinned-only"
 def save_plugin(plugin, directory: Path) -> None:
     """Write the plugin to a new directory beside `directory`, then swap it in (a reader sees the old plugin, the new
     one, or for a moment none; never one file of each)."""
+    swap_in(directory, plugin.save)
+
+
+def swap_in(directory: Path, write) -> None:
+    """`write(new)` fills a new directory beside `directory`, which then replaces it (see :func:`save_plugin`)."""
     directory = Path(directory)
     new = directory.with_name(f".{directory.name}.new-{os.getpid()}")
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     shutil.rmtree(new, ignore_errors=True)
-    plugin.save(new)
+    write(new)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
@@ -64,6 +73,8 @@ def save_plugin(plugin, directory: Path) -> None:
 
 class LiveLibrary:
     """The served adapters of a :class:`dlplora.serve.app.ServerState` and their routing states (see module doc)."""
+
+    shared = False  # True on Ray Serve replicas that follow the library's actor (serve/live_replicas.py)
 
     def __init__(self, state):
         self.state = state
@@ -109,6 +120,13 @@ class LiveLibrary:
             self.changes.append(what)
 
     # -------------------------------------------------- load
+    @contextlib.contextmanager
+    def changing(self, op: str, name: str):
+        """One load or unload at a time (on Ray Serve replicas: across the replicas, see
+        :mod:`dlplora.serve.live_replicas`)."""
+        with self.change:
+            yield
+
     def load(self, name: str, path: Path, examples: list[dict] | None) -> dict:
         """Validate, copy, fuse and serve adapter `name` from the directory `path` (see module doc); `examples`:
         routing prompts (rows of :func:`dlplora.library.example_rows`), or None (pinned-only). Blocking."""
@@ -117,7 +135,7 @@ class LiveLibrary:
 
         t0 = time.perf_counter()
         lib = self.library
-        with self.change:
+        with self.changing("load", name):
             began = time.time()
             with self.lock:
                 if name in self.names:
@@ -142,26 +160,16 @@ class LiveLibrary:
                 if examples:
                     lib.save_routing_prompts(name, examples)
                 staged = time.perf_counter()
-                self.state.scheduler.add_adapter(name, files, weights, timeout=self.config.request_timeout)
+                state = TRAINING if examples else PINNED
+                self.commit_load(name, entry, files, weights, state)
             except BaseException as exc:
-                self._discard(lib, name)
+                if name not in self.names:
+                    self._discard(lib, name)
                 if isinstance(exc, DLPLoRAError):
                     raise APIError(400, f"cannot load LoRA adapter {name!r}: {exc}", param="lora_path",
                                    code="invalid_adapter") from None
                 raise
             fused = time.perf_counter()
-            state = TRAINING if examples else PINNED
-            with self.lock:
-                try:
-                    lib.set_entry(name, entry)
-                except BaseException:
-                    lib.manifest["adapters"].pop(name, None)
-                    self._discard(lib, name)
-                    raise
-                self.names = self.names + [name]
-                self.routing[name] = state
-                self.notes.pop(name, None)
-                self._sync_router()
             ended = time.time()
         if examples:
             self.request_retrain()
@@ -171,6 +179,29 @@ class LiveLibrary:
         return {"object": "lora_adapter", "id": name, "loaded": True, "routing": state,
                 "rank": entry.get("rank"), "targets": entry.get("targets"), "examples": len(examples or ()),
                 "message": f"Success: LoRA adapter '{name}' added successfully."}
+
+    def commit_load(self, name: str, entry: dict, files: Path, weights, state: str) -> None:
+        """Add the staged adapter to the stacks (between two steps), then to ``library.json`` and the served names."""
+        self.state.scheduler.add_adapter(name, files, weights, timeout=self.config.request_timeout)
+        self.serve_loaded(name, entry, state, write=True)
+
+    def serve_loaded(self, name: str, entry: dict, state: str, write: bool) -> None:
+        """`name` (in the stacks already) joins the manifest (and ``library.json`` when `write`) and the served names,
+        in one step."""
+        lib = self.library
+        with self.lock:
+            try:
+                if write:
+                    lib.set_entry(name, entry)
+                else:
+                    lib.manifest["adapters"][name] = entry
+            except BaseException:
+                lib.manifest["adapters"].pop(name, None)
+                raise
+            self.names = self.names + [name]
+            self.routing[name] = state
+            self.notes.pop(name, None)
+            self._sync_router()
 
     def _discard(self, lib, name: str) -> None:
         """Undo a load that failed before it was served: the stacks (a command that ran after its caller gave up on
@@ -189,26 +220,14 @@ class LiveLibrary:
         files (see module doc). Blocking."""
         t0 = time.perf_counter()
         lib = self.library
-        with self.change:
+        with self.changing("unload", name):
             began = time.time()
             with self.lock:
                 if name not in self.names:
                     raise APIError(404, f"the LoRA adapter {name!r} cannot be found; served: {', '.join(self.names)}",
                                    param="lora_name", code="model_not_found")
                 entry = lib.manifest["adapters"].get(name)
-                if entry is not None:
-                    lib.remove_entry(name)
-                self.names = [n for n in self.names if n != name]
-                self.routing.pop(name, None)
-                self.notes.pop(name, None)
-                self._sync_router()
-            sch = self.state.scheduler
-            wait = self.config.request_timeout + 30  # every request has a deadline: the wait ends before this
-            try:
-                sch.remove_adapter(name, wait=True, timeout=wait)
-            except TimeoutError:
-                raise APIError(504, f"{name!r} is no longer served, but requests still used it after {wait:g} s; "
-                                    f"its weights are freed when they end", "timeout_error", code="timeout") from None
+            self.commit_unload(name)
             if entry is not None:
                 files = (lib.root / str(entry.get("path") or f"adapters/{name}")).resolve()
                 if files.is_relative_to((lib.root / "adapters").resolve()):
@@ -222,6 +241,34 @@ class LiveLibrary:
         log.info("unloaded LoRA adapter %s", name)
         return {"object": "lora_adapter", "id": name, "loaded": False, "seconds": waited,
                 "message": f"Success: LoRA adapter '{name}' removed successfully."}
+
+    def commit_unload(self, name: str) -> None:
+        self.stop_serving(name, write=True)
+        self.free(name)
+
+    def stop_serving(self, name: str, write: bool) -> None:
+        """`name` leaves the manifest (and ``library.json`` when `write`), the served names and the router's choices at
+        once."""
+        lib = self.library
+        with self.lock:
+            if name in lib.manifest["adapters"]:
+                if write:
+                    lib.remove_entry(name)
+                else:
+                    lib.manifest["adapters"].pop(name)
+            self.names = [n for n in self.names if n != name]
+            self.routing.pop(name, None)
+            self.notes.pop(name, None)
+            self._sync_router()
+
+    def free(self, name: str) -> None:
+        """Remove `name` from the stacks once no queued or running request uses it (504 past every deadline)."""
+        wait = self.config.request_timeout + 30  # every request has a deadline: the wait ends before this
+        try:
+            self.state.scheduler.remove_adapter(name, wait=True, timeout=wait)
+        except TimeoutError:
+            raise APIError(504, f"{name!r} is no longer served, but requests still used it after {wait:g} s; "
+                                f"its weights are freed when they end", "timeout_error", code="timeout") from None
 
     # -------------------------------------------------- retraining the router
     def request_retrain(self) -> None:
@@ -248,6 +295,26 @@ class LiveLibrary:
         with self.lock:
             self._closed = True
 
+    def adopt_router(self, plugin, names: list[str], waiting: list[str]) -> bool:
+        """Save the retrained router and swap it in, `waiting` now routable; False when the server stopped."""
+        save_plugin(plugin, getattr(self.engine, "plugin_dir", None) or self.library.plugin_dir())
+        with self.lock:
+            if self._closed:
+                return False
+            for n in waiting:
+                if self.routing.get(n) == TRAINING:
+                    self.routing[n] = ROUTABLE
+            self._sync_router(plugin)
+        return True
+
+    def router_failed(self, waiting: list[str], why: str) -> None:
+        """Retraining failed: `waiting` stay pinned-only, with the reason as their note."""
+        with self.lock:
+            for n in waiting:
+                if self.routing.get(n) == TRAINING:
+                    self.routing[n] = PINNED
+                    self.notes[n] = f"retraining the router failed: {why}"
+
     def _train_loop(self) -> None:
         from ..plugin import Plugin, train_plugin_from_library
 
@@ -271,23 +338,13 @@ class LiveLibrary:
                 with self.lock:
                     if self._closed:  # the server stopped while it trained
                         return
-                save_plugin(plugin, getattr(self.engine, "plugin_dir", None) or self.library.plugin_dir())
+                if not self.adopt_router(plugin, names, waiting):
+                    return
             except Exception as exc:
                 log.warning("retraining the router failed: %s", exc)
-                with self.lock:
-                    for n in waiting:
-                        if self.routing.get(n) == TRAINING:
-                            self.routing[n] = PINNED
-                            self.notes[n] = f"retraining the router failed: {exc}"
+                self.router_failed(waiting, str(exc))
                 self._record(op="retrain", names=names, ok=False, error=str(exc), at=time.time())
                 continue
-            with self.lock:
-                if self._closed:
-                    return
-                for n in waiting:
-                    if self.routing.get(n) == TRAINING:
-                        self.routing[n] = ROUTABLE
-                self._sync_router(plugin)
             self._record(op="retrain", names=names, ok=True, seconds=round(time.perf_counter() - t0, 3),
                          train_seconds=report["train_seconds"], examples=report["train_examples"], at=time.time())
             log.info("the router retrained on %d adapters in %.1f s; routable now: %s", len(names),

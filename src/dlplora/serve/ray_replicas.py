@@ -1,7 +1,7 @@
 """The Ray Serve deployments of :mod:`dlplora.serve.ray_serve`: the engine replicas (:class:`EngineHTTP`, the
 proxy's ingress; :class:`EngineBehindIngress`, behind :class:`Ingress`), the ingress that routes once, the request
 router that places requests by adapter set (:class:`SetAffinityRouter`) and the actor that sums the replicas'
-metrics (:class:`MetricsHub`). Imported on Ray only."""
+metrics (:class:`MetricsHub`); the library's actor is :mod:`dlplora.serve.library_actor`. Imported on Ray only."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ from .protocol import ROUTED_HEADER, error_response, parse_generation
 
 log = logging.getLogger("dlplora.server")
 REPLICA_HEADER = "x-dlp-lora-replica"
+LIBRARY_HEADER = "x-dlp-lora-library"  # the version of the live library a replica answered with (the ingress follows)
 METRICS_ACTOR, METRICS_PUSH_S, METRICS_TTL_S = "metrics", 2.0, 10.0
+LIBRARY_ACTOR = "library"  # the deployment-scoped actor of the live library (serve/library_actor.py)
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
@@ -60,10 +62,11 @@ def load_engine(spec: dict):
 
 class MountedApp:
     """ASGI middleware: the app sees its own paths under Serve's route prefix (``root_path`` cut from ``path``), and
-    every response names the replica that answered (:data:`REPLICA_HEADER`)."""
+    every response names the replica that answered (:data:`REPLICA_HEADER`) and, when the library is live, the
+    version of it that the replica serves (:data:`LIBRARY_HEADER`, from `version()`)."""
 
-    def __init__(self, app, replica: str):
-        self.server_app, self.replica = app, replica.encode()
+    def __init__(self, app, replica: str, version=None):
+        self.server_app, self.replica, self.version = app, replica.encode(), version
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -74,7 +77,10 @@ class MountedApp:
 
         async def send_(msg):
             if msg["type"] == "http.response.start":
-                msg = dict(msg, headers=list(msg.get("headers", [])) + [(REPLICA_HEADER.encode(), self.replica)])
+                extra = [(REPLICA_HEADER.encode(), self.replica)]
+                if self.version is not None:
+                    extra.append((LIBRARY_HEADER.encode(), str(self.version()).encode()))
+                msg = dict(msg, headers=list(msg.get("headers", [])) + extra)
             await send(msg)
 
         await self.server_app(scope, receive, send_)
@@ -100,8 +106,8 @@ class MetricsHub:
 
 
 class EngineReplica:
-    """One replica: an engine and the server's app (:func:`dlplora.serve.app.create_app`), runtime adapters refused,
-    /metrics summed over the replicas."""
+    """One replica: an engine and the server's app (:func:`dlplora.serve.app.create_app`), runtime adapter changes
+    through the library's actor (with --allow-runtime-adapters), /metrics summed over the replicas."""
 
     async def __init__(self, spec: dict, behind_ingress: bool = False):
         from .app import create_app
@@ -114,8 +120,16 @@ class EngineReplica:
             self.replica = f"local-{id(self):x}"
         self.server_app = create_app(engine, config)
         self.state = self.server_app.state.dlp
+        if config.allow_runtime_adapters:  # loads and unloads reach every replica (serve/live_replicas.py)
+            from .live_replicas import ReplicaLibrary
+
+            self.state.live = ReplicaLibrary(self.state, lambda: serve.get_deployment_actor(LIBRARY_ACTOR),
+                                             self.replica)
+            await self.state.live.start()  # the current library, before serving
         self.state.metrics_hook = self.all_metrics
-        self.server_app.add_middleware(MountedApp, replica=self.replica)
+        live = self.state.live if self.state.live.shared else None
+        self.server_app.add_middleware(MountedApp, replica=self.replica,
+                                       version=(lambda: live.version or 0) if live is not None else None)
         self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
         log.info("replica %s: %d adapters, torch threads %s", self.replica, len(engine.names), spec.get("threads"))
 
@@ -152,6 +166,8 @@ class EngineReplica:
 
     async def _stop_pusher(self) -> None:
         self._pusher.cancel()
+        if self.state.live.shared:
+            await self.state.live.stop()
         try:
             await (await self._hub()).drop.remote(self.replica)
         except Exception:
@@ -270,7 +286,7 @@ class Ingress:
 
         torch.set_num_threads(1)
         self.engine, self.affinity, self.config = engine, affinity, spec["config"]
-        self.view = RouterView(spec)
+        self.spec, self.view, self.library_version = spec, RouterView(spec), None
         self.lock = threading.Lock()
         self.info: dict | None = None
 
@@ -314,6 +330,25 @@ class Ingress:
             return None, None
         return json.dumps(sorted(aset)), {"adapters": aset, "why": why}
 
+    def _follow_library(self, headers) -> None:
+        """A replica answered from another version of the live library than the one this ingress read: read the
+        library and its router again (``library.json`` and the plugin directory, which the library's actor keeps
+        current), so that loaded adapters are placed and routed to, and unloaded ones no longer are."""
+        version = next((v for k, v in headers if k == LIBRARY_HEADER.encode()), None)
+        if version is None or version == self.library_version:
+            return
+        self.library_version, self.info = version, None  # the served names: asked again
+        asyncio.get_running_loop().create_task(self._reread())
+
+    async def _reread(self) -> None:
+        try:
+            view = await asyncio.to_thread(RouterView, self.spec)
+        except Exception as exc:  # the replicas still route what the ingress does not (submit's fallback)
+            log.warning("reading the library again failed: %s", exc)
+            return
+        with self.lock:
+            self.view = view
+
     async def asgi(self, scope, receive, send):
         if scope["type"] == "lifespan":
             while True:
@@ -351,6 +386,7 @@ class Ingress:
             async for msg in gen:
                 if msg["type"] == "http.response.start":
                     started = True
+                    self._follow_library(msg.get("headers", []))
                     stream = any(k == b"content-type" and v.startswith(b"text/event-stream")
                                  for k, v in msg.get("headers", []))
                 await send(msg)

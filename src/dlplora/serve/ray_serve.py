@@ -30,10 +30,15 @@ Placement (``--placement``), which replica gets a request:
 restarts starts its counters from zero, which Prometheus reads as a counter reset. Every response carries the
 header ``x-dlp-lora-replica`` naming the replica that answered.
 
-Runtime adapter loads and unloads (``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``) answer 501: one call
-would change one replica's library and leave the others (and any replica Serve starts later) behind. Change the
-library on disk and deploy again; the library's stamp is part of the replicas' arguments, so Serve replaces them
-one by one. The library directory must be readable at the same path on every node.
+Runtime adapter loads and unloads (``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``, with
+``--allow-runtime-adapters``) reach every replica: a deployment-scoped actor (:mod:`dlplora.serve.library_actor`)
+owns the served names, their routing states, ``library.json`` and the router, and the replicas follow it
+(:mod:`dlplora.serve.live_replicas`): the call returns when every replica applied the change between two decode steps,
+the router is retrained once (by the replica that took the call) and handed to every replica, and a replica that
+starts later takes the current library before it serves. The library directory (and ``--adapter-root``) must be
+readable at the same path on every node. Without ``--allow-runtime-adapters``, change the library on disk
+(``dlp-lora library add`` / ``remove``) and deploy again: the library's stamp is part of the replicas' arguments, so
+Serve replaces them one by one.
 """
 
 from __future__ import annotations
@@ -90,7 +95,7 @@ def build_app(spec: dict, replicas: int | None = 1, min_replicas: int | None = N
     from ray import serve
     from ray.serve.config import DeploymentActorConfig, RequestRouterConfig
 
-    from .ray_replicas import METRICS_ACTOR, EngineBehindIngress, EngineHTTP, Ingress, MetricsHub
+    from .ray_replicas import LIBRARY_ACTOR, METRICS_ACTOR, EngineBehindIngress, EngineHTTP, Ingress, MetricsHub
 
     check_scaling(replicas if max_replicas is None else None, min_replicas, max_replicas, placement)
     cfg = spec["config"]
@@ -100,11 +105,15 @@ def build_app(spec: dict, replicas: int | None = 1, min_replicas: int | None = N
         scaling = {"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas,
                                           "initial_replicas": max(1, min_replicas),
                                           "target_ongoing_requests": target_ongoing or cfg.max_batch_size}}
+    actors = [DeploymentActorConfig(name=METRICS_ACTOR, actor_class=MetricsHub, actor_options={"num_cpus": 0})]
+    if cfg.allow_runtime_adapters:
+        from .library_actor import LibraryHub
+
+        actors.append(DeploymentActorConfig(name=LIBRARY_ACTOR, actor_class=LibraryHub, actor_options={"num_cpus": 0},
+                                            init_kwargs={"library": spec["library"], "plugin_dir": spec.get("plugin")}))
     opts = dict(name=ENGINE, ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
                 max_ongoing_requests=cfg.max_batch_size + cfg.max_queue, graceful_shutdown_timeout_s=cfg.request_timeout,
-                health_check_period_s=10, max_constructor_retry_count=3,
-                deployment_actors=[DeploymentActorConfig(name=METRICS_ACTOR, actor_class=MetricsHub,
-                                                         actor_options={"num_cpus": 0})], **scaling)
+                health_check_period_s=10, max_constructor_retry_count=3, deployment_actors=actors, **scaling)
     if placement == "serve":
         return serve.deployment(serve.ingress()(EngineHTTP), **opts).bind(spec)
     if placement == "by-set":
