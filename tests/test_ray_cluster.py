@@ -250,6 +250,15 @@ def test_eval_on_the_cluster_equals_one_machine(cluster, tiny_data, tiny_model, 
     assert r.returncode == 0, r.stderr[-3000:]
     here = json.loads((tmp_path / "here" / "results.json").read_text())
     logs = []
+    import ray
+
+    from dlplora.cluster import join_ray
+
+    join_ray(cluster)
+    for _ in range(120):  # the previous tests' replicas gone: both CPUs free for the 2 workers
+        if ray.available_resources().get("CPU", 0) >= 2:
+            break
+        time.sleep(1)
     t0 = time.perf_counter()
     there = run_evaluation(EvalConfig(lib, out=tmp_path / "there", ray_address=cluster, **kw), log=logs.append)
     t_there = time.perf_counter() - t0

@@ -35,6 +35,8 @@ from ray.util import ActorPool
 from ..errors import DLPLoRAError
 from .cache import append_records
 
+START_TIMEOUT = 300  # seconds for every worker actor to be placed and started
+
 
 @ray.remote(num_cpus=1)
 class GridWorker:
@@ -111,8 +113,15 @@ class GridWorkers:
         (Path(cache_dir) / probe).write_text("the evaluation's workers look for this file: is the cache shared?\n")
         self.actors = [GridWorker.options(scheduling_strategy="SPREAD").remote(recipe, str(Path(cache_dir).resolve()),
                                                                                probe) for _ in range(n)]
-        self.pool = ActorPool(self.actors)
         self.probe = Path(cache_dir) / probe
+        try:  # every worker placed and started before the first batch is handed out (none waits on a pending one)
+            ray.get([a.__ray_ready__.remote() for a in self.actors], timeout=START_TIMEOUT)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
+            self.close()
+            raise DLPLoRAError(f"the {n} evaluation workers did not all start on the Ray cluster at {address} within "
+                               f"{START_TIMEOUT} s ({type(exc).__name__}); are its CPUs held by another job? "
+                               f"(`ray status`; or fewer with --ray-workers)") from None
+        self.pool = ActorPool(self.actors)
         log(f"evaluating on Ray at {address}: {n} workers of 1 CPU")
 
     def bind(self, key: str) -> "BoundWorkers":
