@@ -62,12 +62,7 @@ class Offline:
         rows: list[dict] = [{}] * len(self.items)
         for it, r in zip(self.order, done):
             rows[it.index] = r
-        ok = [r for r in rows if "error" not in r]
-        tokens = sum(r["tokens"] for r in ok)
-        s = {"requests": len(rows), "failed": len(rows) - len(ok), "duration_s": round(dt, 3), "output_tokens": tokens,
-             "output_tok_s": round(tokens / dt, 2), "requests_per_s": round(len(ok) / dt, 3)}
-        log(f"  {'offline':<12} batch {c:>3}:       {s['output_tok_s']:8.1f} tok/s  failed {s['failed']}")
-        return s, rows
+        return summary(rows, dt, f"{'offline':<12} batch {c:>3}", log), rows
 
     def continuous(self, c: int, log) -> tuple[dict, list[dict]]:
         """(summary, rows {"text", "tokens"} in the items' order) through the server's scheduler with `c` slots, every
@@ -110,9 +105,14 @@ class Offline:
         finally:
             sch.stop()
             eng.fusion.clear()
-        ok = [r for r in rows if "error" not in r]
-        tokens = sum(r["tokens"] for r in ok)
-        s = {"requests": len(rows), "failed": len(rows) - len(ok), "duration_s": round(dt, 3), "output_tokens": tokens,
-             "output_tok_s": round(tokens / dt, 2), "requests_per_s": round(len(ok) / dt, 3)}
-        log(f"  {'offline-cont':<12} slots {c:>3}:       {s['output_tok_s']:8.1f} tok/s  failed {s['failed']}")
-        return s, rows
+        return summary(rows, dt, f"{'offline-cont':<12} slots {c:>3}", log), rows
+
+
+def summary(rows: list[dict], dt: float, label: str, log) -> dict:
+    """A run's figures from its rows ({"tokens"} or {"error"}) and its duration `dt` (seconds), logged under `label`."""
+    ok = [r for r in rows if "error" not in r]
+    tokens = sum(r["tokens"] for r in ok)
+    s = {"requests": len(rows), "failed": len(rows) - len(ok), "duration_s": round(dt, 3), "output_tokens": tokens,
+         "output_tok_s": round(tokens / dt, 2), "requests_per_s": round(len(ok) / dt, 3)}
+    log(f"  {label}:       {s['output_tok_s']:8.1f} tok/s  failed {s['failed']}")
+    return s
