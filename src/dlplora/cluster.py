@@ -35,6 +35,11 @@ def join_ray(address: str) -> None:
     _check_reachable(address)
     host = address.rsplit(":", 1)[0]
     local = {"_node_ip_address": host} if host in ("127.0.0.1", "localhost") else {}
+    if ray.is_initialized() and address != "auto":
+        # already connected (an earlier call in this process): to another cluster, or to one since stopped, ray.init
+        # with ignore_reinit_error would keep the old connection and every actor would be created there
+        if ray.get_runtime_context().gcs_address != address:
+            ray.shutdown()
     try:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, **local)
     except ConnectionError as exc:
