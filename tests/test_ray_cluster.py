@@ -249,19 +249,21 @@ def test_eval_on_the_cluster_equals_one_machine(cluster, tiny_data, tiny_model, 
     t_here = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr[-3000:]
     here = json.loads((tmp_path / "here" / "results.json").read_text())
-    logs = []
-    import ray
-
-    from dlplora.cluster import join_ray
-
-    join_ray(cluster)
-    for _ in range(120):  # the previous tests' replicas gone: both CPUs free for the 2 workers
-        if ray.available_resources().get("CPU", 0) >= 2:
-            break
-        time.sleep(1)
+    # the cluster's run in a fresh interpreter too: this process holds Ray state (connections, a Serve app's actors)
+    # from the tests before, which is not what a user's `eval --ray-address` starts from
+    cluster_code = ("import sys, json, time, ray\nfrom dlplora.cluster import join_ray\n"
+                    "from dlplora.eval.harness import run_evaluation\nfrom dlplora.eval.settings import EvalConfig\n"
+                    f"join_ray({cluster!r})\n"
+                    "for _ in range(120):  # the previous tests' replicas gone: both CPUs free for the 2 workers\n"
+                    "    if ray.available_resources().get('CPU', 0) >= 2: break\n    time.sleep(1)\n"
+                    f"run_evaluation(EvalConfig({str(lib)!r}, out={str(tmp_path / 'there')!r}, ray_address={cluster!r}, "
+                    "**json.loads(sys.argv[1])), log=print)\n")
     t0 = time.perf_counter()
-    there = run_evaluation(EvalConfig(lib, out=tmp_path / "there", ray_address=cluster, **kw), log=logs.append)
+    r = subprocess.run([sys.executable, "-c", cluster_code, json.dumps(kw)], capture_output=True, text=True, timeout=600)
     t_there = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = r.stdout.splitlines()
+    there = json.loads((tmp_path / "there" / "results.json").read_text())
     print(f"eval in one process {t_here:.1f} s (its start included), on the 2-node cluster {t_there:.1f} s")
     assert any("2 workers of 1 CPU" in line for line in logs), logs
     assert there["cache"]["new_predictions"] == here["cache"]["new_predictions"] > 0
