@@ -76,6 +76,15 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int8 per channel, per-token activations"
 
 
+def _replace_linears(model, make):
+    """Every plain nn.Linear of `model` replaced in place by ``make(linear)``; returns the model."""
+    for _, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, make(child))
+    return model
+
+
 def quantize_int8(model):
     """Replace every nn.Linear of the model by an :class:`Int8Linear` (CPU, fp32 activations), in place."""
     p = _check_cpu(model, "int8")
@@ -84,11 +93,7 @@ def quantize_int8(model):
                            f"(it is {str(p.dtype).replace('torch.', '')})")
     if not hasattr(torch, "_int_mm"):
         raise DLPLoRAError("--quantize int8 needs PyTorch's _int_mm (torch >= 2.2)")
-    for _, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, Int8Linear(child))
-    return model
+    return _replace_linears(model, Int8Linear)
 
 
 class Int4Linear(nn.Module):
@@ -154,11 +159,7 @@ def quantize_int4(model):
                            f"(it is {str(p.dtype).replace('torch.', '')})")
     if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         raise DLPLoRAError("--quantize int4 needs PyTorch's _weight_int4pack_mm_for_cpu (torch >= 2.5)")
-    for _, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, Int4Linear(child))
-    return model
+    return _replace_linears(model, Int4Linear)
 
 
 def resolve_quantize(quantize: str | None, device=None, dtype=None) -> str:
