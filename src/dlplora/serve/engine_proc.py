@@ -82,7 +82,6 @@ def engine_main(conn, spec: dict, config: ServeConfig) -> None:
     cv = threading.Condition()
     outbox: list = []
     reqs: dict[str, GenRequest] = {}
-    sent: dict[str, list[int]] = {}  # id -> [tokens sent, entries sent] (requests with logprobs)
     stopping = threading.Event()
 
     def send(msg) -> None:
@@ -90,18 +89,19 @@ def engine_main(conn, spec: dict, config: ServeConfig) -> None:
             conn.send(msg)
 
     def emitter(rid: str):
+        done = [0, 0]  # tokens and logprob entries sent so far (requests with logprobs): the emitter's own, so a
+        # cancel landing between two events (it pops `reqs` on the pipe's thread) cannot break the scheduler's step
+
         def emit(kind, payload):
             r = reqs.get(rid)
             new_tokens = new_entries = None
             if r is not None and r.logprobs is not None:  # the API side's logprob text needs the tokens and entries
-                done = sent[rid]
                 new_tokens, new_entries = r.generated[done[0]:], r.entries[done[1]:]
                 done[0], done[1] = len(r.generated), len(r.entries)
             if kind == "error":
                 payload = error_to_wire(payload)
             if kind in ("done", "error"):
                 reqs.pop(rid, None)
-                sent.pop(rid, None)
             with cv:
                 outbox.append((rid, kind, payload, new_tokens, new_entries))
                 cv.notify()
@@ -164,8 +164,6 @@ def engine_main(conn, spec: dict, config: ServeConfig) -> None:
                 f = msg[1]
                 r = GenRequest(emit=emitter(f["id"]), **f)
                 reqs[r.id] = r
-                if r.logprobs is not None:
-                    sent[r.id] = [0, 0]
                 try:
                     sched.submit(r)
                 except APIError as exc:
@@ -175,7 +173,6 @@ def engine_main(conn, spec: dict, config: ServeConfig) -> None:
                                              code="queue_full", headers={"Retry-After": "1"}))
             elif kind == "cancel":  # the scheduler drops the row at its next step; nobody waits for its events
                 r = reqs.pop(msg[1], None)
-                sent.pop(msg[1], None)
                 if r is not None:
                     r.cancel()
             elif kind == "op":
