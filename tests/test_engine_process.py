@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from dlplora.adapters import load_peft_adapter
 from dlplora.engine import DLPLoRA
 from dlplora.serve import ServeConfig, ServerThread, create_app
 from dlplora.serve.engine_proc import WIRE_FIELDS
@@ -29,7 +30,8 @@ def lib(tmp_path_factory, tiny_model):
 
 def _server(lib, process: bool, **cfg):
     engine = DLPLoRA.from_library(lib)
-    config = ServeConfig(max_batch_size=8, max_tokens_limit=64, request_timeout=60, engine_process=process, **cfg)
+    config = ServeConfig(**{"max_batch_size": 8, "max_tokens_limit": 64, "request_timeout": 60, **cfg},
+                         engine_process=process)
     app = create_app(engine, config, engine_spec=dict(lib_dir=str(lib), threads=1) if process else None)
     return ServerThread(app), app.state.dlp
 
@@ -116,6 +118,34 @@ def test_a_runtime_load_and_unload_reach_the_engine_process(lib, tiny_model, tmp
         assert not state.scheduler.has_adapter("delta")
         r = c.post("/v1/completions", json={"model": "delta", "prompt": "p q r", "max_tokens": 6})
         assert r.status_code == 404
+
+
+def test_an_unload_that_times_out_still_lands_and_frees_the_name(lib, tiny_model, tmp_path):
+    """An unload waiting for a request times out; when the request ends the engine drops the adapter, and the API side
+    hears of it, so the name can be loaded again (has_adapter used to stay true: 409 on every load until a restart)."""
+    served = tmp_path / "lib"
+    shutil.copytree(lib, served)
+    random_peft_adapter(tiny_model, tmp_path / "delta", rank=4, seed=77, std=0.5)
+    srv, state = _server(served, True, allow_runtime_adapters=True, max_tokens_limit=512)
+    sch = state.scheduler
+    with srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        body = {"lora_name": "delta", "lora_path": str(tmp_path / "delta")}
+        assert c.post("/v1/load_lora_adapter", json=body).status_code == 200
+        with c.stream("POST", "/v1/completions", json={"model": "delta", "prompt": "p q r", "max_tokens": 400,
+                                                        "stream": True, "stop": ["never-ever"]}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    with pytest.raises(TimeoutError):
+                        sch.remove_adapter("delta", wait=True, timeout=0.01)
+                    break
+        t0 = time.monotonic()
+        while sch.has_adapter("delta"):
+            assert time.monotonic() - t0 < 30, "the late unload never reached the API side"
+            time.sleep(0.05)
+        assert "delta" not in state.engine.fusion  # the API side's copy follows
+        # the engine's stacks take the name again (the live library refused a load while has_adapter held)
+        sch.add_adapter("delta", served / "adapters" / "delta", load_peft_adapter(served / "adapters" / "delta", "delta"))
+        assert sch.has_adapter("delta") and "delta" in state.engine.fusion
 
 
 def test_a_crashed_engine_fails_requests_in_flight_then_comes_back(lib):

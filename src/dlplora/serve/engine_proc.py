@@ -124,17 +124,25 @@ def engine_main(conn, spec: dict, config: ServeConfig) -> None:
                 except (OSError, EOFError, BrokenPipeError):
                     return
 
+    def and_names(change):
+        """`change` of the stacks, then the engine's adapter names to the API side (also when the change lands after
+        its call timed out: an unload that waited for its requests)."""
+        def run():
+            change()
+            send(("names", list(engine.names)))
+        return run
+
     def run_op(call_id: int, name: str, args: dict) -> None:
         try:
             if name == "add_adapter":
                 weights = load_peft_adapter(args["files"], args["name"])
-                sched.call(lambda: engine.fusion.add_adapter(weights), timeout=args.get("timeout"))
+                sched.call(and_names(lambda: engine.fusion.add_adapter(weights)), timeout=args.get("timeout"))
                 value = None
             elif name == "remove_adapter":
                 n = args["name"]
                 ready = (lambda: not sched.uses(n)) if args.get("wait") else None
-                sched.call(lambda: engine.fusion.remove_adapter(n), ready=ready, timeout=args.get("timeout"),
-                           drop_on_timeout=not args.get("wait"))
+                sched.call(and_names(lambda: engine.fusion.remove_adapter(n)), ready=ready,
+                           timeout=args.get("timeout"), drop_on_timeout=not args.get("wait"))
                 value = None
             elif name == "crash":  # tests: the engine process dies as a segfault would take it
                 import os
@@ -328,6 +336,8 @@ class EngineClient:
             if msg[0] == "events":
                 self._deliver(msg[1])
                 self._absorb(msg[2])
+            elif msg[0] == "names":
+                self._sync_names(msg[1])
             elif msg[0] == "result":
                 _, call_id, ok, value = msg
                 waiter = self.calls.pop(call_id, None)
@@ -439,6 +449,15 @@ class EngineClient:
 
     def has_adapter(self, name: str) -> bool:
         return name in self.names
+
+    def _sync_names(self, names) -> None:
+        """The engine's stacks changed: its names, and the API side's copy loses what the engine dropped."""
+        with self.lock:
+            gone, self.names = self.names - set(names), set(names)
+        with self.engine.lock:
+            for n in gone:
+                if n in self.engine.fusion:
+                    self.engine.fusion.remove_adapter(n)
 
     def crash(self) -> None:
         """Kill the engine process from inside (tests of the recovery)."""
