@@ -130,6 +130,42 @@ def test_slots_mode_equals_peft_and_the_per_row_mode(tiny_model, lib):
     torch.testing.assert_close(got[0], _hf_last_logits(pm, rows[0]), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_int8_sibling_projections_run_as_one_product_with_equal_results(arch, tmp_path):
+    """With int8 bases, q/k/v and gate/up each run as one concatenated product (plus each fused layer's own delta);
+    the logits equal those of the projections run one by one, bit for bit (qwen2: q/k/v with biases)."""
+    from dlplora.quantize import apply_quantize
+
+    d = tiny_model_dir(tmp_path / arch, arch=arch)
+    net = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    specs = {"a": (4, 8, ["q_proj", "v_proj", "up_proj"]), "b": (8, 8, ["k_proj", "gate_proj", "down_proj"])}
+    lib8 = random_peft_library(tmp_path / "lib", d, specs, std=0.5, seed=3)
+    fusion = LoRAFusion(net, [load_peft_adapter(lib8 / "adapters" / n, n) for n in specs])
+    apply_quantize(net, "int8")
+    core = DecodeCore(net, slots=3)
+    fusion.init_slots(3)
+    for i, s in enumerate([{"a": 1.0}, {"a": 0.4, "b": 0.6}, {}]):
+        fusion.set_slot(i, s)
+    fusion.use_slots(0, 3)
+
+    def run():
+        core.reset()
+        out = [core.prefill(0, ROWS[:3], chunk=16)]
+        nxt = out[0].argmax(-1)
+        for _ in range(3):
+            out.append(core.forward(0, nxt[:, None]))
+            nxt = out[-1].argmax(-1)
+        return torch.stack(out)
+
+    fused = run()
+    groups = core._groups
+    assert len(groups) == 2 * len(core.layers) and all(g[1] is not None for g in groups.values())
+    core._groups = {k: (g[0], None, g[2]) for k, g in groups.items()}
+    core._refresh_groups = lambda: None  # the projections one by one
+    assert torch.equal(fused, run())
+    assert core.forward(0, torch.tensor([[1], [2], [3]])).shape[0] == 3  # and unfused layers still run
+
+
 def test_slot_table_errors_name_the_problem(tiny_model, lib):
     net = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     fusion = LoRAFusion(net, [load_peft_adapter(lib / "adapters" / "a", "a")])

@@ -60,6 +60,15 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def _concat_int8(bases):
+    """One :class:`~dlplora.quantize.Int8Linear` for sibling int8 projections (None when any is not int8)."""
+    from .quantize import Int8Linear
+
+    if not all(type(m) is Int8Linear for m in bases):
+        return None
+    return Int8Linear.concat(list(bases))
+
+
 def _rotate_half(x):
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -92,6 +101,7 @@ class DecodeCore:
         self.cache = self._new_cache(slots)
         self._compiled = None
         self._compile_noted = False
+        self._groups: dict = {}  # (layer, 0 = q/k/v | 1 = gate/up) -> (the base layers, their concatenation or None)
 
     def _new_cache(self, slots: int) -> SlotKVCache:
         return SlotKVCache(len(self.layers), slots, self.kv_heads, self.head_dim, self.max_len, self.dtype, self.device)
@@ -135,6 +145,7 @@ class DecodeCore:
         mask = torch.arange(width, device=dev)[None, None, None, :] <= pos[:, None, :, None]  # [b, 1, t, W]
         rows = torch.arange(first, first + b, device=dev)[:, None]
         last = torch.tensor([n - 1 for n in n_tok], dtype=torch.long, device=dev)
+        self._refresh_groups()
         step = self._compiled if (self._compiled is not None and t == 1) else self._layers
         if step is self._compiled and not self._compile_noted:  # torch.compile works at the first call: say so
             self._compile_noted = True
@@ -156,21 +167,45 @@ class DecodeCore:
         cos, sin = cos[:, None], sin[:, None]  # [b, 1, t, D]
         D, Hq, Hk = self.head_dim, self.n_heads, self.kv_heads
         for li, layer in enumerate(self.layers):
-            at = layer.self_attn
+            at, mlp = layer.self_attn, layer.mlp
             h = layer.input_layernorm(x)
-            q = at.q_proj(h).view(b, t, Hq, D).transpose(1, 2)
-            k = at.k_proj(h).view(b, t, Hk, D).transpose(1, 2)
-            v = at.v_proj(h).view(b, t, Hk, D)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = self._siblings(li, 0, (at.q_proj, at.k_proj, at.v_proj), h)
+            # rotary over the query and key heads at once
+            qk = torch.cat([q.view(b, t, Hq, D), k.view(b, t, Hk, D)], 2).transpose(1, 2)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk[:, :Hq], qk[:, Hq:]
+            v = v.view(b, t, Hk, D)
             K, V = cache.k[li], cache.v[li]
             K[rows, :, pos_w] = k.transpose(1, 2).to(K.dtype)
             V[rows, :, pos_w] = v.to(V.dtype)
             o = self._attend(q, K[first:first + b, :, :width], V[first:first + b, :, :width], mask)
             x = x + at.o_proj(o.transpose(1, 2).reshape(b, t, Hq * D))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            g, u = self._siblings(li, 1, (mlp.gate_proj, mlp.up_proj), layer.post_attention_layernorm(x))
+            x = x + mlp.down_proj(mlp.act_fn(g) * u)
         hidden = x[torch.arange(b, device=x.device), last]
         return self.model.lm_head(self.inner.norm(hidden))
+
+    def _refresh_groups(self) -> None:
+        """Match the sibling groups to the layers' current modules (quantising, or fusing a library, after the core
+        was made replaces them): a group whose base layers changed is rebuilt."""
+        for li, layer in enumerate(self.layers):
+            at, mlp = layer.self_attn, layer.mlp
+            for which, mods in enumerate(((at.q_proj, at.k_proj, at.v_proj), (mlp.gate_proj, mlp.up_proj))):
+                bases = tuple(m.base if hasattr(m, "add_delta") else m for m in mods)
+                group = self._groups.get((li, which))
+                if group is None or any(a is not b for a, b in zip(group[0], bases)):
+                    self._groups[(li, which)] = (bases, _concat_int8(bases), [m.out_features for m in bases])
+
+    def _siblings(self, li: int, which: int, mods, h) -> list:
+        """The projections `mods` of one input `h` (a layer's q/k/v, or its gate/up). Where their base layers are
+        int8 (:class:`~dlplora.quantize.Int8Linear`), one concatenated layer computes them all: one per-token
+        quantisation and one int32 product instead of one per projection, with equal results; a fused adapter
+        layer then adds its own low-rank delta (``add_delta``). Otherwise each projection runs as it is."""
+        bases, fused, sizes = self._groups[(li, which)]
+        if fused is None:
+            return [m(h) for m in mods]
+        outs = fused(h).split(sizes, -1)
+        return [y if m is base else m.add_delta(y, h) for m, base, y in zip(mods, bases, outs)]
 
     def _attend(self, q, k, v, mask):
         """Grouped-query attention: q [b, Hq, t, D] over k, v [b, Hk, W, D] with mask [b, 1, t, W]. Each key

@@ -202,7 +202,11 @@ class FusedLoRALinear(nn.Module):
 
     # -------------------------------------------------- forward (hot path)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        return self.add_delta(self.base(x), x)
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`y` (the base projection of `x`, computed by the caller: the decoding core computes sibling projections
+        in one product) plus the routed adapters' low-rank delta of `x`."""
         mode = self.state.mode
         if mode is None or mode == "merged":
             return y

@@ -63,6 +63,23 @@ class Int8Linear(nn.Module):
         """The dequantised weight [out, in] (float32), for inspection and tests."""
         return (self.qweight_t.T.float() * self.wscale[:, None])
 
+    @classmethod
+    def concat(cls, layers: "list[Int8Linear]") -> "Int8Linear":
+        """One layer whose outputs are those of `layers` (same inputs) side by side: their int8 columns and scales
+        concatenated, so one per-token quantisation and one int32 product serve them all. Each output equals the
+        layer's own, bit for bit (the scales are per channel and per token, the int32 sums exact)."""
+        if len({l.in_features for l in layers}) != 1:
+            raise DLPLoRAError("Int8Linear.concat: the layers read inputs of different widths")
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        out.register_buffer("qweight_t", torch.cat([l.qweight_t for l in layers], 1).contiguous())
+        out.register_buffer("wscale", torch.cat([l.wscale for l in layers]))
+        biases = [l.bias for l in layers]
+        out.bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach() if b is not None else l.wscale.new_zeros(l.out_features) for b, l in zip(biases, layers)])
+        out.in_features, out.out_features = layers[0].in_features, sum(l.out_features for l in layers)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
