@@ -592,3 +592,23 @@ def test_multiturn_history_holds_the_ranked_choice_or_a_generated_answer(tiny_li
     with pytest.raises(DLPLoRAError, match="mt-mcq-reply"):
         run_evaluation(tiny_library, data=tiny_data, out=tmp_path / "bad", settings=["multiturn"], methods=["base"],
                        model=str(tiny_model), progress=False, engine=engine, mt_mcq_reply="letter", log=lambda *a: None)
+
+
+def test_cache_keys_name_the_precision_and_the_quantisation_scheme():
+    """Predictions cached in one precision are not reused in another: fp32 on the CPU keeps the old keys, other dtypes
+    and devices add theirs, and a quantised model adds its scheme (not a bare flag: per-token int8 replaced dynamic
+    int8 under the same name)."""
+    from types import SimpleNamespace as NS
+
+    from dlplora.config import QUANTIZE_SCHEMES
+    from dlplora.eval.harness import precision_tag
+    from dlplora.quantize import INT4_GROUP
+
+    def eng(dtype, quantize="none", dev="cpu"):
+        return NS(model=NS(dtype=dtype, device=torch.device(dev)), quantize=quantize)
+
+    assert precision_tag(eng(torch.float32)) == ""
+    assert precision_tag(eng(torch.bfloat16)) == "-bfloat16-cpu"
+    assert precision_tag(eng(torch.float32, "int8")) == "-int8-per-channel-per-token"
+    assert precision_tag(eng(torch.bfloat16, "int4")) == f"-bfloat16-cpu-int4-g{INT4_GROUP}"
+    assert QUANTIZE_SCHEMES["int4"] == f"int4-g{INT4_GROUP}"

@@ -17,6 +17,8 @@ DEFAULT_P = 0.6
 WEIGHTINGS = ("softmax", "renorm")  # kept probabilities -> fusion weights: softmax (paper eq. 5) or renormalised
 FUSION_MODES = ("auto", "unmerged", "shared", "merged")  # see dlplora.fusion
 QUANTIZE = ("auto", "none", "int8", "int4")  # --quantize, see dlplora.quantize (auto: dlplora.device)
+# the scheme behind each name, for cache keys (eval): a new scheme under the same name computes other numbers
+QUANTIZE_SCHEMES = {"int8": "int8-per-channel-per-token", "int4": "int4-g32"}
 DEFAULT_MAX_NEW_TOKENS = 128
 # Joins earlier user turns and the current one in the text the router reads (DLPLoRA.routing_text); the
 # plugin's featuriser splits on it to tell the current turn from its context. The record separator is

@@ -20,7 +20,7 @@ import math
 import time
 from pathlib import Path
 
-from ..config import check_p
+from ..config import QUANTIZE_SCHEMES, check_p
 from ..errors import DLPLoRAError
 from ..tasks import user_message
 from .cache import PredictionCache, adapters_signature, cache_namespace, content_tag, library_signature, set_tag
@@ -158,6 +158,19 @@ def run_evaluation(config: EvalConfig | None = None, *, engine=None, arrow=None,
             run.workers.close()
 
 
+def precision_tag(engine) -> str:
+    """The part of a cache key that names the numbers a model computes: its dtype and device unless fp32 on the CPU
+    (the keys of older caches), and its quantisation scheme (:data:`dlplora.config.QUANTIZE_SCHEMES`)."""
+    tag = ""
+    dtype = str(engine.model.dtype).replace("torch.", "")
+    if dtype != "float32" or engine.model.device.type != "cpu":
+        tag += f"-{dtype}-{engine.model.device.type}"
+    quantize = getattr(engine, "quantize", "none") or "none"
+    if quantize != "none":
+        tag += f"-{QUANTIZE_SCHEMES.get(quantize, quantize)}"
+    return tag
+
+
 class _Run:
     """One evaluation run: the checked configuration, the loaded models, the prediction cache; one method per
     piece of the grid."""
@@ -189,12 +202,8 @@ class _Run:
                                                                              dtype=c.dtype, device=c.device,
                                                                              quantize=c.quantize, adapters=self.names)
         self.fused = FusedRunner(self.engine)
-        self.sig = library_signature(self.lib)
-        dtype = str(self.engine.model.dtype).replace("torch.", "")
-        if dtype != "float32" or self.engine.model.device.type != "cpu":  # other numbers: other cache keys
-            self.sig += f"-{dtype}-{self.engine.model.device.type}"
-        if self.engine.fusion.quantized:
-            self.sig += f"-{self.engine.fusion.quantized}"
+        self.precision = precision_tag(self.engine)
+        self.sig = library_signature(self.lib) + self.precision
         self.skipped: dict[str, str] = {}
         if "dlp" in self.methods and self.engine.router is None:
             self.skipped["dlp"] = "the library has no plugin (train one with `dlp-lora train-plugin`)"
@@ -314,7 +323,7 @@ class _Run:
 
     def _runner_and_sig(self, method: str, name: str):
         if method == "multitask":
-            return self.static[name], f"{adapters_signature(self.lib, [name])}-static"
+            return self.static[name], f"{adapters_signature(self.lib, [name])}{self.precision}-static"
         if method == "merge-all":
             return self.static[method], f"{self.sig}-static"
         if method == "arrow":
