@@ -131,3 +131,16 @@ def test_changes_are_refused_while_a_routing_is_set_and_leave_the_fusion_as_it_w
     assert all(torch.equal(v, plain[k]) for k, v in model.state_dict().items())
     fusion.add_adapter(ads["a"])  # and it takes adapters again
     assert fusion.names == ["a"]
+
+
+def test_with_every_adapter_removed_a_slot_still_refuses_an_unknown_adapter(tiny_model):
+    """An empty fusion serves every slot as the base model, but a set naming an adapter it lacks is an error (the
+    scheduler's guard), not silently the base model."""
+    model = _model(tiny_model)
+    fusion = LoRAFusion(model, list(_adapters(model).values())[:1])
+    fusion.init_slots(2)
+    fusion.remove_adapter(fusion.names[0])
+    assert not fusion.layers
+    fusion.set_slot(0, {})
+    with pytest.raises(DLPLoRAError, match="unknown adapter 'ghost'"):
+        fusion.set_slot(1, {"ghost": 1.0})

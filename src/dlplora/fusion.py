@@ -455,11 +455,11 @@ class LoRAFusion:
         if not 0 <= slot < n:
             raise DLPLoRAError(f"slot {slot} is outside the slot table {table!r} ({n} slots; call init_slots first)")
         live = {n: float(w) for n, w in adapters.items() if float(w) != 0.0}
-        if not self.layers:  # no adapter loaded: every slot is the base model
-            return
-        idx, wts = self.encode([live])
+        idx, wts = self.encode([live])  # names checked first: an unknown adapter is an error, also with none loaded
         if not torch.isfinite(wts).all() or (wts < 0).any():
             raise DLPLoRAError("routing weights must be finite and non-negative")
+        if not self.layers:  # no adapter loaded: every slot is the base model
+            return
         dev = next(iter(self.layers.values())).A.device
         idx, wts = idx[0, :len(live)].to(dev), wts[0, :len(live)].to(dev)
         with torch.no_grad():
