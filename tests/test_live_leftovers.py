@@ -134,3 +134,38 @@ def test_stage_adapter_under_a_root_serves_what_it_copied(tmp_path, tiny_model):
     with pytest.raises(DLPLoRAError, match="leads outside"):
         stage_adapter(lib, "c", root / "ad", model=str(tiny_model), root=str(root))
     assert not (lib_dir / "adapters" / "c").exists() and not list((lib_dir / "adapters").glob(".*"))
+
+
+def test_a_retrained_router_carries_the_library_version_its_adapters_were_read_at(monkeypatch):
+    """On Ray Serve replicas a router is published with the library version of the adapter list it trained on, not the
+    version reached when it finishes: else a retraining that started before a load, finishing after the load's own
+    retraining, replaced the newer router and the new adapter was never routed."""
+    import threading
+    from types import SimpleNamespace as NS
+
+    import dlplora.plugin as plugin_mod
+    from dlplora.serve.live import ROUTABLE, LiveLibrary
+
+    class Replica(LiveLibrary):
+        version = 1
+        published: list = []
+
+        def library_version(self):
+            return self.version
+
+        def adopt_router(self, plugin, seq, waiting):
+            self.published.append(seq)
+            return True
+
+    def train(library, names, like=None, max_per_adapter=None):
+        lib.version = 2  # a load lands on this replica while it trains
+        return NS(labels=names), {"train_seconds": 0.0, "train_examples": 0}
+
+    monkeypatch.setattr(plugin_mod, "train_plugin_from_library", train)
+    state = NS(engine=NS(router=None, names=["a", "b"], library=object()), config=NS(retrain_max_prompts=10),
+               router_lock=threading.Lock())
+    lib = Replica(state)
+    lib.routing = {"a": ROUTABLE, "b": ROUTABLE}
+    lib._dirty = True
+    lib._train_loop()
+    assert Replica.published == [1]

@@ -295,8 +295,13 @@ class LiveLibrary:
         with self.lock:
             self._closed = True
 
-    def adopt_router(self, plugin, names: list[str], waiting: list[str]) -> bool:
-        """Save the retrained router and swap it in, `waiting` now routable; False when the server stopped."""
+    def library_version(self) -> int:
+        """The version of the library state a retraining starts from (one process: one trainer, nothing to order)."""
+        return 0
+
+    def adopt_router(self, plugin, seq: int, waiting: list[str]) -> bool:
+        """Save the retrained router (trained from library version `seq`) and swap it in, `waiting` now routable;
+        False when the server stopped."""
         save_plugin(plugin, getattr(self.engine, "plugin_dir", None) or self.library.plugin_dir())
         with self.lock:
             if self._closed:
@@ -326,6 +331,7 @@ class LiveLibrary:
                 self._dirty = False
                 names = [n for n in self.names if self.routing[n] in (ROUTABLE, TRAINING)]
                 waiting = [n for n in names if self.routing[n] == TRAINING]
+                seq = self.library_version()  # taken with the names it trains on
             t0 = time.perf_counter()
             try:
                 if len(names) < 2:
@@ -338,7 +344,7 @@ class LiveLibrary:
                 with self.lock:
                     if self._closed:  # the server stopped while it trained
                         return
-                if not self.adopt_router(plugin, names, waiting):
+                if not self.adopt_router(plugin, seq, waiting):
                     return
             except Exception as exc:
                 log.warning("retraining the router failed: %s", exc)

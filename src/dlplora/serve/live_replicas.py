@@ -115,11 +115,15 @@ class ReplicaLibrary(LiveLibrary):
         self._commit({"op": "unload", "name": name}, self.config.request_timeout + 60)
 
     # -------------------------------------------------- the router this replica retrained
-    def adopt_router(self, plugin, names, waiting) -> bool:
+    def library_version(self) -> int:
+        return self.version or 0
+
+    def adopt_router(self, plugin, seq, waiting) -> bool:
+        """Publish the router trained from library version `seq` (the version when its adapters were read: one trained
+        from an older state than the last published is dropped by the hub, even if it finishes later)."""
         with self.lock:
             if self._closed:
                 return False
-            seq = self.version or 0
         if not self._call("publish_router", seq, plugin_files(plugin), list(waiting)):
             log.info("a router retrained at library version %d was dropped: a later one came first", seq)
         return True
