@@ -169,3 +169,22 @@ def test_a_retrained_router_carries_the_library_version_its_adapters_were_read_a
     lib._dirty = True
     lib._train_loop()
     assert Replica.published == [1]
+
+
+def test_the_hub_stops_waiting_for_a_replica_that_died_while_applying_a_change(tmp_path, tiny_model, monkeypatch):
+    """A replica sent a change but silent since is waited for while it may still be applying it, not forever (it
+    used to make every later load or unload wait its full timeout)."""
+    from dlplora.serve import library_actor
+    from dlplora.testing import random_peft_library
+
+    lib = random_peft_library(tmp_path / "lib", tiny_model, {"a": (4, 8, ["q_proj"])}, seed=1)
+    hub = library_actor.LibraryHub.__ray_actor_class__(str(lib))
+    now = [1000.0]
+    monkeypatch.setattr(library_actor.time, "monotonic", lambda: now[0])
+    hub.seen = {"r1": 1000.0, "r2": 1000.0}
+    hub.sent, hub.acked = {"r1": 3, "r2": 3}, {"r1": 3, "r2": 2}  # r2 got change 3 and has not applied it
+    assert sorted(hub._live()) == ["r1", "r2"]
+    now[0] += library_actor.DEAD_S + 1
+    assert hub._live() == ["r2"]  # r1 is silent with nothing to apply; r2 may still be applying
+    now[0] += library_actor.LEASE_S
+    assert hub._live() == []

@@ -109,8 +109,11 @@ class LibraryHub:
             d.pop(replica, None)
 
     def _live(self) -> list[str]:
+        """Replicas to wait for: heard from within DEAD_S, or applying a change they were sent (for up to LEASE_S: a
+        replica that died while applying one never acks or leaves, and Serve restarts it under another tag)."""
         now = time.monotonic()
-        return [r for r, t in self.seen.items() if now - t < DEAD_S or self.sent.get(r, 0) > self.acked.get(r, -1)]
+        return [r for r, t in self.seen.items()
+                if now - t < DEAD_S or (self.sent.get(r, 0) > self.acked.get(r, -1) and now - t < LEASE_S)]
 
     # -------------------------------------------------- changing
     async def begin(self, replica: str, op: str, name: str, timeout: float) -> dict:
