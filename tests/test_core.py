@@ -166,32 +166,6 @@ def test_int8_sibling_projections_run_as_one_product_with_equal_results(arch, tm
     assert core.forward(0, torch.tensor([[1], [2], [3]])).shape[0] == 3  # and unfused layers still run
 
 
-def test_rows_of_very_different_lengths_attend_by_group_with_the_same_logits(model, monkeypatch):
-    """A decode step over one long row and several short ones attends in two groups, each over its own width, and gives
-    the logits of one attention over the longest width."""
-    from dlplora import core as core_mod
-    from dlplora.core import width_buckets
-
-    assert width_buckets([10, 20, 30], 1024) is None  # all within one width step: nothing to gain
-    assert width_buckets([100, 120, 900, 90], 1024) == [([3, 0, 1], 128), ([2], 1024)]
-    assert width_buckets([900], 1024) is None
-    rows = [list(range(5, 12)), [3 + i % 60 for i in range(300)], [12, 13, 14], list(range(20, 61))]  # 300 tokens
-
-    def run():
-        c = DecodeCore(model, slots=4)
-        c.prefill(0, rows, chunk=64)
-        nxt = torch.tensor([[1], [2], [3], [4]])
-        return torch.stack([c.forward(0, nxt) for _ in range(3)])
-
-    calls = []
-    real = core_mod.width_buckets
-    monkeypatch.setattr(core_mod, "width_buckets", lambda ends, cap: calls.append(real(ends, cap)) or calls[-1])
-    grouped = run()
-    assert calls and all(b is not None and len(b) == 2 for b in calls)
-    monkeypatch.setattr(core_mod, "width_buckets", lambda ends, cap: None)
-    torch.testing.assert_close(grouped, run(), atol=1e-5, rtol=1e-5)
-
-
 def test_slot_table_errors_name_the_problem(tiny_model, lib):
     net = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     fusion = LoRAFusion(net, [load_peft_adapter(lib / "adapters" / "a", "a")])

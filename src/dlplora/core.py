@@ -60,24 +60,6 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def width_buckets(ends: Sequence[int], capacity: int, gain: float = 0.6):
-    """For a decode step over rows of lengths `ends`: None (every row attends over the longest row's width), or two
-    groups ``[(row indices, width), ...]`` when attending by group reads at most `gain` of the key and value columns.
-    A decode step reads every row's keys and values up to the attended width, so one long prompt among short ones
-    made every row pay for its length (measured on the embedded backbone, int8, 2 threads: 32 rows at 200 tokens
-    115 ms a step, 31 of them plus one at 1,200 tokens 257 ms, as slow as 32 rows at 1,200)."""
-    b = len(ends)
-    if b < 2:
-        return None
-    order = sorted(range(b), key=ends.__getitem__)
-    widths = [min(round_up(ends[i]), capacity) for i in order]
-    whole = b * widths[-1]
-    cost, k = min((j * widths[j - 1] + (b - j) * widths[-1], j) for j in range(1, b))
-    if cost > gain * whole:
-        return None
-    return [(order[:k], widths[k - 1]), (order[k:], widths[-1])]
-
-
 def _concat_int8(bases):
     """One :class:`~dlplora.quantize.Int8Linear` for sibling int8 projections (None when any is not int8)."""
     from .quantize import Int8Linear
@@ -164,26 +146,20 @@ class DecodeCore:
         rows = torch.arange(first, first + b, device=dev)[:, None]
         last = torch.tensor([n - 1 for n in n_tok], dtype=torch.long, device=dev)
         self._refresh_groups()
-        eager = self._compiled is None or t != 1
-        step = self._layers if eager else self._compiled
-        if not eager and not self._compile_noted:  # torch.compile works at the first call: say so
+        step = self._compiled if (self._compiled is not None and t == 1) else self._layers
+        if step is self._compiled and not self._compile_noted:  # torch.compile works at the first call: say so
             self._compile_noted = True
             log.warning(COMPILE_NOTE)
             t0 = time.perf_counter()
             logits = step(ids.to(dev), pos, pos_w, mask, rows, last, first, width)
             log.warning("compiled the decode step in %.0f s", time.perf_counter() - t0)
-        elif eager:
-            buckets = width_buckets(ends, cache.capacity) if t == 1 else None
-            if buckets is not None:
-                buckets = [(torch.tensor(ix, device=dev), torch.tensor(ix, device=dev) + first, w) for ix, w in buckets]
-            logits = step(ids.to(dev), pos, pos_w, mask, rows, last, first, width, buckets)
         else:
             logits = step(ids.to(dev), pos, pos_w, mask, rows, last, first, width)
         for i, e in enumerate(ends):
             cache.lengths[first + i] = e
         return logits
 
-    def _layers(self, ids, pos, pos_w, mask, rows, last, first: int, width: int, buckets=None):
+    def _layers(self, ids, pos, pos_w, mask, rows, last, first: int, width: int):
         b, t = ids.shape
         cache = self.cache
         x = self.inner.embed_tokens(ids)
@@ -202,13 +178,7 @@ class DecodeCore:
             K, V = cache.k[li], cache.v[li]
             K[rows, :, pos_w] = k.transpose(1, 2).to(K.dtype)
             V[rows, :, pos_w] = v.to(V.dtype)
-            if buckets is None:
-                o = self._attend(q, K[first:first + b, :, :width], V[first:first + b, :, :width], mask)
-            else:  # rows of very different lengths: each group attends over its own width (see width_buckets)
-                o = torch.empty_like(q)
-                for ix, slots, w in buckets:
-                    o[ix] = self._attend(q[ix], K[:, :, :w].index_select(0, slots), V[:, :, :w].index_select(0, slots),
-                                         mask[ix, ..., :w])
+            o = self._attend(q, K[first:first + b, :, :width], V[first:first + b, :, :width], mask)
             x = x + at.o_proj(o.transpose(1, 2).reshape(b, t, Hq * D))
             g, u = self._siblings(li, 1, (mlp.gate_proj, mlp.up_proj), layer.post_attention_layernorm(x))
             x = x + mlp.down_proj(mlp.act_fn(g) * u)
