@@ -216,8 +216,21 @@ def test_the_slot_scheduler_with_chunked_prefill_matches_solo_generation(lib):
     for i in range(10):
         ids = engine.tokenizer(f"The quick brown fox {i} " * (1 + i % 4), add_special_tokens=False)["input_ids"]
         bodies.append((ids, sets[i % len(sets)], 3 + (7 * i) % 11))
-    got, sched = _run_scheduler(engine, bodies, prefill_chunk=8)
+    chunks = []
+    real = DecodeCore.prefill_chunk
+
+    def spy(core, first, parts):
+        chunks.append([len(p) for p in parts])
+        return real(core, first, parts)
+
+    DecodeCore.prefill_chunk = spy
+    try:
+        got, sched = _run_scheduler(engine, bodies, prefill_chunk=8)
+    finally:
+        DecodeCore.prefill_chunk = real
     assert max(len(b[0]) for b in bodies) > 16  # some prompts took several chunks
+    # a chunk covers only the rows with prompt tokens left (the group sorted longest first): none rides along empty
+    assert chunks and all(n > 0 for c in chunks for n in c)
     for (ids, adapters, max_new), tokens in zip(bodies, got):
         with engine.lock:
             engine.fusion.set_routing([adapters], mode="unmerged")
