@@ -122,3 +122,11 @@ def test_an_adapter_naming_another_base_model_is_added_with_a_warning(tiny_model
     [rec] = caplog.records
     base = json.loads((tmp_path / "lib" / "library.json").read_text())["base_model"]["name"]
     assert "names base model Qwen/Qwen2-1.5B-Instruct" in rec.getMessage() and f"library's base {base}" in rec.getMessage()
+
+
+def test_the_backbone_to_load_is_the_given_model_else_the_recorded_one_where_it_still_exists(tmp_path, tiny_model):
+    lib = Library.open_or_create(tmp_path / "lib", {"name": "tiny", "path": str(tiny_model), "fingerprint": "x"})
+    assert lib.base_model_dir() == str(tiny_model)
+    assert lib.base_model_dir("other/model") == "other/model"
+    moved = Library.open_or_create(tmp_path / "moved", {"name": "tiny", "path": str(tmp_path / "gone"), "fingerprint": "x"})
+    assert moved.base_model_dir() is None  # a library from another machine: the embedded default

@@ -199,10 +199,7 @@ class DLPLoRA:
             raise DLPLoRAError(f"the library {lib.root} holds no adapters; add some with `dlp-lora train-loras`")
         for n in names:
             lib.entry(n)  # unknown names fail here, clearly
-        if model is None:
-            base_path = lib.base_model.get("path")
-            if base_path and Path(base_path).is_dir():
-                model = base_path
+        model = lib.base_model_dir(model)
         quantize = resolve_quantize(quantize, device, dtype)  # "auto": this CPU's fast path (dlplora.device)
         if quantize != "none" and dtype in (None, "auto"):
             dtype = quantize_dtype(quantize)  # int8: fp32 activations; int4: bf16

@@ -96,6 +96,14 @@ class Library:
     def base_model(self) -> dict:
         return self.manifest.get("base_model") or {}
 
+    def base_model_dir(self, model: str | None = None) -> str | None:
+        """The backbone to load: `model` when given, else the directory the library recorded when it still exists on
+        this machine, else None (the embedded default; a library moved between machines falls back to it)."""
+        if model is not None:
+            return model
+        path = self.base_model.get("path")
+        return path if path and Path(path).is_dir() else None
+
     def entry(self, name: str) -> dict:
         try:
             return self.manifest["adapters"][name]

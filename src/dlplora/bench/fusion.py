@@ -174,11 +174,7 @@ def run(args) -> dict:
         from ..library import Library
 
         lib = Library.open(args.library)
-        if model_arg is None and lib.base_model.get("path"):
-            from pathlib import Path
-
-            if Path(lib.base_model["path"]).is_dir():
-                model_arg = lib.base_model["path"]
+        model_arg = lib.base_model_dir(model_arg)
     base, tok, info = load_backbone(model_arg)
     if lib is not None:
         lib.check_base(info.to_dict())

@@ -231,7 +231,7 @@ def llama_server_levels(args, lib: Path, names: list[str], items: list, routes: 
 
     lib_obj = Library.open(lib)
     src = llama_source(args.llama_server, args.llama_src)
-    base = args.model or lib_obj.base_model.get("path") or None
+    base = lib_obj.base_model_dir(args.model)
     ggufs = convert_adapters(src, resolve_model(base), {n: lib_obj.adapter_dir(n) for n in names}, tmp / "gguf", log)
     ids = {n: i for i, n in enumerate(names)}
     requests = [loadgen.llama_body(it, args.max_tokens, routes[it.index], ids) for it in items]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import types
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
@@ -66,11 +65,7 @@ def peft_with_every_adapter(library, model=None, dtype=None, device=None, label=
     from ..backbone import load_backbone
 
     names = library.names
-    where = model
-    if where is None:
-        base_path = library.base_model.get("path")
-        where = base_path if base_path and Path(base_path).is_dir() else None
-    net, tok, _ = load_backbone(where, dtype=dtype, device=device)
+    net, tok, _ = load_backbone(library.base_model_dir(model), dtype=dtype, device=device)
     with peft_wrapping():
         pm = PeftModel.from_pretrained(net, str(library.adapter_dir(names[0])), adapter_name=label(0, names[0]))
     for i, n in enumerate(names[1:], 1):
@@ -171,11 +166,7 @@ def build_static_merge(library, weights: dict[str, float], model=None, dtype=Non
     from ..adapters import load_peft_adapter
     from ..backbone import load_backbone
 
-    where = model
-    if where is None:
-        base_path = library.base_model.get("path")
-        where = base_path if base_path and Path(base_path).is_dir() else None
-    net, tok, _ = load_backbone(where, dtype=dtype, device=device)
+    net, tok, _ = load_backbone(library.base_model_dir(model), dtype=dtype, device=device)
     deltas: dict[str, torch.Tensor] = {}
     for name, w in weights.items():
         for module, (a, b, scale) in load_peft_adapter(library.adapter_dir(name), name).layers.items():

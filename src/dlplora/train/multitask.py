@@ -76,8 +76,7 @@ def train_multitask(library, data_dir=None, cfg=None, name: str = MULTITASK, tas
     steps = max(1, math.ceil(total / cfg.batch_size))
     cfg = dataclasses.replace(cfg, steps=steps)
     points = sorted({max(1, round(steps * k / 10)) for k in range(1, 11)})
-    base_path = lib.base_model.get("path")
-    net, tok, info = load_backbone(model or (base_path if base_path and Path(base_path).is_dir() else None))
+    net, tok, info = load_backbone(lib.base_model_dir(model))
     lib.check_base(info.to_dict())
     check_targets(net, cfg.targets)
     log(f"{name}: {len(tasks)} tasks, {len(train)} training examples, {steps} steps of {cfg.batch_size} "
