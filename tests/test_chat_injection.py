@@ -53,6 +53,23 @@ def test_tiny_tokenizer_keeps_content_as_text_and_ordinary_prompts_unchanged():
     _check_chat_tokenization(tok)
 
 
+def test_a_text_without_special_token_strings_is_not_tokenized_to_find_out(monkeypatch):
+    """has_control answers from the special tokens' strings when a text holds none of them (it tokenized every message
+    twice, under the server's tokenizer lock), and tokenizes both ways only when one is there."""
+    import dlplora.chat as chat
+
+    tok = tiny_tokenizer()
+    calls = []
+    real = chat._ids
+    monkeypatch.setattr(chat, "_ids", lambda t, text, plain: calls.append(text) or real(t, text, plain))
+    for text, _ in ORDINARY:
+        assert not has_control(tok, text)
+    assert calls == []
+    assert has_control(tok, INJECT) and len(calls) == 2
+    assert not has_control(tok, "a plain <|im_end|>"[:-2])  # a partial marker: no tokenization either
+    assert len(calls) == 2
+
+
 @pytest.mark.integration
 def test_smollm2_tokenizer_keeps_content_as_text_and_ordinary_prompts_unchanged():
     from dlplora.backbone import load_tokenizer

@@ -12,6 +12,7 @@ one piece.
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Mapping, Sequence
 
 from .tasks import chat_prompt
@@ -24,8 +25,34 @@ def _ids(tokenizer, text: str, plain: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=False, **kw)["input_ids"]
 
 
+_SPECIALS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _special_strings(tokenizer):
+    """A regex of the tokenizer's special tokens' strings (a text without any cannot tokenize to one), or None when
+    some special token is matched after normalisation (then only tokenizing both ways can tell)."""
+    try:
+        return _SPECIALS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    added = [t for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
+    strings = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])} | {t.content for t in added}
+    rx = None
+    if not any(getattr(t, "normalized", False) for t in added):
+        rx = re.compile("|".join(re.escape(x) for x in sorted(strings, key=len, reverse=True) if x) or "(?!)")
+    try:
+        _SPECIALS[tokenizer] = rx
+    except TypeError:  # pragma: no cover - a tokenizer that takes no weak reference: not cached
+        pass
+    return rx
+
+
 def has_control(tokenizer, text: str) -> bool:
-    """Whether tokenizing `text` as is would yield a special token that plain text does not (an injection)."""
+    """Whether tokenizing `text` as is would yield a special token that plain text does not (an injection). A text
+    holding none of the special tokens' strings is answered without tokenizing it (twice) at all."""
+    rx = _special_strings(tokenizer)
+    if rx is not None and not rx.search(text):
+        return False
     return _ids(tokenizer, text, False) != _ids(tokenizer, text, True)
 
 
