@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dlplora.errors import DLPLoRAError
 from dlplora.plugin.evaluate import OWN_WORDS, evaluate_own_words, load_own_words
 from dlplora.tasks import SAMPLE_SIZE, SPLIT_SEED, TASKS
 
@@ -255,3 +256,40 @@ def test_fit_holds_out_background_tasks_and_fits_the_logistic_score(tmp_path):
     pl.save(tmp_path / "p")
     loaded = Plugin.load(tmp_path / "p")
     assert np.allclose(loaded.scores(["add sum", "rain"])[1], pl.scores(["add sum", "rain"])[1])
+
+
+def test_the_cost_threshold_minimises_the_expected_loss_and_ties_go_to_fewer_base_answers():
+    import numpy as np
+
+    from dlplora.plugin.train import cost_threshold
+
+    inside = np.array([0.1] * 90 + [0.9] * 10)
+    foreign = np.array([0.2] * 50 + [0.95] * 50)
+    t, got = cost_threshold(inside, foreign, (1.0, 1.0, 0.5))
+    assert t == 0.1 and abs(got["in_library_to_base"] - 0.1) < 1e-12 and got["foreign_to_base"] == 1.0
+    assert abs(got["expected_loss"] - 0.05) < 1e-12
+    t, got = cost_threshold(inside, foreign, (10.0, 0.0, 0.5))  # a foreign prompt on an adapter costs nothing
+    assert t == float("inf") and got["in_library_to_base"] == 0.0 and got["foreign_to_base"] == 0.0
+    t, got = cost_threshold(inside, foreign, (1.0, 3.0, 0.5))  # foreign prompts cost more: the 0.9s go to base too
+    assert t == 0.1
+    t, got = cost_threshold(inside, foreign, (1.0, 0.1, 0.5))  # only the clearly foreign 0.95s go to base
+    assert t == 0.9 and got["foreign_to_base"] == 0.5
+
+
+@pytest.mark.parametrize("value, message", [("8.9", "MISS,FOREIGN"), ("a,b", "MISS,FOREIGN"), ("1,-2", "MISS,FOREIGN"),
+                                            ("1,2,1", "share"), ("1,2,0", "share"), ("0,0", "both costs are 0"),
+                                            ("1,inf", "MISS,FOREIGN")])
+def test_base_cost_values_are_checked(value, message):
+    from dlplora.config import parse_base_cost
+
+    with pytest.raises(DLPLoRAError, match=message):
+        parse_base_cost(value)
+    assert parse_base_cost("8.9,1") == (8.9, 1.0, 0.5) and parse_base_cost(" 8.9, 1, 0.3") == (8.9, 1.0, 0.3)
+
+
+def test_a_cost_threshold_without_foreign_prompts_is_refused(tiny_data):
+    from dlplora.plugin import train_plugin_from_data
+
+    with pytest.raises(DLPLoRAError, match="cost-based base threshold needs held-back prompts and foreign prompts"):
+        train_plugin_from_data(tiny_data, ["quiz", "sums"], background="none", robustness=False,
+                               base_cost=(8.9, 1.0, 0.5))

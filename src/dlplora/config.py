@@ -57,6 +57,27 @@ def check_base_threshold(thr) -> float | None:
     return float(thr)
 
 
+def parse_base_cost(value: str | None) -> tuple[float, float, float] | None:
+    """--base-cost MISS,FOREIGN[,SHARE]: the points an in-library prompt loses on the base model, those a foreign prompt
+    loses on an adapter, and the share of foreign prompts (default 0.5) -> (miss, foreign, share), checked."""
+    if value is None:
+        return None
+    parts = [p.strip() for p in str(value).split(",")]
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        nums = []
+    if len(nums) not in (2, 3) or not all(math.isfinite(x) and x >= 0 for x in nums):
+        raise DLPLoRAError(f"--base-cost takes MISS,FOREIGN[,SHARE] (numbers >= 0, e.g. 8.9,1.0 or 8.9,1.0,0.3), "
+                           f"got {value!r}")
+    miss, foreign, share = (nums + [0.5])[:3]
+    if not 0 < share < 1:
+        raise DLPLoRAError(f"--base-cost: the share of foreign prompts must lie in (0, 1), got {share:g}")
+    if miss == 0 and foreign == 0:
+        raise DLPLoRAError("--base-cost: both costs are 0, so every threshold is as good; give at least one > 0")
+    return miss, foreign, share
+
+
 def base_threshold_of(threshold, off: bool = False) -> float | None:
     """The base threshold of the flags --base-threshold T / --no-base-fallback (`off`): inf when off, else T
     checked (None: the plugin's calibrated one)."""

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from ..config import parse_base_cost
 from ..errors import DLPLoRAError
 from .common import add_routing_arguments, base_threshold_from_args
 
@@ -55,7 +56,8 @@ def cmd_train_plugin(args) -> None:
     background = None if args.background == "none" else args.background
     plugin, report = train_plugin_from_data(data, names, epochs=args.epochs, seed=args.seed, log=log,
                                             augment=not args.no_augment, n_views=args.views, background=background,
-                                            encoder=args.encoder, ood_draws=args.ood_draws, extra_rows=extra)
+                                            encoder=args.encoder, ood_draws=args.ood_draws, extra_rows=extra,
+                                            base_cost=parse_base_cost(args.base_cost))
     if sources:
         report["sources"] = sources
         print(format_sources(sources))
@@ -92,7 +94,8 @@ def _train_from_library(args, lib) -> None:
 
     plugin, report = train_plugin_from_library(lib, epochs=args.epochs, seed=args.seed, encoder=args.encoder,
                                                n_views=0 if args.no_augment else args.views,
-                                               background=args.background, log=None if args.json else print)
+                                               background=args.background, log=None if args.json else print,
+                                               base_cost=parse_base_cost(args.base_cost))
     report["sources"] = {n: f"routing prompts {lib.routing_source(n)}" for n in lib.names}
     print(format_sources(report["sources"]))
     path = plugin.save(args.out or lib.plugin_dir())
@@ -178,6 +181,11 @@ def register(sub, model_help: str) -> None:
                     help="prompts of other tasks for the 'none of these' class (routed to the base model): auto = "
                          "BIG-bench tasks outside the suite (cached on first use), none = no such class, or a "
                          "JSONL file of {\"text\": ...} lines (default: auto)")
+    tp.add_argument("--base-cost", metavar="MISS,FOREIGN[,SHARE]",
+                    help="calibrate the base-model threshold by expected loss instead of the 1.5%% rule: the points "
+                         "an in-library prompt loses when sent to base, those a foreign prompt loses on an adapter, "
+                         "and the share of foreign prompts in the traffic (default 0.5); measured on the held-back "
+                         "views and the held-out background tasks (docs/plugin.md, issue 29)")
     tp.add_argument("--ood-draws", type=int, default=3,
                     help="leave-3-tasks-out draws measuring out-of-library prompts routed to base (each trains "
                          "one more router; fewer tasks held out from 3 or 4 adapters, skipped with a note "

@@ -99,7 +99,7 @@ def split_calibration(rows_by_task: dict[str, list[dict]], seed: int) -> tuple[d
 
 
 def fit(train_rows: dict[str, list[dict]], *, background: Sequence[str] = (), n_views: int = 2, seed: int = 0,
-        epochs: int = 2, detector: bool = True, log=None, **train_kw) -> Plugin:
+        epochs: int = 2, detector: bool = True, base_cost=None, log=None, **train_kw) -> Plugin:
     """Train a router on prepared rows (labels = task names): views augmentation, the background (texts, or
     {"task", "text"} rows) as the "none of these" class, and (`detector`) the base-model detector fitted on the
     training rows, its score fitted on held-back rows in every view against held-out background tasks
@@ -114,7 +114,7 @@ def fit(train_rows: dict[str, list[dict]], *, background: Sequence[str] = (), n_
     if detector:
         fit_texts, fit_labels = view_texts(fit_rows, "rendered")
         calib_texts = [x for v in VIEWS for x in view_texts(calib, v, seed)[0]] if calib else []
-        calibrate_base_threshold(plugin, fit_texts, fit_labels, calib_texts, foreign_texts=foreign)
+        calibrate_base_threshold(plugin, fit_texts, fit_labels, calib_texts, foreign_texts=foreign, cost=base_cost)
     plugin.config["training"].update({"n_views": n_views, "calibration_rows": sum(map(len, calib_rows.values())),
                                       "background_trained": len(background), "background_held_out": len(foreign)})
     return plugin
@@ -122,7 +122,7 @@ def fit(train_rows: dict[str, list[dict]], *, background: Sequence[str] = (), n_
 
 def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | str, *, epochs: int = 2, seed: int = 0,
                            augment: bool = True, n_views: int = 2, background="auto", robustness: bool = True,
-                           ood_draws: int = 0, detector: bool = True, log=None, extra_rows=None,
+                           ood_draws: int = 0, detector: bool = True, base_cost=None, log=None, extra_rows=None,
                            **train_kw) -> tuple[Plugin, dict]:
     """Train a router on the prepared train splits of `tasks` (labels = task names) and measure it on
     their test splits. Returns (plugin, report): `accuracy` (mean over tasks of held-out top-1, as
@@ -147,7 +147,7 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
     views = n_views if augment else 0
     t0 = time.perf_counter()
     plugin = fit(train_rows, background=bg, n_views=views, seed=seed, epochs=epochs, detector=detector, log=log,
-                 **train_kw)
+                 base_cost=base_cost, **train_kw)
     train_s = time.perf_counter() - t0
     plugin.config["training"].update({"augment": augment, "data_dir": str(data_dir), "background": len(bg),
                                        "data_formats": {n: prepared_format(data_dir, n) for n in prepared}})
@@ -169,7 +169,8 @@ def train_plugin_from_data(data_dir: str | os.PathLike, tasks: Sequence[str] | s
     report.update(own_words=own["accuracy"] if own else None, own_words_detail=own)
     if ood_draws:
         def train_fn(tr, _te):
-            return fit(tr, background=bg, n_views=views, seed=seed, epochs=epochs, detector=detector, **train_kw)
+            return fit(tr, background=bg, n_views=views, seed=seed, epochs=epochs, detector=detector,
+                       base_cost=base_cost, **train_kw)
 
         k = leave_out_size(len(prepared))
         if k:
@@ -202,6 +203,9 @@ def retrain_settings(plugin: Plugin) -> dict:
     if enc.kind != "hashed":
         out["model"] = getattr(getattr(enc, "backbone", enc), "model", None)
     out["none_class"], out["default_p"] = plugin.none_class, plugin.default_p
+    by_cost = (cfg.get("base_calibration") or {}).get("by_cost")
+    if by_cost:  # a threshold calibrated by expected loss stays so
+        out["base_cost"] = (by_cost["miss_cost"], by_cost["foreign_cost"], by_cost["foreign_share"])
     return out
 
 

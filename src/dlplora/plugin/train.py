@@ -234,9 +234,27 @@ def train_router(cls, texts: Sequence[str], labels: Sequence, label_names: Seque
     return cls(net, names, enc, config)
 
 
+def cost_threshold(inside: np.ndarray, foreign: np.ndarray, cost) -> tuple[float, dict]:
+    """The threshold that minimises the expected loss in score per prompt, ``(1 - share) * miss * P(an in-library
+    prompt goes to base) + share * foreign * P(a foreign prompt gets an adapter)``, given the base scores of in-library
+    prompts (`inside`) and of foreign ones, and `cost` = (miss, foreign, share): the points an in-library prompt loses
+    on the base model, those a foreign prompt loses on an adapter, and the share of foreign prompts in the traffic.
+    Ties go to the higher threshold (fewer prompts to base). Returns (threshold, what it gives)."""
+    miss, foreign_cost, share = (float(x) for x in cost)
+    cands = np.unique(np.concatenate([inside, foreign, [math.inf]]))
+    s_in, s_out = np.sort(inside), np.sort(foreign)
+    to_base = 1.0 - np.searchsorted(s_in, cands, side="right") / max(1, len(s_in))  # P(in > t)
+    kept = np.searchsorted(s_out, cands, side="right") / max(1, len(s_out))  # P(foreign <= t)
+    loss = (1 - share) * miss * to_base + share * foreign_cost * kept
+    i = len(loss) - 1 - int(np.argmin(loss[::-1]))
+    return float(cands[i]), {"miss_cost": miss, "foreign_cost": foreign_cost, "foreign_share": share,
+                             "in_library_to_base": float(to_base[i]), "foreign_to_base": float(1 - kept[i]),
+                             "expected_loss": float(loss[i])}
+
+
 def calibrate_base_threshold(plugin, fit_texts: Sequence[str], fit_labels: Sequence[str],
                              held_back_texts: Sequence[str], false_rate: float = BASE_FALSE_RATE,
-                             foreign_texts: Sequence[str] = ()) -> float:
+                             foreign_texts: Sequence[str] = (), cost=None) -> float:
     """Fit the base-model detector and calibrate its threshold.
 
     The detector: the mean penultimate MLP feature of each adapter's training prompts (`fit_texts`,
@@ -246,7 +264,8 @@ def calibrate_base_threshold(plugin, fit_texts: Sequence[str], fit_labels: Seque
     of that distance, p("none of these") and the best adapter's probability, fitted to tell the held-back
     in-library prompts from the foreign ones (:func:`.router.foreign_score`); without them, the distance
     itself. The threshold is the score that `false_rate` of the held-back in-library prompts (never
-    trained on, in every view) exceed."""
+    trained on, in every view) exceed; with `cost` (miss, foreign, share) and foreign prompts, the one of least
+    expected loss on the held-back and the foreign prompts (:func:`cost_threshold`)."""
     import torch
 
     names = plugin.labels
@@ -276,9 +295,16 @@ def calibrate_base_threshold(plugin, fit_texts: Sequence[str], fit_labels: Seque
         plugin.config["base_detector"] = "mahalanobis+logistic"
     _, dist = plugin.scores(list(held_back_texts)) if held_back_texts else (None, np.zeros(0))
     thr = float(np.quantile(dist, 1.0 - false_rate, method="higher")) if len(dist) else math.inf
+    by_cost = None
+    if cost is not None:
+        if not len(foreign_texts) or not len(dist):
+            raise DLPLoRAError("a cost-based base threshold needs held-back prompts and foreign prompts (background "
+                               "tasks held out of training); this training set has none")
+        thr, by_cost = cost_threshold(dist, plugin.scores(list(foreign_texts))[1], cost)
     plugin.config["base_threshold"] = thr
     plugin.config["base_calibration"] = {
-        "false_rate": false_rate, "held_back_prompts": int(len(dist)), "fit_prompts": len(fit_texts),
+        "false_rate": false_rate if by_cost is None else by_cost["in_library_to_base"], "by_cost": by_cost,
+        "held_back_prompts": int(len(dist)), "fit_prompts": len(fit_texts),
         "foreign_prompts": len(foreign_texts),
         "rule": "base model when the squared Mahalanobis distance of the penultimate features to the nearest "
                 "adapter's mean exceeds base_threshold" if "base_score" not in plugin.config else
