@@ -7,7 +7,8 @@ augmented view), the held-back calibration rows in every view, the test rows in 
 the held-out background tasks and, per draw, the held-out library tasks. `rules` then scores the base decisions
 compared in the docs on those dumps: the Mahalanobis distance (statistics of the rendered rows or of augmented
 views; global, per-class or per-nearest-class thresholds), the "none of these" probability, both, k-nearest
-neighbours, and the logistic score of issue 29 -- each calibrated on the held-back rows in every view.
+neighbours, and the logistic score of issue 29 -- each calibrated on the held-back rows in every view, by a rate of
+them sent to base or by expected loss (train-plugin --base-cost, at the COSTS below).
 
     PYTHONPATH=src python scripts/plugin_base_study.py dump  /work/data /tmp/study/a  [hashed|hybrid]
     PYTHONPATH=src python scripts/plugin_base_study.py rules /tmp/study/a
@@ -25,11 +26,14 @@ from dlplora.background import read_background
 from dlplora.plugin import VIEWS, fit, load_task_rows, split_calibration
 from dlplora.plugin.evaluate import load_own_words
 from dlplora.plugin.model import score_features
-from dlplora.plugin.train import fit_logistic
+from dlplora.plugin.train import cost_threshold, fit_logistic
 from dlplora.plugin.views import augment, compose, view_texts
 from dlplora.tasks import TASKS, background_path
 
 NAMES = list(TASKS)
+# (miss, foreign, share) of --base-cost: a missed adapter costs 8.9 points (composite-17, docs/RESULTS.md); a foreign
+# prompt on an adapter from nothing to as much, with a quarter or half of the traffic foreign
+COSTS = [(8.9, f, s) for s in (0.5, 0.25) for f in (0.5, 2.0, 4.45, 8.9)]
 
 
 def dump(data, prefix, encoder="hashed"):
@@ -161,6 +165,9 @@ def rules_of(D):
         for rate in (0.002, 0.005, 0.015, 0.03):
             t = np.quantile(cl, 1 - rate)
             out[f"logistic ({fs}) @{rate}"] = lambda s, t=t, lg=lg: lg(s) > t
+        for cost in COSTS:  # train-plugin --base-cost: the threshold of least expected loss
+            t, _ = cost_threshold(cl, lg("bgcal"), cost)
+            out[f"logistic ({fs}) cost {cost[0]:g},{cost[1]:g},{cost[2]:g}"] = lambda s, t=t, lg=lg: lg(s) > t
     for q in (0.5, 0.9):
         out[f"p_none > {q}"] = lambda s, q=q: pn(s) > q
     for bank in (("fitr",), ("fitr", "fitv")):
