@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from dlplora.engine import DLPLoRA
-from dlplora.eval.cache import PredictionCache, adapters_signature
-from dlplora.eval.harness import precision_tag, run_method_items
+from dlplora.eval.cache import PredictionCache, adapters_signature, precision_tag
+from dlplora.eval.harness import run_method_items
 from dlplora.eval.metrics import task_metrics
 from dlplora.eval.runners import FusedRunner
 from dlplora.library import Library

@@ -3,7 +3,8 @@
 import copy, sys, time, torch
 from dlplora.backbone import load_backbone
 from dlplora.engine import DLPLoRA
-from dlplora.fusion import LoRAFusion, random_adapter
+from dlplora.fusion import LoRAFusion
+from dlplora.testing import random_adapter
 from dlplora.quantize import apply_quantize
 from dlplora.core import core_for
 torch.set_num_threads(2)

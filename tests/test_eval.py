@@ -601,7 +601,7 @@ def test_cache_keys_name_the_precision_and_the_quantisation_scheme():
     from types import SimpleNamespace as NS
 
     from dlplora.config import QUANTIZE_SCHEMES
-    from dlplora.eval.harness import precision_tag
+    from dlplora.eval.cache import precision_tag
     from dlplora.quantize import INT4_GROUP
 
     def eng(dtype, quantize="none", dev="cpu"):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dlplora.errors import DLPLoRAError
-from dlplora.fusion import FusedLoRALinear, LoRAFusion, load_peft_adapter, random_adapter
+from dlplora.fusion import FusedLoRALinear, LoRAFusion, load_peft_adapter
+from dlplora.testing import random_adapter
 from dlplora.testing import random_peft_adapter, tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")

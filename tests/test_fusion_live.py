@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from dlplora.errors import DLPLoRAError
-from dlplora.fusion import FusedLoRALinear, LoRAFusion, random_adapter
+from dlplora.fusion import FusedLoRALinear, LoRAFusion
+from dlplora.testing import random_adapter
 from dlplora.testing import tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -49,26 +49,10 @@ from .config import FUSION_MODES as MODES
 from .errors import DLPLoRAError
 
 __all__ = ["MODES", "MERGE_MIN_TOKENS", "AdapterWeights", "FusedLoRALinear", "LoRAFusion", "RoutingState",
-           "load_peft_adapter", "random_adapter"]
+           "load_peft_adapter"]
 # auto mode merges only when at least this many tokens will be generated (merging + restoring costs
 # about as much as ~25 decode steps of the shared low-rank path on SmolLM2-135M, CPU)
 MERGE_MIN_TOKENS = 32
-
-
-def random_adapter(model: nn.Module, name: str, rank: int = 8, alpha: float = 16.0,
-                   targets: Sequence[str] = ("q_proj", "v_proj"), seed: int = 0, std: float = 0.02) -> AdapterWeights:
-    """An adapter with random A and B of the right shapes for `model` (benchmarks, tests)."""
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for mod_name, mod in model.named_modules():
-        leaf = mod_name.rsplit(".", 1)[-1]
-        base = mod.base if isinstance(mod, FusedLoRALinear) else mod
-        if leaf in targets and isinstance(base, nn.Linear):
-            a = torch.randn(rank, base.in_features, generator=g) * std
-            b = torch.randn(base.out_features, rank, generator=g) * std
-            layers[mod_name] = (a, b, alpha / rank)
-    return AdapterWeights(name=name, path="", rank=rank, alpha=alpha, use_rslora=False,
-                          targets=sorted(set(targets)), layers=layers)
 
 
 # ---------------------------------------------------------------- routing

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .adapters import AdapterWeights
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -151,8 +157,30 @@ def random_peft_library(root: str | Path, model_dir: str | Path, specs, std: flo
 
 
 
+def random_adapter(model: nn.Module, name: str, rank: int = 8, alpha: float = 16.0,
+                   targets: Sequence[str] = ("q_proj", "v_proj"), seed: int = 0, std: float = 0.02) -> AdapterWeights:
+    """An adapter with random A and B of the right shapes for `model` (benchmarks, tests)."""
+    import torch
+    from torch import nn
+
+    from .adapters import AdapterWeights
+    from .fusion import FusedLoRALinear
+
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for mod_name, mod in model.named_modules():
+        leaf = mod_name.rsplit(".", 1)[-1]
+        base = mod.base if isinstance(mod, FusedLoRALinear) else mod
+        if leaf in targets and isinstance(base, nn.Linear):
+            a = torch.randn(rank, base.in_features, generator=g) * std
+            b = torch.randn(base.out_features, rank, generator=g) * std
+            layers[mod_name] = (a, b, alpha / rank)
+    return AdapterWeights(name=name, path="", rank=rank, alpha=alpha, use_rslora=False,
+                          targets=sorted(set(targets)), layers=layers)
+
+
 def save_peft_adapter(ad, out: str | Path, base_model: str | None = None) -> Path:
-    """Write an :class:`dlplora.adapters.AdapterWeights` (e.g. :func:`dlplora.fusion.random_adapter`) as a PEFT LoRA
+    """Write an :class:`dlplora.adapters.AdapterWeights` (e.g. :func:`random_adapter`) as a PEFT LoRA
     directory (adapter_config.json + adapter_model.safetensors), without building a PEFT model (fast for a real-size
     backbone)."""
     from safetensors.torch import save_file

@@ -88,7 +88,8 @@ def run(args) -> dict:
 
     from ..backbone import default_gguf_path, load_backbone
     from ..engine import DLPLoRA
-    from ..fusion import LoRAFusion, random_adapter
+    from ..fusion import LoRAFusion
+    from ..testing import random_adapter
     from ..quantize import apply_quantize, quantize_dtype
     from .fusion import FILLER_TEXT, interleaved, peft_model_with
 

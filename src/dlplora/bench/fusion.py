@@ -153,7 +153,8 @@ def run(args) -> dict:
     from ..backbone import load_backbone
     from ..decoding import decode_loop
     from ..engine import DLPLoRA
-    from ..fusion import LoRAFusion, load_peft_adapter, random_adapter
+    from ..fusion import LoRAFusion, load_peft_adapter
+    from ..testing import random_adapter
 
     quick = bool(getattr(args, "quick", False))
     repeats = args.repeats or (1 if quick else 3)

@@ -64,7 +64,8 @@ def run(args) -> dict:
 
     from ..decoding import decode_loop
     from ..device import resolve_device
-    from ..fusion import LoRAFusion, random_adapter
+    from ..fusion import LoRAFusion
+    from ..testing import random_adapter
     from .fusion import interleaved, peft_model_with
 
     device = resolve_device(args.device)

@@ -171,7 +171,8 @@ def bench(model=None, data: str | None = None, adapters: int = 26, examples: int
     from ..adapters import load_peft_adapter
     from ..backbone import load_backbone
     from ..engine import DLPLoRA
-    from ..fusion import LoRAFusion, random_adapter
+    from ..fusion import LoRAFusion
+    from ..testing import random_adapter
     from ..library import Library, add_adapter
     from ..plugin import train_plugin_from_library
     from ..serve import ServeConfig, ServerThread, create_app

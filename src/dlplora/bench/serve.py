@@ -110,7 +110,7 @@ def temporary_library(root: Path, model, data: str | None, n: int, log) -> tuple
     layers), named after the tasks of `data` (then synthetic ones), each with its task's training prompts, and a
     plugin trained on them. Returns (its directory, the tasks' test prompts)."""
     from ..backbone import load_backbone
-    from ..fusion import random_adapter
+    from ..testing import random_adapter
     from ..library import Library, add_adapter
     from ..plugin import train_plugin_from_library
     from ..testing import save_peft_adapter

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from ..config import QUANTIZE_SCHEMES
+
 
 class PredictionCache:
     """Predictions as JSON lines, one file per method: {"k": key, "v": value, "s": seconds}.
@@ -84,6 +86,19 @@ def cache_namespace(method: str) -> str:
     adapter at weight 1) is the same computation, so they share predictions (and their recorded time). Every other
     method keeps its own, so base / LoRA / DLP times are measured side by side."""
     return "dlp" if method.startswith("dlp") else method
+
+
+def precision_tag(engine) -> str:
+    """The part of a cache key that names the numbers a model computes: its dtype and device unless fp32 on the CPU
+    (the keys of older caches), and its quantisation scheme (:data:`dlplora.config.QUANTIZE_SCHEMES`)."""
+    tag = ""
+    dtype = str(engine.model.dtype).replace("torch.", "")
+    if dtype != "float32" or engine.model.device.type != "cpu":
+        tag += f"-{dtype}-{engine.model.device.type}"
+    quantize = getattr(engine, "quantize", "none") or "none"
+    if quantize != "none":
+        tag += f"-{QUANTIZE_SCHEMES.get(quantize, quantize)}"
+    return tag
 
 
 def library_signature(library) -> str:

@@ -20,10 +20,11 @@ import math
 import time
 from pathlib import Path
 
-from ..config import QUANTIZE_SCHEMES, check_p
+from ..config import check_p
 from ..errors import DLPLoRAError
 from ..tasks import user_message
-from .cache import PredictionCache, adapters_signature, cache_namespace, content_tag, library_signature, set_tag
+from .cache import (PredictionCache, adapters_signature, cache_namespace, content_tag, library_signature,
+                    precision_tag, set_tag)
 from .metrics import scoring_kind, summarise
 from .report import write_outputs
 from .runners import (ARROW_IMPL, FusedRunner, PeftRunner, build_arrow_model, build_static_merge, build_ties_model,
@@ -156,19 +157,6 @@ def run_evaluation(config: EvalConfig | None = None, *, engine=None, arrow=None,
     finally:
         if run.workers is not None:
             run.workers.close()
-
-
-def precision_tag(engine) -> str:
-    """The part of a cache key that names the numbers a model computes: its dtype and device unless fp32 on the CPU
-    (the keys of older caches), and its quantisation scheme (:data:`dlplora.config.QUANTIZE_SCHEMES`)."""
-    tag = ""
-    dtype = str(engine.model.dtype).replace("torch.", "")
-    if dtype != "float32" or engine.model.device.type != "cpu":
-        tag += f"-{dtype}-{engine.model.device.type}"
-    quantize = getattr(engine, "quantize", "none") or "none"
-    if quantize != "none":
-        tag += f"-{QUANTIZE_SCHEMES.get(quantize, quantize)}"
-    return tag
 
 
 class _Run:

@@ -425,8 +425,7 @@ class Scheduler:
         if not new:
             return
         first, ok = len(self.rows), []
-        # longest prompt first: the rows that still have prompt tokens are then always the group's first ones, and a
-        # prefill chunk runs over them alone (see _prefill_chunk)
+        # longest prompt first: the rows with prompt tokens left are then the group's first ones (_prefill_chunk)
         for r in sorted(new, key=lambda r: -len(r.ids)):
             slot = first + len(ok)
             try:  # a set naming an adapter that is not loaded (the server checks before queueing; this is the guard)
@@ -449,15 +448,12 @@ class Scheduler:
         """One chunk of the joining prompts; when all are in, sample their first tokens and let them join."""
         group = self.joining
         first = len(self.rows)
-        # the rows with prompt tokens left: a prefix of the group (sorted longest first), so the chunk's forward pass
-        # covers them only; a row already in took a padding row of the chunk's full width before
+        # the rows with prompt tokens left, a prefix of the group (sorted longest first): the chunk covers them only
         k = max((i + 1 for i, r in enumerate(group) if r.prefilled < len(r.ids)), default=0)
         per_row = max(16, self.config.prefill_chunk // max(1, k))
         parts = [r.ids[r.prefilled:r.prefilled + per_row] for r in group[:k]]
-        logits = None
-        if k:
-            self.engine.fusion.use_slots(first, k, table=TABLE)
-            logits = self.core.prefill_chunk(first, parts)
+        self.engine.fusion.use_slots(first, max(k, 1), table=TABLE)
+        logits = self.core.prefill_chunk(first, parts) if k else None
         for i, (r, p) in enumerate(zip(group, parts)):
             if p:
                 r.prefilled += len(p)
