@@ -175,10 +175,15 @@ class Plugin:
         self._net = value
 
     @staticmethod
+    def _shape(cfg: dict, labels) -> tuple[int, int]:
+        """(the network's outputs: the adapters and "none of these" when it has that class, the detector's classes)."""
+        n_out = len(labels) + (1 if cfg.get("none_class") else 0)
+        return n_out, len(labels) if cfg.get("base_detector") in DETECTORS else 0
+
+    @staticmethod
     def _build_torch(encoder, cfg: dict, labels, state):
         m = cfg["model"]
-        n_out = len(labels) + (1 if cfg.get("none_class") else 0)
-        detector = len(labels) if cfg.get("base_detector") in DETECTORS else 0
+        n_out, detector = Plugin._shape(cfg, labels)
         net = build_net(encoder, m["hidden"], n_out, float(m.get("dropout", 0.0)), emb_weight=state.get("emb.weight"),
                         detector_classes=detector)
         net.load_state_dict(state, assign=True)
@@ -272,8 +277,7 @@ class Plugin:
             if isinstance(encoder, HashedEncoder):  # routes in NumPy: no torch import (numpy_net.py)
                 from safetensors.numpy import load_file as load_arrays
 
-                n_out = len(labels) + (1 if cfg.get("none_class") else 0)
-                detector = len(labels) if cfg.get("base_detector") in DETECTORS else 0
+                n_out, detector = cls._shape(cfg, labels)
                 fast = NumpyRouterNet(load_arrays(str(w_path)), cfg["model"]["hidden"], n_out,
                                       len(encoder.tokenizer.slots), detector)
                 return cls(None, labels, encoder, cfg, fast=fast)
