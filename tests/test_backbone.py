@@ -68,3 +68,9 @@ def test_cli_error_is_one_line_exit_2():
     res = subprocess.run([sys.executable, "-m", "dlplora.cli", "model", "info", "--model", "./nope"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().startswith("error:") and "Traceback" not in res.stderr
+
+
+def test_the_facts_read_without_loading_equal_those_of_the_loaded_model(tiny_model):
+    from dlplora.backbone import load_backbone, read_backbone_info
+
+    assert read_backbone_info(tiny_model) == load_backbone(tiny_model)[2]

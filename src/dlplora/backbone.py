@@ -197,9 +197,14 @@ def read_backbone_info(model: str | os.PathLike | None = None) -> BackboneInfo |
             params += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DLPLoRAError(f"could not read the model config or weight headers at {where}: {exc}") from exc
-    arch = _check_architecture(cfg, where)
-    text = cfg.get("text_config") or cfg
-    return BackboneInfo(name=model_name(where), path=str(p.resolve()), architecture=arch, fingerprint=fingerprint(where),
+    return _info(where, cfg, _check_architecture(cfg, where), params)
+
+
+def _info(where, cfg: dict, architecture: str, params: int) -> BackboneInfo:
+    """The :class:`BackboneInfo` of the model at `where` (a directory or a hub id) from its config as a dict."""
+    p, text = Path(where), cfg.get("text_config") or cfg
+    return BackboneInfo(name=model_name(where), path=str(p.resolve()) if p.exists() else str(where),
+                        architecture=architecture, fingerprint=fingerprint(where) if p.is_dir() else str(where),
                         params=params, hidden_size=text.get("hidden_size", 0), num_layers=text.get("num_hidden_layers", 0),
                         vocab_size=text.get("vocab_size", 0), context_length=text.get("max_position_embeddings", 0) or 0)
 
@@ -227,18 +232,7 @@ def load_backbone(model: str | os.PathLike | None = None, dtype=None, device=Non
     if dev.type != "cpu":
         net.to(dev)
     net.eval()
-    info = BackboneInfo(
-        name=model_name(where),
-        path=str(Path(where).resolve()) if Path(where).exists() else where,
-        architecture=config.model_type,
-        fingerprint=fingerprint(where) if Path(where).is_dir() else where,
-        params=sum(p.numel() for p in net.parameters()),
-        hidden_size=config.hidden_size,
-        num_layers=config.num_hidden_layers,
-        vocab_size=config.vocab_size,
-        context_length=getattr(config, "max_position_embeddings", 0) or 0,
-    )
-    return net, tokenizer, info
+    return net, tokenizer, _info(where, config.to_dict(), config.model_type, sum(p.numel() for p in net.parameters()))
 
 
 def decoder_and_head(model):
