@@ -369,9 +369,9 @@ def read_examples(path: str | os.PathLike, root=None) -> list[dict]:
 def stage_adapter(lib: Library, name: str, path: str | os.PathLike, model=None, root=None) -> dict:
     """Validate a PEFT LoRA against the library's base model (`model`: its directory, default the recorded one) and
     copy it to LIB/adapters/<name>, replacing what is there; returns its manifest entry (not yet recorded). With
-    `root` (a server's --adapter-root), every file is copied through descriptors opened from the resolved root
-    without following a symbolic link (:func:`dlplora.paths.copy_tree_under`), and the copy is validated again:
-    what is served is what was checked, even if a file was swapped after the first check."""
+    `root` (a server's --adapter-root), every file is copied first, through descriptors opened from the resolved root
+    without following a symbolic link (:func:`dlplora.paths.copy_tree_under`), and only the copy is validated: what
+    is served is what was checked, and nothing of the client's directory is read through a link."""
     import shutil
 
     from .paths import copy_tree_under
@@ -379,7 +379,7 @@ def stage_adapter(lib: Library, name: str, path: str | os.PathLike, model=None, 
     check_adapter_name(name)
     base = lib.base_model
     base_dir = base.get("path") if model is None else model
-    info = validate_adapter(path, base_dir, base)
+    info = validate_adapter(path, base_dir, base) if root is None else None
     final = lib.root / "adapters" / name
     tmp = final.with_name(f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
