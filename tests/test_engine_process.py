@@ -236,3 +236,23 @@ def test_engine_process_needs_a_recipe(lib):
     engine = DLPLoRA.from_library(lib)
     with pytest.raises(DLPLoRAError, match="engine_spec"):
         create_app(engine, ServeConfig(engine_process=True))
+
+
+def test_a_broken_pipe_answers_503_and_leaks_no_call(proc_server, monkeypatch):
+    """A pipe that breaks (the engine just died) turns a submit or a stack change into 503 engine_unavailable, with
+    nothing left waiting in the client's tables (a load used to surface a raw 500 and leave its call behind)."""
+    from dlplora.serve.config import APIError
+
+    sch = proc_server.state.scheduler
+
+    def broken(msg):
+        raise BrokenPipeError("engine gone")
+
+    monkeypatch.setattr(sch, "_send", broken)
+    with pytest.raises(APIError) as err:
+        sch.remove_adapter("alpha")
+    assert err.value.status == 503 and err.value.code == "engine_unavailable" and not sch.calls
+    req = GenRequest(ids=[1, 2], adapters={}, max_new=2, emit=lambda *a: None)
+    with pytest.raises(APIError) as err:
+        sch.submit(req)
+    assert err.value.status == 503 and req.id not in sch.reqs

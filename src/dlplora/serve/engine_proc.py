@@ -311,12 +311,13 @@ class EngineClient:
                 raise QueueFull()
             self.reqs[req.id] = req
             req.on_cancel = self._cancel
-            try:
-                self._send(("submit", {f: getattr(req, f) for f in WIRE_FIELDS}))
-            except (OSError, BrokenPipeError):
+        try:  # outside the table's lock, which the pipe's reader thread takes to deliver events
+            self._send(("submit", {f: getattr(req, f) for f in WIRE_FIELDS}))
+        except (OSError, BrokenPipeError):
+            with self.lock:
                 self.reqs.pop(req.id, None)
-                raise APIError(503, "the engine process is gone; retry shortly", "server_error",
-                               code="engine_unavailable", headers={"Retry-After": "2"}) from None
+            raise APIError(503, "the engine process is gone; retry shortly", "server_error",
+                           code="engine_unavailable", headers={"Retry-After": "2"}) from None
 
     def _cancel(self, req) -> None:
         with self.lock:  # the app waits for nothing more from a cancelled request
@@ -417,7 +418,12 @@ class EngineClient:
         ev, box = threading.Event(), []
         call_id = next(self.call_ids)
         self.calls[call_id] = (ev, box)
-        self._send(("op", call_id, op, dict(args, timeout=timeout)))
+        try:
+            self._send(("op", call_id, op, dict(args, timeout=timeout)))
+        except (OSError, BrokenPipeError):  # the engine died: the restart is under way
+            self.calls.pop(call_id, None)
+            raise APIError(503, "the engine process is gone; retry shortly", "server_error",
+                           code="engine_unavailable", headers={"Retry-After": "2"}) from None
         if not ev.wait(None if timeout is None else timeout + 30):
             self.calls.pop(call_id, None)
             raise TimeoutError(f"the engine did not run {op} within {timeout:g} s")
