@@ -15,9 +15,10 @@ net = copy.deepcopy(base)
 eng = DLPLoRA(net, tok, LoRAFusion(net, ads)); apply_quantize(net, "int8"); eng.eos_ids = []
 text = "The quick brown fox jumps over the lazy dog. " * 12
 core = core_for(net)
-orig = core._refresh_groups
-def unfused():
-    orig(); core._groups = {k: (g[0], None, g[2]) for k, g in core._groups.items()}
+orig = core._group
+def unfused(*a):
+    g = orig(*a)
+    return g[:2] + (None,) + g[3:]
 def gen(bs, n):
     sets = [{"r0": 0.6, "r1": 0.4}] if bs == 1 else [{f"r{i % 26}": 0.5, f"r{(i + 1) % 26}": 0.5} for i in range(bs)]
     return eng.generate([text] * bs, adapters=sets, max_new_tokens=n, raw=True)
@@ -25,7 +26,7 @@ res = {}
 for bs in [int(x) for x in sys.argv[1].split(",")]:
     for rep in range(3):
         for name, fn in (("fused", orig), ("unfused", unfused)):
-            core._refresh_groups = fn; core._groups = {}
+            core._group = fn; core._groups = {}
             gen(bs, 2)
             t0 = time.perf_counter(); o1 = gen(bs, 1); t1 = time.perf_counter(); o2 = gen(bs, 33); t2 = time.perf_counter()
             dt = (t2 - t1) - (t1 - t0)

@@ -145,7 +145,8 @@ class DecodeCore:
         mask = torch.arange(width, device=dev)[None, None, None, :] <= pos[:, None, :, None]  # [b, 1, t, W]
         rows = torch.arange(first, first + b, device=dev)[:, None]
         last = torch.tensor([n - 1 for n in n_tok], dtype=torch.long, device=dev)
-        self._refresh_groups()
+        if self._compiled is not None:  # the compiled step finds its groups built (eager code, not traced)
+            self._refresh_groups()
         step = self._compiled if (self._compiled is not None and t == 1) else self._layers
         if step is self._compiled and not self._compile_noted:  # torch.compile works at the first call: say so
             self._compile_noted = True
@@ -186,22 +187,29 @@ class DecodeCore:
         return self.model.lm_head(self.inner.norm(hidden))
 
     def _refresh_groups(self) -> None:
-        """Match the sibling groups to the layers' current modules (quantising, or fusing a library, after the core
-        was made replaces them): a group whose base layers changed is rebuilt."""
+        """Build or check every sibling group (before a compiled step, which must not trace their building)."""
         for li, layer in enumerate(self.layers):
             at, mlp = layer.self_attn, layer.mlp
-            for which, mods in enumerate(((at.q_proj, at.k_proj, at.v_proj), (mlp.gate_proj, mlp.up_proj))):
-                bases = tuple(m.base if hasattr(m, "add_delta") else m for m in mods)
-                group = self._groups.get((li, which))
-                if group is None or any(a is not b for a, b in zip(group[0], bases)):
-                    self._groups[(li, which)] = (bases, _concat_int8(bases), [m.out_features for m in bases])
+            self._group(li, 0, (at.q_proj, at.k_proj, at.v_proj))
+            self._group(li, 1, (mlp.gate_proj, mlp.up_proj))
+
+    def _group(self, li: int, which: int, mods) -> tuple:
+        """(modules, base layers, their int8 concatenation or None, output sizes) of one sibling group, rebuilt when a
+        module or a fused layer's base changed since (quantising, or fusing a library, after the core was made); the
+        check is by identity, a few hundred nanoseconds a group."""
+        g = self._groups.get((li, which))
+        if g is not None and all(m is gm and (gb is m or m.base is gb) for m, gm, gb in zip(mods, g[0], g[1])):
+            return g
+        bases = tuple(m.base if hasattr(m, "add_delta") else m for m in mods)
+        g = self._groups[(li, which)] = (tuple(mods), bases, _concat_int8(bases), [m.out_features for m in bases])
+        return g
 
     def _siblings(self, li: int, which: int, mods, h) -> list:
         """The projections `mods` of one input `h` (a layer's q/k/v, or its gate/up). Where their base layers are
         int8 (:class:`~dlplora.quantize.Int8Linear`), one concatenated layer computes them all: one per-token
         quantisation and one int32 product instead of one per projection, with equal results; a fused adapter
         layer then adds its own low-rank delta (``add_delta``). Otherwise each projection runs as it is."""
-        bases, fused, sizes = self._groups[(li, which)]
+        _, bases, fused, sizes = self._group(li, which, mods)
         if fused is None:
             return [m(h) for m in mods]
         outs = fused(h).split(sizes, -1)
