@@ -201,6 +201,11 @@ def engine_main(conn, spec: dict, config: ServeConfig) -> None:
 
 # ---------------------------------------------------------------- the API side
 
+def _engine_gone() -> APIError:
+    return APIError(503, "the engine process is gone; retry shortly", "server_error", code="engine_unavailable",
+                    headers={"Retry-After": "2"})
+
+
 class EngineClient:
     """The API process's handle on the engine process (see module doc): the scheduler's surface over a pipe."""
 
@@ -316,8 +321,7 @@ class EngineClient:
         except (OSError, BrokenPipeError):
             with self.lock:
                 self.reqs.pop(req.id, None)
-            raise APIError(503, "the engine process is gone; retry shortly", "server_error",
-                           code="engine_unavailable", headers={"Retry-After": "2"}) from None
+            raise _engine_gone() from None
 
     def _cancel(self, req) -> None:
         with self.lock:  # the app waits for nothing more from a cancelled request
@@ -422,8 +426,7 @@ class EngineClient:
             self._send(("op", call_id, op, dict(args, timeout=timeout)))
         except (OSError, BrokenPipeError):  # the engine died: the restart is under way
             self.calls.pop(call_id, None)
-            raise APIError(503, "the engine process is gone; retry shortly", "server_error",
-                           code="engine_unavailable", headers={"Retry-After": "2"}) from None
+            raise _engine_gone() from None
         if not ev.wait(None if timeout is None else timeout + 30):
             self.calls.pop(call_id, None)
             raise TimeoutError(f"the engine did not run {op} within {timeout:g} s")
@@ -440,18 +443,15 @@ class EngineClient:
     def add_adapter(self, name: str, files, weights, timeout: float | None = None) -> None:
         """Load adapter `name` from `files` into the engine's stacks (and `weights` into the API side's copy, which
         the router's checks read)."""
-        self._op("add_adapter", timeout, name=name, files=str(files))
-        self.names.add(name)
+        self._op("add_adapter", timeout, name=name, files=str(files))  # the engine's names came before its answer
         with self.engine.lock:
             if name not in self.engine.fusion:
                 self.engine.fusion.add_adapter(weights)
 
     def remove_adapter(self, name: str, wait: bool = False, timeout: float | None = None) -> None:
+        """Remove `name` from the engine's stacks; the engine's names (and the API side's copy with them, see
+        :meth:`_sync_names`) follow before the answer, or later for an unload that outlived its call."""
         self._op("remove_adapter", timeout, name=name, wait=wait)
-        self.names.discard(name)
-        with self.engine.lock:
-            if name in self.engine.fusion:
-                self.engine.fusion.remove_adapter(name)
 
     def has_adapter(self, name: str) -> bool:
         return name in self.names
